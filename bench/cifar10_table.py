@@ -1,0 +1,216 @@
+"""The poster's CIFAR-10 table, re-run with rcomp: dense FastAT, in-train and post-train pruning.
+
+Every run is an ``rcomp train`` subprocess (the same command a user types) into
+``bench/runs/<run>/``; runs are resumable (``--resume`` continues from the last epoch checkpoint)
+and complete runs are skipped, so the sweep can continue across sessions. After training, each
+model is evaluated with ``rcomp eval`` (PGD-10 on the validation split, PGD-50 with restarts on a
+subset) and exported to ONNX; the latency of all exported models is measured interleaved in one
+process so the ratios to the dense model are fair. Results go to
+``bench/results/cifar10_table.json`` with the command, commit, machine and date.
+
+Runs of the sweep are started ``--jobs`` at a time with one thread each, so runs that are
+compared for wall time share the machine the same way.
+
+Usage::
+
+    python bench/cifar10_table.py --epochs 10 --only r20-dense,r20-intrain-0.5 --jobs 2
+    python bench/cifar10_table.py --epochs 10            # the whole ResNet20 sweep
+    python bench/cifar10_table.py --render               # only re-render tables and plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results" / "cifar10_table.json"
+DATA = f"imagefolder:{(REPO.parent / 'shared' / 'datasets' / 'cifar10-jpeg')}"
+
+# name → (model, method, ops target); the order is the order of the table.
+RUNS = {
+    "r20-dense": ("resnet20", "dense", None),
+    "r20-intrain-0.7": ("resnet20", "intrain", 0.7),
+    "r20-intrain-0.5": ("resnet20", "intrain", 0.5),
+    "r20-intrain-0.3": ("resnet20", "intrain", 0.3),
+    "r20-posttrain-0.5": ("resnet20", "posttrain", 0.5),
+    "r20-posttrain-0.3": ("resnet20", "posttrain", 0.3),
+    "r56-dense": ("resnet56", "dense", None),
+    "r56-intrain-0.3": ("resnet56", "intrain", 0.3),
+    "vgg16-intrain-0.3": ("vgg16", "intrain", 0.3),
+}
+
+POSTER = {  # clean / PGD from the poster (Fast AT + In-train, Fast AT + RLPrune), for the README
+    "r20-dense": (81.52, 40.65), "r20-intrain-0.7": (80.63, 39.27), "r20-intrain-0.5": (80.32, 40.14),
+    "r20-intrain-0.3": (72.88, 34.33), "r20-rl-0.7": (78.89, 40.39), "r20-rl-0.5": (77.11, 39.65),
+    "r20-rl-0.3": (66.97, 33.89), "r56-dense": (84.03, 38.45), "r56-intrain-0.3": (83.40, 36.89),
+}
+
+
+def run_dir(name: str) -> Path:
+    return HERE / "runs" / name
+
+
+def train_command(name: str, args) -> list[str]:
+    model, method, target = RUNS[name]
+    cmd = [sys.executable, "-m", "rcomp", "train", "--model", model, "--data", args.data, "--epochs", str(args.epochs),
+           "--attack", args.attack, "--lr", str(args.lr), "--seed", str(args.seed), "--out", str(run_dir(name)),
+           "--method", method, "--no-progress"]
+    if target is not None:
+        cmd += ["--target-ops", str(target)]
+    if (run_dir(name).with_name(name + ".partial")).exists():
+        cmd.append("--resume")
+    return cmd
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def train_one(name: str, args) -> None:
+    if (run_dir(name) / "model.pt").exists():
+        print(f"[{name}] complete, skipped", flush=True)
+        return
+    cmd = train_command(name, args)
+    log = HERE / "runs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{name}] {' '.join(cmd)}  (log: {log})", flush=True)
+    with open(log, "a") as fh:
+        status = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(args.threads), cwd=REPO)
+    print(f"[{name}] exit {status}", flush=True)
+
+
+def evaluate_one(name: str, args) -> dict | None:
+    """Clean, PGD-10 (full val split) and PGD-50 with restarts (a subset) via ``rcomp eval``."""
+    ckpt = run_dir(name) / "model.pt"
+    if not ckpt.exists():
+        return None
+    out = run_dir(name) / "eval.json"
+    if not out.exists():
+        base = [sys.executable, "-m", "rcomp", "eval", str(ckpt), "--data", args.data, "--split", "val"]
+        subprocess.check_call(base + ["--json", str(out) + ".pgd10"], env=_env(args.threads), cwd=REPO,
+                              stdout=subprocess.DEVNULL)
+        subprocess.check_call(base + ["--n", str(args.pgd50_n), "--pgd50", "--restarts", str(args.restarts),
+                                      "--json", str(out) + ".pgd50"], env=_env(args.threads), cwd=REPO,
+                              stdout=subprocess.DEVNULL)
+        merged = {"pgd10": json.loads(Path(str(out) + ".pgd10").read_text()),
+                  "pgd50": json.loads(Path(str(out) + ".pgd50").read_text())}
+        out.write_text(json.dumps(merged, indent=2))
+    return json.loads(out.read_text())
+
+
+def export_all(names: list[str]) -> dict[str, str]:
+    onnx = {}
+    for name in names:
+        ckpt, path = run_dir(name) / "model.pt", run_dir(name) / "model.onnx"
+        if ckpt.exists() and not path.exists():
+            subprocess.check_call([sys.executable, "-m", "rcomp", "export", str(ckpt), "--out", str(path)], cwd=REPO,
+                                  stdout=subprocess.DEVNULL)
+        if path.exists():
+            onnx[name] = str(path)
+    return onnx
+
+
+def latency_ratios(onnx: dict[str, str], runs: int) -> dict:
+    """p50/p90 of every model, interleaved in one process, and the ratio to the dense model of its family."""
+    from rcomp.export.runtime import compare_latency, make_session
+
+    sessions = {n: make_session(p, threads=1, graph_optimization="all") for n, p in onnx.items()}
+    stats = compare_latency(sessions, (1, 3, 32, 32), runs=runs, warmup=20)
+    return {n: _stats_dict(s) for n, s in stats.items()}
+
+
+def _stats_dict(s) -> dict:
+    return {k: getattr(s, k) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "runs")} if not isinstance(s, dict) else s
+
+
+def collect(names: list[str], args) -> dict:
+    rows = {}
+    for name in names:
+        model, method, target = RUNS[name]
+        train_json = run_dir(name) / "train.json"
+        if not train_json.exists():
+            continue
+        t = json.loads(train_json.read_text())
+        ev = evaluate_one(name, args)
+        acc10, acc50 = ev["pgd10"]["accuracy"], ev["pgd50"]["accuracy"]
+        rows[name] = {
+            "model": model, "method": method, "target_ops": target, "epochs": len(t["history"]),
+            "clean": acc10["clean"], "pgd10": next(v for k, v in acc10.items() if k.startswith("pgd-")),
+            "pgd50": next(v for k, v in acc50.items() if k.startswith("pgd-50")), "pgd50_n": ev["pgd50"]["n"],
+            "val_n": ev["pgd10"]["n"], "ops_ratio": t["macs"] / t["dense_macs"], "params_ratio": t["params"] / t["dense_params"],
+            "macs": t["macs"], "params": t["params"], "wall_seconds": t["wall_seconds"],
+            "co_events": t["co_events"], "recipe": t["recipe"],
+        }
+    return rows
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
+    except Exception:  # noqa: BLE001 - a results file without a commit is still useful
+        return "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--only", default="", help="comma-separated run names (default: the ResNet20 rows)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (1 thread each)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", default=DATA)
+    p.add_argument("--attack", default="fgsm-rs")
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pgd50-n", type=int, default=1000)
+    p.add_argument("--restarts", type=int, default=2)
+    p.add_argument("--latency-runs", type=int, default=300)
+    p.add_argument("--render", action="store_true", help="only re-render README tables from the results file")
+    args = p.parse_args()
+    names = [n for n in args.only.split(",") if n] or [n for n in RUNS if n.startswith("r20-")]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        p.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
+    if not args.render:
+        started = time.time()
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda n: train_one(n, args), names))
+        rows = collect(names, args)
+        onnx = export_all(list(rows))
+        lat = latency_ratios(onnx, args.latency_runs) if onnx else {}
+        for name, row in rows.items():
+            dense = f"{row['model'].replace('resnet', 'r')}-dense" if row["model"] != "vgg16" else None
+            row["latency"] = lat.get(name)
+            if dense in lat and name in lat:
+                row["latency_ratio_p50"] = lat[name]["p50_ms"] / lat[dense]["p50_ms"]
+        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
+        previous["runs"].update(rows)
+        previous.update(command=" ".join([Path(sys.executable).name] + sys.argv), commit=commit(), machine=machine(),
+                        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                        bench_seconds=time.time() - started, poster=POSTER, data=args.data)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
+    from render import render_cifar10  # noqa: E402  (bench/render.py)
+
+    render_cifar10(RESULTS)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

@@ -1,0 +1,103 @@
+"""Render benchmark results files into README tables and plots (the README never holds hand-typed figures).
+
+    python bench/render.py            # re-render every results file that exists
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+
+
+def replace_section(marker: str, body: str, readme: Path = README) -> None:
+    """Swap the text between ``<!-- bench:marker -->`` and ``<!-- /bench:marker -->``."""
+    text = readme.read_text()
+    pattern = re.compile(rf"(<!-- bench:{marker} -->\n).*?(<!-- /bench:{marker} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README has no <!-- bench:{marker} --> section")
+    readme.write_text(pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text))
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def _provenance(doc: dict, path: Path) -> str:
+    m = doc.get("machine", {})
+    return (f"_Source: [`{path.relative_to(HERE.parent)}`]({path.relative_to(HERE.parent)}), "
+            f"command `{doc.get('command', '?')}`, commit `{str(doc.get('commit', '?'))[:10]}`, "
+            f"{m.get('cpus', '?')} CPUs ({m.get('processor', '?')}), {doc.get('date', '?')}._")
+
+
+def cifar10_table(doc: dict) -> str:
+    poster = doc.get("poster", {})
+    rows = ["| run | method | target ops | epochs | clean % | PGD-10 % | PGD-50×r % | ops ratio | params ratio | wall time | ONNX latency ratio | poster clean / PGD |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    dense_wall = {r["model"]: r["wall_seconds"] for r in doc["runs"].values() if r["method"] == "dense"}
+    for name, r in doc["runs"].items():
+        rel = r["wall_seconds"] / dense_wall[r["model"]] if r["model"] in dense_wall else None
+        wall = f"{r['wall_seconds'] / 60:.0f} min" + (f" ({rel:.2f}× dense)" if rel else "")
+        lat = r.get("latency_ratio_p50")
+        ref = poster.get(name)
+        rows.append(
+            f"| {name} | {r['method']} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
+            f"{_pct(r['pgd50'])} (n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | {wall} | "
+            f"{'–' if lat is None else f'{lat:.2f}'} | {'–' if ref is None else f'{ref[0]} / {ref[1]}'} |"
+        )
+    return "\n".join(rows)
+
+
+def plot_cifar10(doc: dict, out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "clean", "clean accuracy"), (axes[1], "pgd10", "PGD-10 accuracy")):
+        for method, marker in (("dense", "*"), ("intrain", "o"), ("posttrain", "s")):
+            pts = sorted((r["ops_ratio"], 100 * r[key]) for r in doc["runs"].values()
+                         if r["method"] == method and r["model"] == "resnet20")
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=f"rcomp {method}")
+        poster = doc.get("poster", {})
+        for prefix, marker, label in (("r20-intrain", "x", "poster in-train"), ("r20-rl", "+", "poster RL post-train")):
+            pts = sorted((float(n.rsplit("-", 1)[1]), v[0 if key == "clean" else 1]) for n, v in poster.items() if n.startswith(prefix))
+            if "r20-dense" in poster:
+                pts.append((1.0, poster["r20-dense"][0 if key == "clean" else 1]))
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker=marker, linestyle=":", label=label)
+        ax.set_xlabel("ops ratio (pruned / dense MACs)")
+        ax.set_ylabel(f"{title} [%]")
+        ax.set_title(f"ResNet20, CIFAR-10 validation: {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return True
+
+
+def render_cifar10(path: Path) -> None:
+    if not path.exists():
+        return
+    doc = json.loads(path.read_text())
+    png = path.with_suffix(".png")
+    body = [cifar10_table(doc), "", _provenance(doc, path)]
+    if plot_cifar10(doc, png):
+        body += ["", f"![accuracy vs ops]({png.relative_to(HERE.parent)})"]
+    notes = doc.get("notes")
+    if notes:
+        body += [""] + [f"- {n}" for n in notes]
+    replace_section("cifar10_table", "\n".join(body))
+
+
+if __name__ == "__main__":
+    render_cifar10(HERE / "results" / "cifar10_table.json")

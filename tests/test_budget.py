@@ -1,0 +1,185 @@
+"""rcomp.budget: exact differentiable cost, constraints, penalty schedule and projection."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from rcomp.budget import BudgetController, Constraint, CostModel, constraints_from_profile, constraints_from_targets
+from rcomp.count import count_model
+from rcomp.errors import RcompError
+from rcomp.masks import attach_masks
+from rcomp.models import create_model
+
+X = torch.rand(1, 3, 32, 32)
+
+
+def _masked(name="tiny_cnn", regularity="channel", seed=0):
+    torch.manual_seed(seed)
+    return attach_masks(create_model(name), regularity, X)
+
+
+def _randomize(masked, seed=1, low=-1.0, high=1.0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in masked.masks.params:
+            p.copy_(torch.empty(p.shape).uniform_(low, high, generator=g))
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "resnet20"])
+@pytest.mark.parametrize("regularity", ["channel", "weight"])
+def test_dense_cost_matches_fvcore(name, regularity):
+    masked = _masked(name, regularity)
+    cost = CostModel.build(masked, X)
+    report = count_model(create_model(name), (3, 32, 32))
+    assert cost.dense_ops == report.macs and cost.dense_params == report.params
+    assert float(cost.ops().detach()) == report.macs and float(cost.params().detach()) == report.params  # all masks on
+
+
+def test_build_restores_mode_and_table_adds_up():
+    masked = _masked("resnet20")
+    masked.train()
+    cost = CostModel.build(masked, X)
+    assert masked.training
+    _randomize(masked)
+    rows = cost.layer_table()
+    assert sum(r["macs"] for r in rows) == float(cost.ops().detach())
+    conv_rows = [r for r in rows if r["kind"] == "conv"]
+    assert conv_rows[0]["in"] == 3  # the first conv's inputs are never pruned
+    fc = [r for r in rows if r["kind"] == "linear"][0]
+    assert fc["out"] == 10  # nor the classifier's outputs
+
+
+def test_ops_and_params_are_differentiable():
+    masked = _masked("tiny_cnn")
+    cost = CostModel.build(masked, X)
+    (cost.ops() / cost.dense_ops + cost.params() / cost.dense_params).backward()
+    for p in masked.masks.params:
+        assert p.grad is not None and (p.grad > 0).all()  # every channel costs something
+
+
+def test_weight_regularity_counts_nonzeros():
+    masked = _masked("tiny_cnn", "weight")
+    _randomize(masked)
+    cost = CostModel.build(masked, X)
+    nnz = sum(int(masked.masks.binary(i).sum()) for i in range(len(masked.masks)))
+    masked_numel = sum(p.numel() for p in masked.masks.params)
+    assert float(cost.params().detach()) == cost.dense_params - masked_numel + nnz
+    cost.ops().backward()
+    assert all(p.grad is not None for p in masked.masks.params)
+
+
+def test_grouped_conv_is_refused():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.b(self.a(x)).mean((2, 3)))
+
+    masked = attach_masks(Grouped(), "weight", X)
+    with pytest.raises(RcompError, match="grouped convolution with groups=2"):
+        CostModel.build(masked, X)
+
+
+def test_constraints_from_targets_and_profile():
+    cost = CostModel.build(_masked(), X)
+    cs = constraints_from_targets(cost, target_ops=0.5, params=1000, mops=2.5)
+    assert [(c.metric, c.limit) for c in cs] == [("ops", 0.5 * cost.dense_ops), ("ops", 2.5e6), ("params", 1000.0)]
+    assert "--target-ops 0.5" in cs[0].source
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(RcompError):
+            constraints_from_targets(cost, target_ops=bad)
+    profile = SimpleNamespace(name="jetson", budgets=SimpleNamespace(mops=3.0, params=None, ops_fraction=None, params_fraction=0.4))
+    cs = constraints_from_profile(cost, profile)
+    assert [(c.metric, c.limit) for c in cs] == [("ops", 3e6), ("params", 0.4 * cost.dense_params)]
+    assert cs[0].source == "profile jetson: budgets.mops"
+    assert constraints_from_profile(cost, SimpleNamespace(name="x", budgets=None)) == []
+
+
+def test_schedule_penalty_and_freeze():
+    masked = _masked()
+    cost = CostModel.build(masked, X)
+    c = Constraint("ops", 0.5 * cost.dense_ops, "test")
+    ctl = BudgetController(cost, [c], penalty_weight=2.0, warmup_fraction=0.3, freeze_fraction=0.8)
+    assert ctl.limit_at(c, 0.0) == cost.dense_ops
+    assert ctl.limit_at(c, 0.15) == pytest.approx(0.75 * cost.dense_ops)
+    assert ctl.limit_at(c, 0.3) == c.limit and ctl.limit_at(c, 1.0) == c.limit
+    assert not ctl.should_freeze(0.79) and ctl.should_freeze(0.8) and ctl.should_freeze(1.0)
+    # all on: within the schedule at the start, over budget at the end
+    assert float(ctl.penalty(0.0).detach()) == 0.0
+    pen = ctl.penalty(1.0)
+    assert pen.dtype == torch.float32 and float(pen.detach()) == pytest.approx(2.0 * (1 / 0.5 - 1))
+    pen.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in masked.masks.params)
+    assert not ctl.satisfied()
+    # under budget: zero penalty, zero gradient
+    ctl.project()
+    assert ctl.satisfied()
+    for p in masked.masks.params:
+        p.grad = None
+    pen = ctl.penalty(1.0)
+    assert float(pen.detach()) == 0.0
+    pen.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in masked.masks.params)
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "resnet20"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_project_lands_just_below_the_ops_limit(name, seed):
+    masked = _masked(name)
+    _randomize(masked, seed, low=-0.2, high=1.0)  # mostly on: projection has to switch units off
+    cost = CostModel.build(masked, X)
+    ctl = BudgetController(cost, constraints_from_targets(cost, target_ops=0.5))
+    summary = ctl.project()
+    ops, limit = float(cost.ops().detach()), 0.5 * cost.dense_ops
+    assert ops <= limit and ops >= 0.95 * limit
+    assert summary["ops_after"] == ops and summary["units_changed"] > 0
+    assert all(int(h.sum()) >= 1 for h in masked.masks.hard())
+    st = ctl.status()
+    assert st["satisfied"] and st["ops_ratio"] <= 0.5
+
+
+def test_project_refills_when_far_under_budget():
+    masked = _masked("resnet20")
+    _randomize(masked, 3, low=-1.0, high=0.1)  # mostly off: projection switches units back on
+    cost = CostModel.build(masked, X)
+    assert float(cost.ops().detach()) < 0.3 * cost.dense_ops
+    ctl = BudgetController(cost, constraints_from_targets(cost, target_ops=0.6))
+    summary = ctl.project()
+    assert summary["units_turned_on"] > 0
+    assert 0.95 * 0.6 * cost.dense_ops <= float(cost.ops().detach()) <= 0.6 * cost.dense_ops
+
+
+def test_project_meets_ops_and_params_together():
+    masked = _masked("resnet20")
+    _randomize(masked, 4)
+    cost = CostModel.build(masked, X)
+    cs = constraints_from_targets(cost, target_ops=0.6, target_params=0.3)
+    ctl = BudgetController(cost, cs)
+    ctl.project()
+    ops, params = float(cost.ops().detach()), float(cost.params().detach())
+    assert ops <= cs[0].limit and params <= cs[1].limit
+    assert params >= 0.9 * cs[1].limit  # the binding constraint is met closely
+
+
+def test_project_weight_regularity():
+    masked = _masked("tiny_cnn", "weight")
+    _randomize(masked, 5)
+    cost = CostModel.build(masked, X)
+    cs = constraints_from_targets(cost, target_ops=0.3, target_params=0.4)
+    BudgetController(cost, cs).project()
+    assert float(cost.ops().detach()) <= cs[0].limit and float(cost.params().detach()) <= cs[1].limit
+    assert float(cost.ops().detach()) >= 0.99 * cs[0].limit or float(cost.params().detach()) >= 0.99 * cs[1].limit
+
+
+def test_unreachable_budget_is_reported():
+    masked = _masked()
+    cost = CostModel.build(masked, X)
+    ctl = BudgetController(cost, [Constraint("ops", 1000.0, "--mops 0.001")])
+    with pytest.raises(RcompError, match="cannot be met"):
+        ctl.project()

@@ -1,0 +1,88 @@
+"""Trainable masks: STE gradients, exact binarization, exact zeros downstream of a pruned group."""
+
+import torch
+from torch import nn
+
+from rcomp.masks import ChannelMasks, attach_masks, ste_binarize
+from rcomp.models import create_model
+
+
+def test_binarized_mask_is_exactly_zero_or_one():
+    m = torch.linspace(-3, 3, 101)
+    mb = ste_binarize(m)
+    assert set(mb.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(mb, (m > 0).float())
+
+
+def test_straight_through_estimator_passes_gradient_to_m():
+    m = torch.tensor([-0.5, 0.2, 1.0], requires_grad=True)
+    (ste_binarize(m) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    expected = 0.5 * (1 - torch.tanh(m.detach()) ** 2) * torch.tensor([1.0, 2.0, 3.0])
+    assert torch.allclose(m.grad, expected)
+
+
+def test_masks_start_on_and_reach_the_loss():
+    model = create_model("tiny_cnn")
+    masked = attach_masks(model, "channel", torch.rand(1, 3, 16, 16))
+    assert masked.masks.density() == 1.0
+    masked(torch.rand(4, 3, 16, 16)).logsumexp(1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in masked.masks.params)
+
+
+def test_resnet20_has_the_twelve_coupled_groups():
+    masked = attach_masks(create_model("resnet20"), "channel", torch.rand(1, 3, 32, 32))
+    groups = masked.masks.groups
+    assert len(groups) == 12  # 3 residual streams + 9 block-internal
+    streams = [g for g in groups if len(g.apply_at) > 1]
+    assert sorted(len(g.apply_at) for g in streams) == [4, 4, 4]  # 3 blocks' bn2 + stem/shortcut bn
+
+
+def _record_outputs(model: nn.Module, names):
+    seen = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach().clone())) for n in names]
+    return seen, hooks
+
+
+def test_pruned_channel_is_exactly_zero_downstream_including_residual_adds():
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    masked = attach_masks(model, "channel", torch.rand(1, 3, 32, 32))
+    masks: ChannelMasks = masked.masks
+    stream = next(g for g in masks.groups if g.name == "net.conv1")  # stage-1 residual stream
+    gi = masks.groups.index(stream)
+    off = torch.zeros(stream.size, dtype=torch.bool)
+    off[[1, 5, 9]] = True
+    masks.set_hard(gi, ~off)
+    # every block output of stage 1 is relu(masked bn2 + shortcut): the add must keep the zeros
+    block_outputs = ["net.layer1.0", "net.layer1.1", "net.layer1.2"]
+    seen, hooks = _record_outputs(model, block_outputs + ["net.layer1.0.bn2"])
+    model.train()
+    masked(torch.rand(8, 3, 32, 32))  # train-mode BN: biases and batch statistics are non-zero
+    masked.eval()(torch.rand(8, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    for name in block_outputs:
+        assert torch.count_nonzero(seen[name][:, off]) == 0, name
+        assert torch.count_nonzero(seen[name][:, ~off]) > 0, name
+
+
+def test_a_group_never_loses_all_its_channels():
+    masked = attach_masks(create_model("tiny_cnn"), "channel", torch.rand(1, 3, 16, 16))
+    masks = masked.masks
+    masks.set_hard(0, torch.zeros(masks.groups[0].size, dtype=torch.bool))
+    assert masks.hard()[0].sum() == 1
+
+
+def test_weight_masks_multiply_the_weights():
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn")
+    masked = attach_masks(model, "weight", torch.rand(1, 3, 16, 16))
+    masks = masked.masks
+    keep = torch.rand(masks.params[0].shape) > 0.5
+    masks.set_hard(0, keep)
+    conv = dict(model.named_modules())[masks.names[0]]
+    assert torch.equal(conv.weight == 0, ~keep | (conv.parametrizations.weight.original == 0))
+    masked(torch.rand(2, 3, 16, 16)).sum().backward()
+    assert masks.params[0].grad is not None
+    assert sum(1 for k in masked.state_dict() if k.startswith("masks.")) == len(masks)

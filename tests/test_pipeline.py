@@ -1,0 +1,119 @@
+"""The whole job, end to end on tiny settings: artifacts, the CI gate's exit codes, no half-written folders."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from rcomp.cli import cli
+
+LENIENT = Path(__file__).resolve().parent / "data" / "profiles" / "test-lenient.yaml"
+ARTIFACTS = ("model.pt", "model.onnx", "dense.onnx", "adv.npz", "count.json", "train.json", "report.json", "report.md")
+FAST = ["--model", "tiny_cnn", "--data", "digits", "--epochs", "4", "--batch-size", "32", "--no-progress",
+        "--attack-set-size", "64", "--latency-runs", "5"]
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prune") / "run"
+    code, output = run("prune", "--profile", LENIENT, "--out", out, "--target-ops", "0.5", *FAST)
+    return out, code, output
+
+
+def test_prune_leaves_every_artifact_and_passes(job):
+    out, code, output = job
+    assert code == 0, output
+    for name in ARTIFACTS:
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints").is_dir()
+    assert not out.with_name(out.name + ".partial").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True
+    assert report["training"]["macs"] <= 0.5 * report["training"]["dense_macs"]
+    assert "sanity" in report and "rows" in report["sanity"]
+    assert "verdict: PASS" in output
+
+
+def test_the_shipped_model_meets_the_budget_and_learned(job):
+    out, _, _ = job
+    t = json.loads((out / "train.json").read_text())
+    assert t["macs"] <= 0.5 * t["dense_macs"]
+    assert t["history"][-1]["val_clean"] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_check_gate_exit_codes(job, tmp_path):
+    out, _, _ = job
+    onnx, adv = out / "model.onnx", out / "adv.npz"
+    code, text = run("check", onnx, "--profile", LENIENT, "--attack-set", adv, "--latency-runs", 5,
+                     "--report-dir", tmp_path / "ok")
+    assert code == 0, text
+    assert json.loads((tmp_path / "ok" / "report.json").read_text())["passed"] is True
+
+    tight = yaml.safe_load(LENIENT.read_text())
+    tight["budgets"]["mops"] = 0.01
+    (tmp_path / "tight.yaml").write_text(yaml.safe_dump(tight))
+    code, text = run("check", onnx, "--profile", tmp_path / "tight.yaml", "--attack-set", adv, "--latency-runs", 5,
+                     "--report-dir", tmp_path / "tight")
+    assert code == 1, text
+    rows = json.loads((tmp_path / "tight" / "report.json").read_text())["rows"]
+    assert any(r["name"] == "mops" and r["passed"] is False for r in rows)
+
+    fake = tmp_path / "notes.onnx"
+    fake.write_text("this is a text file\n")
+    code, text = run("check", fake, "--profile", LENIENT, "--report-dir", tmp_path / "bad")
+    assert code == 2 and "not an ONNX model" in text
+    assert not (tmp_path / "bad").exists()
+
+    broken = yaml.safe_load(LENIENT.read_text())
+    broken["budgets"]["mopz"] = 1.0
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    code, text = run("check", onnx, "--profile", tmp_path / "broken.yaml", "--attack-set", adv)
+    assert code == 2 and "budgets.mopz" in text
+
+
+def test_eval_reevaluates_a_saved_model_on_any_split(job, tmp_path):
+    out, _, _ = job
+    code, text = run("eval", out / "model.pt", "--data", "digits", "--split", "val", "--n", 40, "--pgd-steps", 3,
+                     "--json", tmp_path / "e.json")
+    assert code == 0, text
+    acc = json.loads((tmp_path / "e.json").read_text())["accuracy"]
+    assert acc["clean"] >= acc["pgd-3"]
+
+
+def test_count_and_export_of_the_checkpoint(job, tmp_path):
+    out, _, _ = job
+    code, text = run("count", out / "model.pt", "--profile", LENIENT)
+    assert code == 0 and "verdict" in text
+    code, text = run("export", out / "model.pt", "--profile", LENIENT, "--out", tmp_path / "m.onnx", "--parity-n", 8)
+    assert code == 0 and "top-1 agreement 100.00%" in text
+
+
+def test_a_failed_job_keeps_the_previous_folder(job, tmp_path, monkeypatch):
+    out, _, _ = job
+    target = tmp_path / "run"
+    shutil.copytree(out, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    import rcomp.export.onnx_export as onnx_export
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash during export")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("prune", "--profile", LENIENT, "--out", target, "--target-ops", "0.5", *FAST)
+    after = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    assert after == before
+    partial = target.with_name("run.partial")
+    assert (partial / "checkpoints").is_dir() and not (partial / "model.onnx").exists()
+    code, text = run("prune", "--profile", LENIENT, "--out", target, "--target-ops", "0.5", *FAST)
+    assert code == 2 and "--resume" in text

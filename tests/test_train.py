@@ -1,0 +1,216 @@
+"""Training: budgets met for both regularities, baselines, numerical faults, the CO guard, kill/resume."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcomp.checkpoint import CheckpointManager
+from rcomp.data import load_data
+from rcomp.errors import CheckpointError, ConfigError, NumericalError
+from rcomp.masks import MaskedModel
+from rcomp.models import create_model
+from rcomp.train import (
+    CatastrophicOverfittingGuard,
+    TrainConfig,
+    _Trainer,
+    is_catastrophic_overfitting,
+    lr_at,
+    train,
+)
+
+SHAPE = (1, 12, 12)
+FAST = dict(batch_size=64, lr_max=0.1, eval_size=100, eval_pgd_steps=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", SHAPE)
+
+
+def _model(bundle):
+    torch.manual_seed(0)
+    return create_model("tiny_cnn", bundle.num_classes, SHAPE[0], bundle.mean, bundle.std)
+
+
+def _quiet(_line):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regularity", ["channel", "weight"])
+def test_pruned_run_meets_the_ops_target_and_learns(digits, regularity):
+    config = TrainConfig(epochs=4, regularity=regularity, target_ops=0.5, **FAST)
+    result = train(config, digits, _model(digits), out_dir=None, log=_quiet)
+    assert isinstance(result.model, MaskedModel)
+    assert result.budget_status["satisfied"] and result.budget_status["ops_ratio"] <= 0.5
+    assert result.budget_status["ops_ratio"] > 0.4  # projection lands close below the limit
+    assert result.projection is not None and all(not p.requires_grad for p in result.model.masks.params)
+    last = result.history[-1]
+    assert last.ops_ratio <= 0.5 and last.mask_density < 1.0
+    assert last.val_clean >= 0.6 and last.val_pgd >= 0.3  # chance is 0.1
+    assert [h.epoch for h in result.history] == [1, 2, 3, 4] and result.co_events == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["fgsm-rs", "nfgsm", "none"])
+def test_dense_baselines_go_through_the_same_loop(digits, attack):
+    model = _model(digits)
+    result = train(TrainConfig(epochs=2, attack=attack, **FAST), digits, model, out_dir=None, log=_quiet)
+    assert result.model is model and result.budget_status is None and result.projection is None
+    last = result.history[-1]
+    assert last.val_clean >= 0.5 and last.ops_ratio == 1.0
+    assert (last.train_pgd is None) == (attack == "none")
+
+
+def test_exploding_lr_raises_numerical_error_naming_epoch_and_step(digits):
+    with pytest.raises(NumericalError, match=r"epoch 1, step \d+"):
+        train(TrainConfig(epochs=1, **{**FAST, "lr_max": 1e9}), digits, _model(digits), out_dir=None, log=_quiet)
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(digits, tmp_path, monkeypatch):
+    import rcomp.train as train_module
+
+    calls = {"n": 0}
+    real = train_module.F.cross_entropy
+    steps_per_epoch = math.ceil(len(digits.split("train")) / FAST["batch_size"])
+
+    def cross_entropy(logits, y, *args, **kwargs):
+        calls["n"] += 1
+        loss = real(logits, y, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == steps_per_epoch + 3 else loss
+
+    monkeypatch.setattr(train_module, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    with pytest.raises(NumericalError, match="epoch 2, step 3"):
+        train(TrainConfig(epochs=3, **FAST), digits, _model(digits), out_dir=tmp_path, log=_quiet)
+    state, path = CheckpointManager(tmp_path / "checkpoints").load_latest()
+    assert state["epoch"] == 1 and path.name == "ckpt-epoch0001.pt"
+
+
+def test_schedules():
+    cyclic = TrainConfig(lr_max=0.2, peak_fraction=0.4)
+    assert lr_at(cyclic, 0.0) == 0.0 and lr_at(cyclic, 0.4) == pytest.approx(0.2) and lr_at(cyclic, 1.0) == 0.0
+    assert lr_at(cyclic, 0.2) == pytest.approx(0.1) and lr_at(cyclic, 0.7) == pytest.approx(0.1)
+    cosine = TrainConfig(lr_max=0.2, schedule="cosine")
+    assert lr_at(cosine, 0.0) == pytest.approx(0.2) and lr_at(cosine, 0.5) == pytest.approx(0.1)
+
+
+def test_budget_without_regularity_is_a_config_error(digits):
+    with pytest.raises(ConfigError, match="regularity"):
+        train(TrainConfig(target_ops=0.5, **FAST), digits, _model(digits), out_dir=None, log=_quiet)
+
+
+# --------------------------------------------------------------------------------------------
+# catastrophic-overfitting guard
+
+
+def test_detection_needs_pgd_to_collapse_while_fgsm_holds():
+    assert is_catastrophic_overfitting(0.10, 0.60, best_pgd=0.45, fgsm_at_best=0.50, co_drop=0.2)
+    assert not is_catastrophic_overfitting(0.30, 0.60, best_pgd=0.45, fgsm_at_best=0.50, co_drop=0.2)  # drop 15 < 20
+    assert not is_catastrophic_overfitting(0.10, 0.15, best_pgd=0.45, fgsm_at_best=0.50, co_drop=0.2)  # both fell
+
+
+def test_guard_over_a_sequence_remembers_the_best_state():
+    # (pgd, fgsm) per epoch, FastAT-like: robustness climbs, then PGD collapses while FGSM soars
+    sequence = [(0.20, 0.25), (0.35, 0.40), (0.41, 0.47), (0.38, 0.46), (0.12, 0.71), (0.05, 0.85)]
+    guard = CatastrophicOverfittingGuard(co_drop=0.2)
+    fired = [guard.observe(e, p, f, lambda e=e: {"epoch": e}) for e, (p, f) in enumerate(sequence, start=1)]
+    assert fired == [False, False, False, False, True, True]
+    assert guard.best_epoch == 3 and guard.best_state == {"epoch": 3} and guard.best_pgd == 0.41
+    unstable = CatastrophicOverfittingGuard(co_drop=0.2)  # everything collapses: not CO
+    assert not any(unstable.observe(e, p, f, dict) for e, (p, f) in enumerate([(0.4, 0.5), (0.1, 0.12)], 1))
+
+
+def _scripted_guard(monkeypatch, values):
+    """Replace the guard's measurement by (clean, fgsm, pgd) per epoch."""
+    monkeypatch.setattr(_Trainer, "_guard_accuracies", lambda self, epoch: values[epoch - 1])
+
+
+@pytest.mark.parametrize("attack, stops", [("fgsm-rs", False), ("nfgsm", True)])
+def test_guard_restores_the_best_state(digits, tmp_path, monkeypatch, attack, stops):
+    _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.6, 0.6, 0.50), (0.7, 0.8, 0.10), (0.7, 0.8, 0.45)])
+    config = TrainConfig(epochs=4, attack=attack, **{**FAST, "eval_pgd_steps": 1, "eval_size": 20})
+    result = train(config, digits, _model(digits), out_dir=tmp_path, log=_quiet)
+    assert len(result.co_events) == 1 and "epoch 3" in result.co_events[0]
+    assert result.history[2].guard is not None and result.best_epoch == 2
+    assert len(result.history) == (3 if stops else 4)
+    if not stops:
+        assert result.history[3].attack == "nfgsm"  # continued with N-FGSM after restoring
+    # epoch 3's checkpoint was written after the restore: it holds epoch 2's state
+    best = torch.load(tmp_path / "checkpoints" / "ckpt-epoch0003.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, best[k]) for k, v in result.model.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------
+# kill and resume
+
+
+def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path):
+    config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, **FAST)
+    whole = train(config, digits, _model(digits), out_dir=tmp_path / "a", log=_quiet)
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    for name in ("ckpt-epoch0002.pt", "ckpt-epoch0002.pt.sha256"):  # frozen during epoch 2
+        shutil.copy(tmp_path / "a" / "checkpoints" / name, tmp_path / "b" / "checkpoints" / name)
+    resumed = train(config, digits, _model(digits), out_dir=tmp_path / "b", resume=True, log=_quiet)
+    assert resumed.resumed_from == 2 and resumed.projection == whole.projection
+    assert all(not p.requires_grad for p in resumed.model.masks.params)
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_recipe(digits, tmp_path):
+    train(TrainConfig(epochs=1, **FAST), digits, _model(digits), out_dir=tmp_path, log=_quiet)
+    with pytest.raises(CheckpointError, match="lr_max"):
+        train(TrainConfig(epochs=1, **{**FAST, "lr_max": 0.05}), digits, _model(digits), out_dir=tmp_path,
+              resume=True, log=_quiet)
+
+
+def _run(out: Path, *args: str) -> subprocess.Popen:
+    script = Path(__file__).with_name("resume_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), str(out), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path.name} appeared:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout}s"
+        time.sleep(0.05)
+
+
+def _finished(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    reference = _run(whole)
+    victim = _run(broken, "--sleep", "0.02")
+    _wait_for(broken / "checkpoints" / "ckpt-epoch0001.pt.sha256", victim)
+    time.sleep(0.4)  # well inside epoch 2 (an epoch takes > 1 s with the sleeps)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL and not (broken / "final.pt").exists()
+    log = _finished(_run(broken, "--resume"))
+    assert "resumed from" in log
+    resumed = json.loads((broken / "result.json").read_text())
+    assert resumed["resumed_from"] >= 1 and resumed["epochs"] == [1, 2, 3, 4]  # history came back too
+    _finished(reference)
+    a = torch.load(whole / "final.pt", weights_only=True)
+    b = torch.load(broken / "final.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]

@@ -1,0 +1,4 @@
+from rcomp.cli import main
+
+if __name__ == "__main__":
+    main()

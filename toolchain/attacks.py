@@ -1,0 +1,246 @@
+"""L-inf attacks for training (FGSM-RS, N-FGSM) and evaluation (FGSM, PGD with restarts, noise).
+
+Conventions every function here keeps, because training, evaluation and the sanity checks rely on them:
+
+* Pixels live in [0, 1] and ``eps`` is in pixel units; the model carries its own normalization.
+* Gradients are taken with ``torch.autograd.grad`` w.r.t. the perturbation only, so attack
+  generation never leaves anything in a parameter's (or a mask's) ``.grad``.
+* Attacks never change the model: train/eval mode is left as the caller set it (FastAT crafts its
+  examples in train mode), and BatchNorm running statistics are put back after the attack's
+  forward passes, so a training step updates them once, from the batch it actually learns on.
+* All randomness comes from an optional ``torch.Generator``; with one, an attack is reproducible
+  and leaves the global RNG untouched (which exact resume depends on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_EPS = 8 / 255
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _uniform(shape, low: float, high: float, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """U(low, high) drawn on the generator's device, so a CPU generator also drives CUDA attacks."""
+    device = generator.device if generator is not None else like.device
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    return (low + (high - low) * u).to(device=like.device, dtype=like.dtype)
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module):
+    """Put every buffer (BatchNorm running stats, counters) back as it was on exit."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """d CE(model(x + delta), y) / d delta, without touching any parameter's ``.grad``."""
+    delta = delta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+    return grad
+
+
+def _project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip ``delta`` to the eps-ball and so that ``x + delta`` stays in [0, 1]."""
+    delta = delta.clamp(-eps, eps)
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.detach(), y.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# attacks
+
+
+def uniform_noise(x: torch.Tensor, eps: float = DEFAULT_EPS, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random L-inf noise: the baseline any gradient attack must beat (a sanity check)."""
+    x = x.detach()
+    return (x + _uniform(x.shape, -eps, eps, x, generator)).clamp(0.0, 1.0)
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = DEFAULT_EPS,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """One signed step of size eps from the clean input (no random start: the classic FGSM)."""
+    x, y = _prepare(x, y)
+    with preserved_buffers(model):
+        grad = _input_grad(model, x, y, torch.zeros_like(x))
+    return (x + _project(x, eps * grad.sign(), eps)).detach()
+
+
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = DEFAULT_EPS,
+            alpha: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """FastAT (Wong et al. 2020): uniform start in the eps-ball, one step of alpha, project back.
+
+    ``alpha`` defaults to Wong et al.'s 1.25 * eps (10/255 at eps = 8/255), so a smaller eps
+    does not get a step that overshoots the ball by a factor of several.
+    """
+    alpha = 1.25 * eps if alpha is None else alpha
+    x, y = _prepare(x, y)
+    delta = _project(x, _uniform(x.shape, -eps, eps, x, generator), eps)
+    with preserved_buffers(model):
+        grad = _input_grad(model, x, y, delta)
+    return (x + _project(x, delta + alpha * grad.sign(), eps)).detach()
+
+
+def nfgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = DEFAULT_EPS,
+          noise: float | None = None, alpha: float | None = None,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """N-FGSM (de Jorge et al. 2022): noise in [-2eps, 2eps], step eps, NO projection to the ball.
+
+    Skipping the projection is the point: the larger effective perturbation is what keeps
+    single-step training away from catastrophic overfitting. Only [0, 1] is enforced.
+    """
+    noise = 2 * eps if noise is None else noise
+    alpha = eps if alpha is None else alpha
+    x, y = _prepare(x, y)
+    delta = _uniform(x.shape, -noise, noise, x, generator)
+    with preserved_buffers(model):
+        grad = _input_grad(model, x, y, delta)
+    return (x + delta + alpha * grad.sign()).clamp(0.0, 1.0).detach()
+
+
+def _pgd_once(model, x, y, eps, alpha, steps, random_start, generator) -> torch.Tensor:
+    delta = _uniform(x.shape, -eps, eps, x, generator) if random_start else torch.zeros_like(x)
+    delta = _project(x, delta, eps)
+    for _ in range(steps):
+        grad = _input_grad(model, x, y, delta)
+        delta = _project(x, delta + alpha * grad.sign(), eps)
+    return x + delta
+
+
+def _per_example_loss(model, x_adv, y) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits = model(x_adv)
+    return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) != y
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = DEFAULT_EPS, alpha: float = 2 / 255,
+        steps: int = 10, restarts: int = 1, random_start: bool = True,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """PGD with restarts, keeping each example's worst case.
+
+    An example that any restart fools stays fooled (robust = survives every restart); among
+    restarts that all fail, the highest-loss point is kept so the result is the strongest found.
+    """
+    x, y = _prepare(x, y)
+    best, best_loss, best_fooled = None, None, None
+    with preserved_buffers(model):
+        for _ in range(max(1, restarts)):
+            cand = _pgd_once(model, x, y, eps, alpha, steps, random_start, generator)
+            loss, fooled = _per_example_loss(model, cand, y)
+            if best is None:
+                best, best_loss, best_fooled = cand, loss, fooled
+                continue
+            take = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+            best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), cand, best)
+            best_loss = torch.where(take, loss, best_loss)
+            best_fooled = best_fooled | fooled
+    return best.detach()
+
+
+#: Training attacks by the name ``TrainConfig.attack`` uses; ``None`` = plain (non-robust) training.
+ATTACKS: dict[str, Callable | None] = {"fgsm-rs": fgsm_rs, "nfgsm": nfgsm, "none": None}
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclass
+class AccuracyResult:
+    """Clean and adversarial accuracy over ``n`` examples (``adv`` is None without an attack)."""
+
+    clean: float
+    adv: float | None
+    n: int
+    clean_correct: int = 0
+    adv_correct: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"clean": self.clean, "adv": self.adv, "n": self.n}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode for the duration, then the caller's mode back (per module, not just the root)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _fp32(model: nn.Module) -> nn.Module:
+    """The model itself if it is fp32, else an fp32 copy: evaluation must not run in low precision."""
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    if all(p.dtype == torch.float32 for p in floats):
+        return model
+    return copy.deepcopy(model).float()
+
+
+def _batches(loader_or_batches, device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(loader_or_batches, tuple) and len(loader_or_batches) == 2 and torch.is_tensor(loader_or_batches[0]):
+        loader_or_batches = [loader_or_batches]
+    for x, y in loader_or_batches:
+        yield x.to(device=device, dtype=torch.float32), y.to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def evaluate(model: nn.Module, loader_or_batches, attack: Callable | None = None, *,
+             max_examples: int | None = None, **attack_kwargs) -> AccuracyResult:
+    """Clean (and attacked) accuracy in eval mode and fp32, restoring the model's mode afterwards.
+
+    ``attack(model, x, y, **attack_kwargs)`` returns adversarial inputs, e.g. ``pgd`` with
+    ``eps=8/255, steps=10, generator=g``. ``loader_or_batches`` is a DataLoader, any iterable of
+    ``(x, y)`` batches or a single ``(x, y)`` pair.
+    """
+    net = _fp32(model)
+    device = _model_device(net)
+    n = clean = adv = 0
+    device_type = device.type if device.type in ("cpu", "cuda") else "cpu"
+    with eval_mode(net), torch.autocast(device_type=device_type, enabled=False):
+        for x, y in _batches(loader_or_batches, device):
+            if max_examples is not None:
+                x, y = x[: max_examples - n], y[: max_examples - n]
+                if len(y) == 0:
+                    break
+            c, a = _count_correct(net, x, y, attack, attack_kwargs)
+            n, clean, adv = n + len(y), clean + c, adv + a
+    has_adv = attack is not None
+    return AccuracyResult(clean / max(n, 1), adv / max(n, 1) if has_adv else None, n, clean, adv if has_adv else None)
+
+
+def _count_correct(net, x, y, attack, attack_kwargs) -> tuple[int, int]:
+    with torch.no_grad():
+        clean = int((net(x).argmax(1) == y).sum())
+    if attack is None:
+        return clean, 0
+    x_adv = attack(net, x, y, **attack_kwargs)
+    with torch.no_grad():
+        return clean, int((net(x_adv).argmax(1) == y).sum())

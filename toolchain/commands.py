@@ -1,0 +1,288 @@
+"""The subcommands of ``rcomp``. Each one parses options and hands a dataclass to a stage."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from rcomp.cli import EXIT_FAIL, EXIT_OK, cli, parse_shape
+from rcomp.errors import RcompError
+
+_DATA_HELP = (
+    "Data spec: digits (default, bundled with scikit-learn), synthetic, cifar10:DIR, "
+    "imagefolder:DIR (DIR/train, DIR/val or DIR/test class folders, or class folders directly)."
+)
+
+
+def _training_options(fn):
+    """Options shared by ``train`` and ``prune``: one recipe, one vocabulary."""
+    options = [
+        click.option("--model", "model_name", default="resnet20", show_default=True, help="Zoo model name (rcomp count --list-models)."),
+        click.option("--data", "data_spec", default="digits", show_default=True, help=_DATA_HELP),
+        click.option("--download", is_flag=True, help="Allow cifar10:DIR to download (never implicit)."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [recipe default]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None),
+        click.option("--lr", "lr_max", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate."),
+        click.option("--schedule", type=click.Choice(["cyclic", "cosine"]), default=None),
+        click.option("--attack", type=click.Choice(["fgsm-rs", "nfgsm", "none"]), default=None, help="Training attack: FastAT (fgsm-rs), N-FGSM, or none."),
+        click.option("--eps", type=str, default=None, help="Training eps in pixel units, e.g. 8/255."),
+        click.option("--regularity", type=click.Choice(["channel", "weight", "none"]), default=None, help="Pruning regularity (none = dense)."),
+        click.option("--target-ops", type=click.FloatRange(0, 1, min_open=True), default=None, help="Ops budget as a fraction of the dense model."),
+        click.option("--target-params", type=click.FloatRange(0, 1, min_open=True), default=None, help="Params budget as a fraction of the dense model."),
+        click.option("--recipe", type=click.Path(dir_okay=False), default=None, help="Training recipe YAML (keys of TrainConfig)."),
+        click.option("--seed", type=int, default=None),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--workers", "num_workers", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from its last good checkpoint."),
+        click.option("--no-progress", is_flag=True, help="No progress bars (for logs)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _job_from_options(opts: dict, profile, out: str, method: str):
+    from rcomp.pipeline import build_job
+
+    return build_job(opts, profile=profile, out=out, method=method)
+
+
+@cli.command()
+@click.option("--profile", "profile_ref", required=True, help="Hardware profile: a YAML path or a name in profiles/.")
+@click.option("--out", default=None, help="Output folder [runs/<profile>-<model>].")
+@click.option("--method", type=click.Choice(["intrain", "posttrain", "dense"]), default="intrain", show_default=True, help="In-train pruning (the poster), post-train magnitude pruning + fine-tuning, or no pruning.")
+@click.option("--attack-set-size", type=click.IntRange(min=1), default=500, show_default=True, help="Validation images in the shipped PGD attack set.")
+@click.option("--square-queries", type=click.IntRange(min=0), default=0, show_default=True, help="Square-attack queries against the ORT session (0 = transfer attack only).")
+@click.option("--latency-runs", type=click.IntRange(min=5), default=200, show_default=True)
+@_training_options
+def prune(profile_ref, out, method, attack_set_size, square_queries, latency_runs, **opts):
+    """Run the whole pipeline against a hardware profile: train with masks under the profile's
+    budgets (FastAT), remove the pruned channels, count with fvcore, export to ONNX at the
+    profile's opset, and check budgets and robustness floors under onnxruntime.
+
+    \b
+    Writes OUT/: model.pt (pruned checkpoint), model.onnx, adv.npz (attack set),
+    count.json, train.json, report.json, report.md, checkpoints/.
+    The exit code is the check's: 0 all pass, 1 a budget or floor fails, 2 bad input.
+
+    \b
+    Examples:
+      rcomp prune --profile profiles/jetson.yaml
+      rcomp prune --profile automotive-ecu --model resnet20 \\
+          --data imagefolder:../shared/datasets/cifar10-jpeg --epochs 15 --out runs/ecu
+      rcomp prune --profile jetson --method posttrain --target-ops 0.5
+    """
+    from rcomp.config import resolve_profile
+    from rcomp.pipeline import run_prune
+
+    profile = resolve_profile(profile_ref)
+    job = _job_from_options(opts, profile, out, method)
+    job.attack_set_size, job.square_queries, job.latency_runs = attack_set_size, square_queries, latency_runs
+    result = run_prune(job)
+    click.echo(result.summary())
+    sys.exit(EXIT_OK if result.passed else EXIT_FAIL)
+
+
+@cli.command()
+@click.option("--out", required=True, help="Output folder (model.pt, train.json, checkpoints/).")
+@click.option("--profile", "profile_ref", default=None, help="Take the budget from a hardware profile.")
+@click.option("--method", type=click.Choice(["intrain", "posttrain", "dense"]), default=None, help="Default: intrain when a budget is given, else dense.")
+@_training_options
+def train(out, profile_ref, method, **opts):
+    """Train a model: dense or pruned in-train, robust (FastAT / N-FGSM) or plain.
+
+    \b
+    Examples:
+      rcomp train --model resnet20 --data digits --target-ops 0.5 --out runs/r20-50
+      rcomp train --model resnet20 --data imagefolder:../shared/datasets/cifar10-jpeg \\
+          --attack fgsm-rs --epochs 15 --out runs/r20-dense
+      rcomp train --model tiny_cnn --regularity weight --target-params 0.3 --out runs/tiny
+      rcomp train ... --resume          # continue after an interruption
+    """
+    from rcomp.config import resolve_profile
+    from rcomp.pipeline import run_train
+
+    profile = resolve_profile(profile_ref) if profile_ref else None
+    job = _job_from_options(opts, profile, out, method)
+    result = run_train(job)
+    click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("model_ref", required=False)
+@click.option("--model", "model_opt", default=None, help="A zoo model name (same as the positional MODEL).")
+@click.option("--input", "input_shape", default=None, help="Input shape N,C,H,W (batch 1) or C,H,W [model / profile default].")
+@click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True)
+@click.option("--profile", "profile_ref", default=None, help="Judge the model against a profile's budgets.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the count as JSON.")
+@click.option("--list-models", is_flag=True, help="List the zoo and exit.")
+def count(model_ref, model_opt, input_shape, num_classes, profile_ref, json_out, list_models):
+    """Count MOps (MACs, batch 1) and params with fvcore, per layer and total.
+
+    MODEL is a zoo name (dense) or a checkpoint written by rcomp (pruned). Convention: one
+    multiply-add = one op; conv + linear only; BatchNorm folded (not counted); element-wise ops
+    and pooling listed as not counted.
+
+    \b
+    Examples:
+      rcomp count resnet20 --input 1,3,32,32
+      rcomp count --model resnet56
+      rcomp count runs/r20/model.pt --profile jetson
+    """
+    from rcomp.pipeline import count_command
+
+    if list_models:
+        from rcomp.models import get_model_info, list_models as names
+
+        for name in names():
+            info = get_model_info(name)
+            click.echo(f"{name:14s} input {'x'.join(map(str, info.default_input)):10s} {info.description}")
+        return
+    ref = model_opt or model_ref
+    if not ref:
+        raise RcompError("give a MODEL (zoo name or checkpoint path), e.g. rcomp count resnet20")
+    text, passed = count_command(ref, parse_shape(input_shape), num_classes, profile_ref, json_out)
+    click.echo(text)
+    sys.exit(EXIT_OK if passed else EXIT_FAIL)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--profile", "profile_ref", default=None, help="Takes opset and input shape from the profile.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the .onnx file.")
+@click.option("--opset", type=click.IntRange(7, 23), default=None, help="Overrides the profile's opset [17].")
+@click.option("--parity-data", default=None, help="Data spec for the parity check [random inputs].")
+@click.option("--parity-n", type=click.IntRange(min=1), default=64, show_default=True)
+def export(checkpoint, profile_ref, out, opset, parity_data, parity_n):
+    """Export a (pruned) checkpoint to ONNX: static shape, onnx-simplifier with a numerical check,
+    full onnx.checker, rcomp metadata, then an onnxruntime-vs-PyTorch parity check.
+
+    \b
+    Examples:
+      rcomp export runs/r20/model.pt --profile jetson --out runs/r20/model.onnx
+      rcomp export model.pt --opset 13 --out ecu.onnx --parity-data imagefolder:DIR
+    """
+    from rcomp.pipeline import export_command
+
+    click.echo(export_command(checkpoint, profile_ref, out, opset, parity_data, parity_n))
+
+
+@cli.command()
+@click.argument("onnx_path", type=click.Path(dir_okay=False))
+@click.option("--profile", "profile_ref", required=True)
+@click.option("--attack-set", type=click.Path(dir_okay=False), default=None, help="An .npz attack set (x_clean, y, x_adv) shipped with the model.")
+@click.option("--square-queries", type=click.IntRange(min=0), default=0, show_default=True, help="Run a Square attack against the ORT session too.")
+@click.option("--square-n", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--dense", "dense_onnx", type=click.Path(dir_okay=False), default=None, help="The dense model's ONNX, for the latency ratio.")
+@click.option("--latency-runs", type=click.IntRange(min=5), default=200, show_default=True)
+@click.option("--report-dir", type=click.Path(file_okay=False), default=None, help="Where report.json and report.md go [next to the model].")
+def check(onnx_path, profile_ref, attack_set, square_queries, square_n, dense_onnx, latency_runs, report_dir):
+    """The CI gate: check an ONNX model against every budget and floor of a profile under
+    onnxruntime (ops and params from the graph, p90 latency, clean and adversarial accuracy).
+
+    Needs only the light install (onnxruntime, numpy, pyyaml). Exit codes: 0 all pass,
+    1 a budget or floor fails, 2 bad input (missing file, not ONNX, wrong input shape, bad profile).
+
+    \b
+    Examples:
+      rcomp check model.onnx --profile jetson --attack-set adv.npz
+      rcomp check model.onnx --profile profiles/automotive-ecu.yaml --attack-set adv.npz \\
+          --square-queries 1000 --dense dense.onnx --report-dir ci-report/
+    """
+    from rcomp.config import resolve_profile
+    from rcomp.export.check import run_check, write_report
+
+    profile = resolve_profile(profile_ref)
+    report = run_check(
+        onnx_path, profile, attack_set=attack_set, square_queries=square_queries, square_n=square_n,
+        latency_runs=latency_runs, dense_onnx=dense_onnx,
+    )
+    write_report(report, report_dir or str(Path(onnx_path).resolve().parent))
+    click.echo(report.to_text())
+    sys.exit(EXIT_OK if report.passed else EXIT_FAIL)
+
+
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--data", "data_spec", default="digits", show_default=True, help=_DATA_HELP)
+@click.option("--split", default="val", show_default=True, help="train, val, test or all.")
+@click.option("--n", "limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N images of the split only.")
+@click.option("--eps", type=str, default="8/255", show_default=True)
+@click.option("--pgd-steps", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--pgd-step-size", type=str, default="2/255", show_default=True)
+@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--pgd50", is_flag=True, help="Also PGD-50 with --restarts restarts.")
+@click.option("--sanity", is_flag=True, help="Run the attack sanity checks (gradient masking).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, batch_size, device, json_out):
+    """Clean and PGD accuracy of a saved model on any split of any dataset.
+
+    \b
+    Examples:
+      rcomp eval runs/r20/model.pt --data imagefolder:../shared/datasets/cifar10-jpeg --split val
+      rcomp eval runs/r20/model.pt --data imagefolder:/data/cifar10-test --split test --pgd50 --restarts 5
+      rcomp eval runs/r20/model.pt --data digits --sanity
+    """
+    from rcomp.pipeline import eval_command
+
+    click.echo(eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, batch_size, device, json_out))
+
+
+@cli.group()
+def profiles():
+    """List, show and validate hardware profiles (YAML).
+
+    \b
+    Examples:
+      rcomp profiles list
+      rcomp profiles validate profiles/jetson.yaml my-board.yaml
+      rcomp profiles show automotive-ecu
+    """
+
+
+@profiles.command("list")
+@click.argument("directory", required=False, type=click.Path(file_okay=False))
+def profiles_list(directory):
+    """List the profiles in DIRECTORY [the shipped profiles/]."""
+    from rcomp.config import PROFILES_DIR, list_profiles
+    from rcomp.reports import render_table
+
+    rows = []
+    for path, prof in list_profiles(directory or PROFILES_DIR):
+        if isinstance(prof, Exception):
+            rows.append([Path(path).name, "INVALID", "", "", str(prof)])
+            continue
+        b = prof.budgets
+        budgets = ", ".join(
+            f"{k}={v:g}" for k, v in (("mops", b.mops), ("params", b.params), ("ops_fraction", b.ops_fraction),
+                                      ("params_fraction", b.params_fraction), ("p90_ms", b.latency_p90_ms)) if v is not None
+        )
+        rows.append([Path(path).name, prof.name, "x".join(map(str, prof.input_shape)), f"opset {prof.opset}", budgets])
+    click.echo(render_table(rows, ["file", "name", "input", "onnx", "budgets"]))
+
+
+@profiles.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def profiles_validate(files):
+    """Validate profile files; exit 2 naming the file, key and problem on the first bad one."""
+    from rcomp.config import load_profile
+
+    for f in files:
+        prof = load_profile(f)
+        click.echo(f"{f}: ok ({prof.name})")
+
+
+@profiles.command("show")
+@click.argument("ref")
+def profiles_show(ref):
+    """Print a profile as JSON after validation (NAME or path)."""
+    import dataclasses
+
+    from rcomp.config import resolve_profile
+
+    click.echo(json.dumps(dataclasses.asdict(resolve_profile(ref)), indent=2))

@@ -1,0 +1,312 @@
+"""Trainable pruning masks with a straight-through estimator (the poster's in-train pruning).
+
+A real-valued mask ``M`` per prunable unit is binarized as ``Mb = round(shift(scale(tanh(M))))``
+with scale = shift = 0.5, so ``Mb = 1`` exactly when ``M > 0``. ``round`` has zero gradient almost
+everywhere; the straight-through estimator passes the gradient of the smooth part
+``0.5 * tanh(M) + 0.5`` instead, so the task loss (and the budget term) keep updating ``M``.
+The masks are ordinary parameters: they sit in the optimizer next to the weights and share their
+weight decay, which pulls every ``M`` towards the decision boundary 0 so that masks keep moving
+(and can come back) during the whole run instead of freezing early.
+
+Two regularities:
+
+* ``channel`` — one mask per coupled channel group. Groups come from torch-pruning's
+  ``DependencyGraph``: channels tied by a residual add, a concat or a depthwise convolution share one
+  mask value. The mask multiplies the output of every producer of the group's channels *after* its
+  BatchNorm (before the non-linearity), so a channel whose mask is 0 is exactly zero everywhere
+  downstream — residual adds included — and removing it physically changes nothing.
+* ``weight`` — one mask per weight element of every conv / linear layer (irregular sparsity),
+  applied with ``torch.nn.utils.parametrize`` so the layer sees ``W * Mb``.
+
+The classifier's outputs and the first conv's inputs are never prunable, and every channel group
+keeps at least its highest-scoring channel so that no layer is emptied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import parametrize
+
+from rcomp.errors import RcompError
+from rcomp.models import find_classifier
+
+#: Initial value of every mask: comfortably on (Mb = 1), yet close enough to 0 to move.
+MASK_INIT = 1.0
+#: Masks are clipped to [-MASK_BOUND, MASK_BOUND] after every optimizer step.
+MASK_BOUND = 1.0
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+_LAYER_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def ste_binarize(m: torch.Tensor) -> torch.Tensor:
+    """``round(0.5 * tanh(M) + 0.5)`` forward, the gradient of ``0.5 * tanh(M) + 0.5`` backward."""
+    soft = 0.5 * torch.tanh(m) + 0.5
+    return soft + (torch.round(soft) - soft).detach()
+
+
+@dataclass(frozen=True)
+class LayerSlice:
+    """Channels of one module that belong to a group: local index ``idxs[j]`` is root channel ``root_idxs[j]``."""
+
+    module: str
+    idxs: tuple[int, ...]
+    root_idxs: tuple[int, ...]
+
+
+@dataclass
+class ChannelGroup:
+    """A set of coupled channels with one mask value per channel of its root layer."""
+
+    name: str  # qualified name of the root conv / linear
+    size: int
+    out_slices: list[LayerSlice] = field(default_factory=list)  # conv/linear/norm out-channels
+    in_slices: list[LayerSlice] = field(default_factory=list)  # conv/linear in-channels
+    apply_at: list[LayerSlice] = field(default_factory=list)  # outputs the mask multiplies
+
+
+class MaskSet(nn.Module):
+    """The trainable masks of a model: one parameter tensor per group (channel) or layer (weight)."""
+
+    regularity: str = ""
+
+    def __init__(self, names: list[str], sizes: list[torch.Size], init: float = MASK_INIT):
+        super().__init__()
+        self.names = list(names)
+        self.params = nn.ParameterList(nn.Parameter(torch.full(s, float(init))) for s in sizes)
+        self._handles: list = []
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def binary(self, i: int) -> torch.Tensor:
+        """STE-binarized mask ``i`` (values exactly 0/1, gradient to ``M``)."""
+        return ste_binarize(self.params[i])
+
+    def hard(self) -> list[torch.Tensor]:
+        """Detached 0/1 masks, as the forward pass uses them."""
+        with torch.no_grad():
+            return [self.binary(i).detach().clone() for i in range(len(self))]
+
+    def snapshot(self) -> torch.Tensor:
+        """All hard masks flattened into one bool vector (to measure how many flipped)."""
+        return torch.cat([h.flatten() for h in self.hard()]).bool()
+
+    @property
+    def num_units(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def density(self) -> float:
+        return float(self.snapshot().float().mean())
+
+    def scores(self) -> list[torch.Tensor]:
+        """The real-valued masks: the learned importance of every unit (higher = keep)."""
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def clip_(self, bound: float = MASK_BOUND) -> None:
+        """Keep ``M`` in [-bound, bound] after each step, as BinaryConnect clips its latent weights.
+
+        The STE treats ``round`` as the identity, so nothing stops an off mask from drifting far
+        below 0 (momentum carries it) and never coming back; clipping keeps every mask within one
+        bound of the decision boundary, which is what lets units return during training.
+        """
+        for p in self.params:
+            p.clamp_(-bound, bound)
+
+    def freeze(self, frozen: bool = True) -> None:
+        for p in self.params:
+            p.requires_grad_(not frozen)
+
+    @torch.no_grad()
+    def set_hard(self, i: int, keep: torch.Tensor, magnitude: float = MASK_INIT) -> None:
+        """Force mask ``i`` to ``keep`` (bool), keeping |M| where the state does not change."""
+        p = self.params[i]
+        mag = p.abs().clamp_min(1e-3).clamp_max(magnitude)
+        p.copy_(torch.where(keep.to(p.device), mag, -mag))
+
+    def remove(self) -> None:
+        """Detach every hook / parametrization from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class ChannelMasks(MaskSet):
+    """One mask per coupled channel group, found with torch-pruning's DependencyGraph."""
+
+    regularity = "channel"
+
+    def __init__(self, groups: list[ChannelGroup], init: float = MASK_INIT):
+        super().__init__([g.name for g in groups], [torch.Size([g.size]) for g in groups], init)
+        self.groups = groups
+
+    def binary(self, i: int) -> torch.Tensor:
+        """Group ``i``'s 0/1 mask; if every channel is off, the best-scoring one stays on."""
+        mb = super().binary(i)
+        if bool((mb.detach() == 0).all()):
+            keep = torch.zeros_like(mb)
+            keep[int(self.params[i].detach().argmax())] = 1.0
+            mb = mb + keep
+        return mb
+
+    @classmethod
+    def attach(cls, model: nn.Module, example_input: torch.Tensor, init: float = MASK_INIT) -> "ChannelMasks":
+        groups = find_channel_groups(model, example_input)
+        if not groups:
+            raise RcompError("model has no prunable channel groups")
+        masks = cls(groups, init)
+        modules = dict(model.named_modules())
+        for gi, group in enumerate(groups):
+            for sl in group.apply_at:
+                masks._handles.append(modules[sl.module].register_forward_hook(_ChannelHook(masks, gi, sl)))
+        return masks
+
+
+class _ChannelHook:
+    """Forward hook: multiply the channels of one producer by its group's binary mask."""
+
+    def __init__(self, masks: ChannelMasks, group_index: int, sl: LayerSlice):
+        self.masks = masks
+        self.group_index = group_index
+        self.idxs = torch.tensor(sl.idxs, dtype=torch.long)
+        self.root_idxs = torch.tensor(sl.root_idxs, dtype=torch.long)
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        mb = self.masks.binary(self.group_index)
+        scale = torch.ones(output.shape[1], device=output.device, dtype=output.dtype)
+        scale = scale.index_put((self.idxs.to(output.device),), mb[self.root_idxs.to(mb.device)].to(output.dtype))
+        return output * scale.view(1, -1, *([1] * (output.dim() - 2)))
+
+
+class WeightMasks(MaskSet):
+    """One mask per weight element of every conv / linear layer (irregular sparsity)."""
+
+    regularity = "weight"
+
+    @classmethod
+    def attach(cls, model: nn.Module, init: float = MASK_INIT) -> "WeightMasks":
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES)]
+        if not layers:
+            raise RcompError("model has no conv / linear layers to mask")
+        masks = cls([n for n, _ in layers], [m.weight.shape for _, m in layers], init)
+        for i, (_, module) in enumerate(layers):
+            parametrize.register_parametrization(module, "weight", _WeightMask(masks, i))
+        masks._model_layers = [m for _, m in layers]
+        return masks
+
+    def remove(self) -> None:
+        """Fold ``W * Mb`` into the weights and drop the parametrizations."""
+        for module in getattr(self, "_model_layers", []):
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        self._model_layers = []
+
+
+class _WeightMask(nn.Module):
+    """Parametrization ``W -> W * Mb``; refers to the MaskSet without registering it twice."""
+
+    def __init__(self, masks: WeightMasks, index: int):
+        super().__init__()
+        object.__setattr__(self, "_masks", masks)
+        self.index = index
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self._masks.binary(self.index).to(weight.dtype)
+
+
+class MaskedModel(nn.Module):
+    """A model together with its masks, so one ``state_dict`` / one DDP wrapper holds both."""
+
+    def __init__(self, model: nn.Module, masks: MaskSet):
+        super().__init__()
+        self.model = model
+        self.masks = masks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        mask_ids = {id(p) for p in self.masks.parameters()}
+        return (p for p in self.parameters() if id(p) not in mask_ids)
+
+
+def attach_masks(model: nn.Module, regularity: str, example_input: torch.Tensor, init: float = MASK_INIT) -> MaskedModel:
+    """Wrap ``model`` with trainable masks of the given regularity (``channel`` or ``weight``)."""
+    if regularity == "channel":
+        return MaskedModel(model, ChannelMasks.attach(model, example_input, init))
+    if regularity == "weight":
+        return MaskedModel(model, WeightMasks.attach(model, init))
+    raise RcompError(f"unknown regularity {regularity!r}; expected 'channel' or 'weight'")
+
+
+def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's graph of the model, traced in eval mode so BatchNorm statistics stay untouched."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
+    """Coupled channel groups rooted at conv / linear layers; the classifier's outputs are excluded."""
+    dg = build_dependency_graph(model, example_input)
+    names = {m: n for n, m in model.named_modules()}
+    classifier = find_classifier(model)
+    groups = []
+    for group in dg.get_all_groups(ignored_layers=[classifier], root_module_types=list(_LAYER_TYPES)):
+        root = group[0].dep.target.module
+        channel_group = _describe_group(group, names, dg)
+        if channel_group is not None and names.get(root) is not None:
+            groups.append(channel_group)
+    return groups
+
+
+def _describe_group(group, names: dict, dg: tp.DependencyGraph) -> ChannelGroup | None:
+    root_module = group[0].dep.target.module
+    size = _out_channels(root_module)
+    result = ChannelGroup(names[root_module], size)
+    norms_in_group = set()
+    for item in group.items:
+        module, handler = item.dep.target.module, item.dep.handler
+        if module not in names:
+            continue  # torch-pruning's element-wise pseudo-modules
+        sl = LayerSlice(names[module], tuple(int(i) for i in item.idxs), tuple(int(i) for i in item.root_idxs))
+        if _is_out_handler(handler, dg, module):
+            if isinstance(module, _LAYER_TYPES + _NORM_TYPES) and sl not in result.out_slices:
+                result.out_slices.append(sl)
+                if isinstance(module, _NORM_TYPES):
+                    norms_in_group.add(module)
+        elif isinstance(module, _LAYER_TYPES) and sl not in result.in_slices:
+            result.in_slices.append(sl)
+    modules = {n: m for m, n in names.items()}
+    for sl in result.out_slices:
+        module = modules[sl.module]
+        if isinstance(module, _NORM_TYPES) or not _feeds_norm(dg, module, norms_in_group):
+            result.apply_at.append(sl)
+    return result if result.apply_at else None
+
+
+def _is_out_handler(handler, dg: tp.DependencyGraph, module: nn.Module) -> bool:
+    return handler == dg.get_pruner_of_module(module).prune_out_channels
+
+
+def _feeds_norm(dg: tp.DependencyGraph, module: nn.Module, norms: set) -> bool:
+    node = dg.module2node[module]
+    return any(out.module in norms for out in node.outputs)
+
+
+def _out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    raise RcompError(f"unsupported group root {type(module).__name__}")

@@ -1,0 +1,607 @@
+"""Orchestration: the stages glued into the jobs the CLI runs.
+
+``rcomp prune`` = data → model → masks → train → surgery → count → export → attack set → check,
+written into an output folder that is published as a whole: everything is built in
+``OUT.partial/`` and swapped into ``OUT/`` only when every artifact exists, so an interrupted or
+failed job leaves the previous complete folder (or none), never a half-written one. The training
+checkpoints live in ``OUT.partial/checkpoints`` while the job runs, which is what ``--resume`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rcomp import __version__
+from rcomp.config import Field, Invalid, number, read_yaml, validate
+from rcomp.errors import RcompError
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """Everything one ``rcomp train`` / ``rcomp prune`` needs, resolved from CLI, recipe and profile."""
+
+    model_name: str
+    data_spec: str
+    out: Path
+    method: str  # intrain | posttrain | dense
+    train: Any  # rcomp.train.TrainConfig
+    profile: Any = None  # rcomp.config.Profile
+    input_shape: tuple[int, int, int] | None = None
+    download: bool = False
+    resume: bool = False
+    attack_set_size: int = 500
+    square_queries: int = 0
+    latency_runs: int = 200
+
+
+def parse_eps(text: str | float | None, what: str = "--eps") -> float | None:
+    """``8/255`` or ``0.0314`` → a float in (0, 1]."""
+    if text is None or isinstance(text, float):
+        return text
+    try:
+        if "/" in str(text):
+            num, den = str(text).split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise RcompError(f"{what} {text!r}: expected a number like 8/255 or 0.031") from None
+    if not 0 < value <= 1:
+        raise RcompError(f"{what} {text!r}: must be in (0, 1] (pixel units)")
+    return value
+
+
+def _recipe_schema() -> dict[str, Field]:
+    """Recipe YAML keys = TrainConfig fields, each checked against its default's type."""
+    from rcomp.train import TrainConfig
+
+    schema = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("device", "progress", "num_workers"):
+            continue  # machine settings belong on the command line, not in a recipe
+        schema[f.name] = Field(_checker_for(f.name, f.default))
+    return schema
+
+
+def _checker_for(name: str, default: Any):
+    if name == "eps" or name == "alpha":
+        def check_eps(value):
+            try:
+                return parse_eps(value if isinstance(value, str) else float(value), name)
+            except (RcompError, TypeError, ValueError):
+                raise Invalid("a number in (0, 1] such as 8/255") from None
+        return check_eps
+    if isinstance(default, bool):
+        def check_bool(value):
+            if not isinstance(value, bool):
+                raise Invalid("true or false")
+            return value
+        return check_bool
+    if isinstance(default, int) and not isinstance(default, bool):
+        def check_int(value):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise Invalid("a non-negative integer")
+            return value
+        return check_int
+    if isinstance(default, float) or default is None and name in ("target_ops", "target_params"):
+        bounds = {"le": 1.0} if name.endswith(("fraction", "target_ops", "target_params")) else {}
+        return number(gt=0, **bounds) if name not in ("momentum", "weight_decay", "co_drop") else number(ge=0)
+    if isinstance(default, str) or default is None:
+        def check_text(value):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise Invalid("a value")
+            return value
+        return check_text
+    return lambda value: value
+
+
+def load_recipe(path: str) -> dict:
+    """A training recipe: a YAML mapping of TrainConfig keys, unknown keys rejected."""
+    values = validate(read_yaml(path), _recipe_schema(), source=str(path))
+    return {k: v for k, v in values.items() if v is not None}
+
+
+_CLI_TO_CONFIG = (
+    "epochs", "batch_size", "lr_max", "schedule", "attack", "regularity", "target_ops", "target_params", "seed",
+)
+
+
+def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Job:
+    """Merge recipe, profile and CLI options into one Job; reject combinations that conflict."""
+    from rcomp.models import get_model_info
+    from rcomp.train import TrainConfig
+
+    get_model_info(opts["model_name"])  # unknown model → exit 2 before any work
+    values = load_recipe(opts["recipe"]) if opts.get("recipe") else {}
+    for key in _CLI_TO_CONFIG:
+        if opts.get(key) is not None:
+            values[key] = opts[key]
+    if opts.get("eps") is not None:
+        values["eps"] = parse_eps(opts["eps"])
+    if values.get("regularity") == "none":
+        values["regularity"] = None
+    _merge_profile_budget(values, profile)
+    has_budget = any(values.get(k) is not None for k in ("target_ops", "target_params", "mops", "params"))
+    method = method or ("intrain" if has_budget else "dense")
+    _check_method(method, values, has_budget)
+    if method == "intrain":
+        values.setdefault("regularity", "channel")
+        if values["regularity"] is None:
+            values["regularity"] = "channel"
+    values.update(device=_device(opts.get("device", "cpu")), num_workers=opts.get("num_workers", 0),
+                  progress=not opts.get("no_progress", False))
+    config = TrainConfig(**values)
+    input_shape = tuple(profile.input_shape[1:]) if profile is not None else get_model_info(opts["model_name"]).default_input
+    out_dir = Path(out) if out else Path("runs") / f"{profile.name if profile else 'train'}-{opts['model_name']}"
+    return Job(opts["model_name"], opts["data_spec"], out_dir, method, config, profile, input_shape,
+               download=opts.get("download", False), resume=opts.get("resume", False))
+
+
+def _merge_profile_budget(values: dict, profile) -> None:
+    """The shipped model must meet the profile, so its budgets join any CLI target (tightest wins)."""
+    if profile is None:
+        return
+    b = profile.budgets
+    for key, frac in (("target_ops", b.ops_fraction), ("target_params", b.params_fraction)):
+        if frac is not None:
+            values[key] = min(frac, values[key]) if values.get(key) is not None else frac
+    if b.mops is not None:
+        values["mops"] = b.mops
+    if b.params is not None:
+        values["params"] = b.params
+
+
+def _check_method(method: str, values: dict, has_budget: bool) -> None:
+    if method == "dense" and has_budget:
+        raise RcompError("--method dense takes no budget: drop --target-ops/--target-params/--profile budgets, or use --method intrain")
+    if method in ("intrain", "posttrain") and not has_budget:
+        raise RcompError(f"--method {method} needs a budget: --target-ops, --target-params or a --profile with budgets")
+    if method == "posttrain" and values.get("regularity") == "weight":
+        raise RcompError("--method posttrain prunes channels; --regularity weight is in-train only")
+    if method == "intrain" and "regularity" in values and values["regularity"] is None and has_budget:
+        raise RcompError("--regularity none conflicts with a pruning budget")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RcompError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise RcompError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
+    return name
+
+
+def recipe_hash(config) -> str:
+    """A short stable hash of the training recipe (machine settings excluded), for ONNX metadata."""
+    recipe = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("device", "progress", "num_workers")}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Output folder published as a whole
+# --------------------------------------------------------------------------------------------
+
+
+class StagedOutput:
+    """Builds ``OUT.partial/`` and swaps it into ``OUT/`` when complete."""
+
+    def __init__(self, out: Path, resume: bool):
+        self.final = Path(out)
+        self.partial = self.final.with_name(self.final.name + ".partial")
+        if self.partial.exists() and not resume:
+            raise RcompError(f"{self.partial} holds an interrupted run: pass --resume to continue it, or delete it")
+        if resume and not self.partial.exists() and (self.final / "checkpoints").is_dir():
+            shutil.copytree(self.final / "checkpoints", self.partial / "checkpoints")
+        self.partial.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.partial / name
+
+    def publish(self) -> Path:
+        old = self.final.with_name(self.final.name + ".previous")
+        if old.exists():
+            shutil.rmtree(old)
+        if self.final.exists():
+            os.rename(self.final, old)
+        os.rename(self.partial, self.final)
+        if old.exists():
+            shutil.rmtree(old)
+        return self.final
+
+
+# --------------------------------------------------------------------------------------------
+# train / prune
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainOutcome:
+    out: Path
+    checkpoint: Path
+    pruned: Any
+    dense_model: Any
+    bundle: Any
+    result: Any
+    cost: Any = None
+    dense_cost: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        last = self.result.history[-1] if self.result.history else None
+        lines = [f"model written to {self.checkpoint}"]
+        if last is not None:
+            lines.append(
+                f"final epoch {last.epoch}: val clean {last.val_clean:.2%}  val PGD {last.val_pgd:.2%}  "
+                f"ops ratio {last.ops_ratio:.3f}  params ratio {last.params_ratio:.3f}"
+            )
+        if self.cost is not None:
+            lines.append(f"fvcore: {self.cost.macs / 1e6:.3f} MOps, {self.cost.params:,} params "
+                         f"({self.cost.macs / self.dense_cost.macs:.3f} / {self.cost.params / self.dense_cost.params:.3f} of dense)")
+        for event in self.result.co_events:
+            lines.append(f"warning: {event}")
+        return "\n".join(lines)
+
+
+def _build_model(job: Job, bundle):
+    from rcomp.models import create_model
+
+    return create_model(job.model_name, bundle.num_classes, bundle.input_shape[0], bundle.mean, bundle.std)
+
+
+def _train_stage(job: Job, staged: StagedOutput, log=print) -> TrainOutcome:
+    """Train (in-train, post-train or dense), remove pruned channels, save ``model.pt`` and ``train.json``."""
+    import torch
+
+    from rcomp.count import count_model
+    from rcomp.data import load_data
+    from rcomp.reports import write_json_atomic
+    from rcomp.surgery import PrunedModel, fold_weight_masks, remove_channels, save_pruned
+
+    bundle = load_data(job.data_spec, job.input_shape, download=job.download, progress=job.train.progress)
+    for note in bundle.notes:
+        log(f"data: {note}")
+    model = _build_model(job, bundle)
+    started = time.perf_counter()
+    if job.method == "posttrain":
+        from rcomp.posttrain import train_posttrain
+
+        result = train_posttrain(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
+                                 out_dir=staged.partial, resume=job.resume, log=log)
+    else:
+        from rcomp.train import train
+
+        result = train(job.train, bundle, model, out_dir=staged.partial, resume=job.resume, log=log)
+    wall = time.perf_counter() - started
+    trained = result.model.cpu().eval()
+    example = torch.rand(1, *bundle.input_shape)
+    if job.method == "posttrain" or job.train.regularity is None:
+        pruned = PrunedModel(trained, list(getattr(result, "pruned_channels", [])), "channel" if job.method == "posttrain" else "dense", 0.0)
+    elif job.train.regularity == "channel":
+        pruned = remove_channels(trained, example)
+    else:
+        pruned = fold_weight_masks(trained)
+    shape = (1, *bundle.input_shape)
+    cost, dense_cost = count_model(pruned.model, shape), count_model(_build_model(job, bundle), shape)
+    extra = {
+        "model": job.model_name, "method": job.method, "data": job.data_spec, "recipe": _plain(dataclasses.asdict(job.train)),
+        "recipe_hash": recipe_hash(job.train), "dense_macs": dense_cost.macs, "dense_params": dense_cost.params,
+        "macs": cost.macs, "params": cost.params, "wall_seconds": wall, "classes": list(bundle.classes),
+        "rcomp_version": __version__,
+    }
+    checkpoint = staged.path("model.pt")
+    save_pruned(checkpoint, pruned, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
+                input_shape=tuple(bundle.input_shape), extra=extra)
+    write_json_atomic(staged.path("train.json"), {
+        **extra, "history": [_plain(dataclasses.asdict(h)) for h in result.history],
+        "co_events": list(result.co_events), "budget": _plain(result.budget_status),
+        "projection": _plain(result.projection), "count": cost.to_dict(), "dense_count": dense_cost.to_dict(),
+        "resumed_from": result.resumed_from, "sparsity": pruned.sparsity, "regularity": pruned.regularity,
+        "dense_history": _plain(getattr(result, "dense_history", [])),
+        "phase_seconds": _plain(getattr(result, "phase_seconds", {})),
+    })
+    return TrainOutcome(staged.final, staged.final / "model.pt", pruned, _build_model(job, bundle), bundle, result,
+                        cost, dense_cost, extra)
+
+
+def _model_kwargs(bundle) -> dict:
+    return {"num_classes": int(bundle.num_classes), "in_channels": int(bundle.input_shape[0]),
+            "mean": [float(v) for v in bundle.mean], "std": [float(v) for v in bundle.std]}
+
+
+def _plain(obj):
+    """JSON-safe copy (tuples → lists, tensors → numbers) of results headed for a report."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def run_train(job: Job) -> TrainOutcome:
+    staged = StagedOutput(job.out, job.resume)
+    outcome = _train_stage(job, staged)
+    staged.publish()
+    return outcome
+
+
+@dataclass
+class PruneOutcome:
+    out: Path
+    train: TrainOutcome
+    report: Any
+    passed: bool
+
+    def summary(self) -> str:
+        return "\n".join([
+            self.train.summary().replace(str(self.train.out / "model.pt"), str(self.out / "model.pt")),
+            "",
+            self.report.to_text(),
+            "",
+            f"artifacts in {self.out}/: model.pt model.onnx dense.onnx adv.npz count.json train.json report.json report.md",
+            "verdict: " + ("PASS" if self.passed else "FAIL"),
+        ])
+
+
+def run_prune(job: Job, log=print) -> PruneOutcome:
+    """The whole pipeline against ``job.profile``; the exit code follows the check."""
+    from rcomp.export.check import run_check
+    from rcomp.reports import write_json_atomic, write_text_atomic
+
+    staged = StagedOutput(job.out, job.resume)
+    outcome = _train_stage(job, staged, log)
+    profile = job.profile
+    write_json_atomic(staged.path("count.json"), {"pruned": outcome.cost.to_dict(), "dense": outcome.dense_cost.to_dict()})
+    _export_pair(outcome, job, staged)
+    x, y = _validation_tensors(outcome.bundle, job.attack_set_size)
+    sanity = _attack_set_and_sanity(outcome.pruned.model, x, y, profile, staged.path("adv.npz"))
+    log("checking under onnxruntime ...")
+    report = run_check(str(staged.path("model.onnx")), profile, attack_set=str(staged.path("adv.npz")),
+                       square_queries=job.square_queries, latency_runs=job.latency_runs,
+                       dense_onnx=str(staged.path("dense.onnx")))
+    doc = report.to_dict()
+    doc.update(training=_training_summary(outcome), sanity=sanity.to_dict())
+    write_json_atomic(staged.path("report.json"), doc)
+    write_text_atomic(staged.path("report.md"), _report_markdown(report, outcome, sanity))
+    staged.publish()
+    return PruneOutcome(staged.final, outcome, report, bool(report.passed))
+
+
+def _export_pair(outcome: TrainOutcome, job: Job, staged: StagedOutput) -> None:
+    """The pruned model and, for the latency ratio, the dense architecture, at the profile's opset."""
+    from rcomp.export.onnx_export import export_onnx, parity
+    import torch
+
+    shape = tuple(job.profile.input_shape)
+    meta = _onnx_metadata(outcome, job.profile.name)
+    export_onnx(outcome.pruned.model, shape, staged.path("model.onnx"), opset=job.profile.opset, metadata=meta)
+    x, _ = _validation_tensors(outcome.bundle, 64)
+    parity(outcome.pruned.model, staged.path("model.onnx"), x)
+    dense_meta = dict(meta, **{"mops": f"{outcome.dense_cost.macs / 1e6:.6f}", "params": str(outcome.dense_cost.params),
+                               "note": "dense reference architecture (untrained weights), for the latency ratio"})
+    export_onnx(outcome.dense_model.eval(), shape, staged.path("dense.onnx"), opset=job.profile.opset, metadata=dense_meta)
+    del torch
+
+
+def _onnx_metadata(outcome: TrainOutcome, profile_name: str) -> dict[str, str]:
+    e = outcome.extra
+    return {
+        "version": __version__, "base_model": e["model"],
+        "mops": f"{e['macs'] / 1e6:.6f}", "params": str(e["params"]), "dense_mops": f"{e['dense_macs'] / 1e6:.6f}",
+        "dense_params": str(e["dense_params"]), "profile": profile_name, "recipe_hash": e["recipe_hash"],
+        "method": e["method"], "regularity": outcome.pruned.regularity, "sparsity": f"{outcome.pruned.sparsity:.6f}",
+    }
+
+
+def _validation_tensors(bundle, n: int):
+    """The first ``n`` images of a fixed seeded validation subset, as one batch."""
+    import torch
+
+    from rcomp.data import fixed_subset
+
+    subset = fixed_subset(bundle.split("val"), min(n, len(bundle.split("val"))), seed=0)
+    xs, ys = zip(*(subset[i] for i in range(len(subset))))
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+def _attack_set_and_sanity(model, x, y, profile, path: Path):
+    """PGD examples crafted on the PyTorch model (shipped as ``adv.npz``) and the sanity checks."""
+    from rcomp.attacks import pgd
+    from rcomp.export.check import make_attack_set
+    from rcomp.sanity import run_sanity
+
+    rob = profile.robustness
+    eps = rob.eps if rob is not None else 8 / 255
+    steps = rob.pgd_steps if rob is not None else 10
+    step_size = (rob.pgd_step_size if rob is not None and rob.pgd_step_size else eps / 4)
+    model = model.eval()
+    x_adv = pgd(model, x, y, eps=eps, alpha=step_size, steps=steps)
+    make_attack_set(str(path), x.numpy(), y.numpy(), x_adv.detach().numpy(), eps, f"pgd-{steps}")
+    n = min(len(x), 200)
+    return run_sanity(model, x[:n], y[:n], eps=eps)
+
+
+def _training_summary(outcome: TrainOutcome) -> dict:
+    last = outcome.result.history[-1] if outcome.result.history else None
+    return {
+        "method": outcome.extra["method"], "epochs": len(outcome.result.history),
+        "final": _plain(dataclasses.asdict(last)) if last else None,
+        "co_events": list(outcome.result.co_events), "wall_seconds": outcome.extra["wall_seconds"],
+        "regularity": outcome.pruned.regularity, "sparsity": outcome.pruned.sparsity,
+        "macs": outcome.cost.macs, "params": outcome.cost.params,
+        "dense_macs": outcome.dense_cost.macs, "dense_params": outcome.dense_cost.params,
+    }
+
+
+def _report_markdown(report, outcome: TrainOutcome, sanity) -> str:
+    parts = [report.to_markdown(), "", "## Training", ""]
+    t = _training_summary(outcome)
+    parts.append(f"- method {t['method']}, {t['epochs']} epochs, {t['wall_seconds']:.0f} s")
+    parts.append(f"- {t['macs'] / 1e6:.3f} MOps / {t['dense_macs'] / 1e6:.3f} dense "
+                 f"({t['macs'] / t['dense_macs']:.3f}); {t['params']:,} / {t['dense_params']:,} params")
+    if outcome.pruned.regularity == "weight":
+        parts.append(f"- weight sparsity {t['sparsity']:.1%}: dense runtimes do not get faster from irregular zeros")
+    for event in t["co_events"]:
+        parts.append(f"- **catastrophic overfitting guard fired:** {event}")
+    parts += ["", "## Attack sanity checks (PyTorch model)", "", "```", sanity.to_text(), "```", ""]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# count / export / eval commands
+# --------------------------------------------------------------------------------------------
+
+
+def _load_any_model(ref: str, shape, num_classes: int):
+    """A checkpoint path (pruned model + its metadata) or a zoo name (dense, random weights)."""
+    from rcomp.models import create_model, get_model_info
+    from rcomp.surgery import load_pruned
+
+    if Path(ref).exists() or ref.endswith(".pt"):
+        model, meta = load_pruned(ref)
+        return model, meta, tuple(meta["input_shape"])
+    info = get_model_info(ref)
+    chw = tuple(shape[1:]) if shape else info.default_input
+    return create_model(ref, num_classes, chw[0]), {"model_name": ref, "extra": {}}, chw
+
+
+def count_command(ref: str, shape, num_classes: int, profile_ref: str | None, json_out: str | None):
+    from rcomp.config import resolve_profile
+    from rcomp.count import count_model
+    from rcomp.reports import render_table, write_json_atomic
+
+    profile = resolve_profile(profile_ref) if profile_ref else None
+    if shape is None and profile is not None:
+        shape = tuple(profile.input_shape)
+    model, meta, chw = _load_any_model(ref, shape, num_classes)
+    shape = shape or (1, *chw)
+    report = count_model(model, shape)
+    text = [report.to_table()]
+    verdicts = _count_verdicts(report, meta.get("extra", {}), profile) if profile else []
+    passed = all(v["passed"] is not False for v in verdicts)
+    if verdicts:
+        text += ["", f"profile {profile.name}:", render_table(verdicts, ["budget", "value", "limit", "verdict"])]
+    if json_out:
+        write_json_atomic(json_out, {"model": ref, "input_shape": list(shape), **report.to_dict(), "verdicts": verdicts})
+    return "\n".join(text), passed
+
+
+def _count_verdicts(report, extra: dict, profile) -> list[dict]:
+    b = profile.budgets
+    dense_macs, dense_params = extra.get("dense_macs", report.macs), extra.get("dense_params", report.params)
+    rows = []
+
+    def row(name, value, limit):
+        if limit is None:
+            return
+        ok = value <= limit
+        rows.append({"budget": name, "value": round(value, 6), "limit": limit, "verdict": "pass" if ok else "FAIL", "passed": ok})
+
+    row("mops", report.macs / 1e6, b.mops)
+    row("params", report.params, b.params)
+    row("ops_fraction", report.macs / dense_macs, b.ops_fraction)
+    row("params_fraction", report.params / dense_params, b.params_fraction)
+    if b.latency_p90_ms is not None:
+        rows.append({"budget": "latency_p90_ms", "value": None, "limit": b.latency_p90_ms,
+                     "verdict": "not measured here (rcomp check)", "passed": None})
+    return rows
+
+
+def export_command(checkpoint: str, profile_ref, out: str, opset, parity_data, parity_n) -> str:
+    import torch
+
+    from rcomp.config import resolve_profile
+    from rcomp.count import count_model
+    from rcomp.export.onnx_export import export_onnx, parity
+    from rcomp.surgery import load_pruned
+
+    profile = resolve_profile(profile_ref) if profile_ref else None
+    model, meta = load_pruned(checkpoint)
+    chw = tuple(meta["input_shape"])
+    shape = tuple(profile.input_shape) if profile else (1, *chw)
+    if tuple(shape[1:]) != chw:
+        raise RcompError(f"profile input {list(shape)} does not match the model's training input {list(chw)}")
+    opset = opset or (profile.opset if profile else 17)
+    cost = count_model(model, shape)
+    extra = meta.get("extra", {})
+    metadata = {
+        "version": __version__, "base_model": meta["model_name"], "mops": f"{cost.macs / 1e6:.6f}",
+        "params": str(cost.params), "dense_mops": f"{extra.get('dense_macs', cost.macs) / 1e6:.6f}",
+        "dense_params": str(extra.get("dense_params", cost.params)), "profile": profile.name if profile else "",
+        "recipe_hash": str(extra.get("recipe_hash", "")), "regularity": str(meta.get("regularity", "")),
+    }
+    export_onnx(model.eval(), shape, out, opset=opset, metadata=metadata)
+    if parity_data:
+        from rcomp.data import load_data
+
+        bundle = load_data(parity_data, chw)
+        xs = [bundle.split("val")[i][0] for i in range(min(parity_n, len(bundle.split("val"))))]
+        x = torch.stack(xs)
+    else:
+        x = torch.rand(parity_n, *chw, generator=torch.Generator().manual_seed(0))
+    par = parity(model.eval(), out, x)
+    return (f"wrote {out} (opset {opset}, input {list(shape)}, {cost.macs / 1e6:.3f} MOps, {cost.params:,} params)\n"
+            f"parity vs PyTorch on {par.n} inputs: max |diff| {par.max_abs_diff:.2e}, top-1 agreement {par.top1_agreement:.2%}")
+
+
+def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity,
+                 batch_size, device, json_out) -> str:
+    import torch
+
+    from rcomp.attacks import pgd
+    from rcomp.data import load_data
+    from rcomp.reports import render_table, write_json_atomic
+    from rcomp.surgery import load_pruned
+
+    eps_v, step_v = parse_eps(eps), parse_eps(pgd_step_size, "--pgd-step-size")
+    model, meta = load_pruned(checkpoint)
+    dev = _device(device)
+    model = model.to(dev).eval()
+    bundle = load_data(data_spec, tuple(meta["input_shape"]), progress=True)
+    dataset = bundle.split(split)
+    n = min(limit or len(dataset), len(dataset))
+    counts = {"clean": 0, f"pgd-{pgd_steps}": 0}
+    if pgd50:
+        counts[f"pgd-50x{restarts}"] = 0
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, n, batch_size), desc=f"eval {split}", unit="batch"):
+        idx = range(start, min(start + batch_size, n))
+        x = torch.stack([dataset[i][0] for i in idx]).to(dev)
+        y = torch.tensor([dataset[i][1] for i in idx]).to(dev)
+        with torch.no_grad():
+            counts["clean"] += int((model(x).argmax(1) == y).sum())
+        x_adv = pgd(model, x, y, eps=eps_v, alpha=step_v, steps=pgd_steps, restarts=1)
+        with torch.no_grad():
+            counts[f"pgd-{pgd_steps}"] += int((model(x_adv).argmax(1) == y).sum())
+        if pgd50:
+            x50 = pgd(model, x, y, eps=eps_v, alpha=step_v, steps=50, restarts=restarts)
+            with torch.no_grad():
+                counts[f"pgd-50x{restarts}"] += int((model(x50).argmax(1) == y).sum())
+    result = {"checkpoint": checkpoint, "data": data_spec, "split": split, "n": n, "eps": eps_v,
+              "accuracy": {k: v / n for k, v in counts.items()}}
+    rows = [[k, f"{v / n:.2%}", f"{v}/{n}"] for k, v in counts.items()]
+    text = render_table(rows, ["attack", "accuracy", "correct"])
+    if sanity:
+        from rcomp.sanity import run_sanity
+
+        m = min(n, 256)
+        x = torch.stack([dataset[i][0] for i in range(m)]).to(dev)
+        y = torch.tensor([dataset[i][1] for i in range(m)]).to(dev)
+        report = run_sanity(model, x, y, eps=eps_v)
+        result["sanity"] = report.to_dict()
+        text += "\n\nattack sanity checks:\n" + report.to_text()
+    if json_out:
+        write_json_atomic(json_out, result)
+    return text

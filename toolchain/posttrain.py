@@ -1,0 +1,131 @@
+"""Post-train robust pruning: the three-stage baseline the poster compares against.
+
+1. FastAT-train the dense model (``dense_fraction`` of the epochs),
+2. prune channel groups to the ops/params target by group magnitude — torch-pruning's
+   ``GroupMagnitudeImportance`` (L1 over every layer of a coupled group, normalised per group so
+   groups compare), removing the least important channels one at a time until every constraint
+   holds and then re-admitting the most important ones that still fit (the same greedy projection
+   in-train pruning ends with, so both methods land equally close to the target),
+3. FastAT fine-tune the physically pruned model for the remaining epochs.
+
+With the default split the total epoch budget equals the in-train run's, so the comparison is fair.
+Each phase checkpoints into its own folder and a resumed run continues where it stopped; the
+pruned architecture is saved between phases 2 and 3 so phase 3 can be rebuilt on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from rcomp.budget import BudgetController, CostModel, constraints_from_targets
+from rcomp.masks import attach_masks, build_dependency_graph
+from rcomp.surgery import PrunedModel, load_pruned, remove_channels, save_pruned
+
+#: Share of the epochs spent on dense training; the rest fine-tunes the pruned model.
+DENSE_FRACTION = 2 / 3
+
+
+@dataclass
+class PostTrainResult:
+    """Same fields as ``rcomp.train.TrainResult`` plus what the pruning step removed."""
+
+    model: nn.Module
+    history: list = field(default_factory=list)
+    best_epoch: int | None = None
+    co_events: list = field(default_factory=list)
+    budget_status: dict | None = None
+    projection: dict | None = None
+    wall_seconds: float = 0.0
+    resumed_from: int | None = None
+    pruned_channels: list = field(default_factory=list)
+    phase_seconds: dict = field(default_factory=dict)
+    dense_history: list = field(default_factory=list)  # phase 1's epoch logs, as dicts
+
+
+def split_epochs(epochs: int, dense_fraction: float = DENSE_FRACTION) -> tuple[int, int]:
+    """(dense, fine-tune) epochs; both phases get at least one epoch."""
+    if epochs < 2:
+        raise ValueError("post-train pruning needs at least 2 epochs (train, then fine-tune)")
+    dense = min(max(1, round(epochs * dense_fraction)), epochs - 1)
+    return dense, epochs - dense
+
+
+def magnitude_scores(model: nn.Module, masks, example_input: torch.Tensor) -> list[torch.Tensor]:
+    """Per-channel group-magnitude importance for every mask group, from torch-pruning."""
+    dg = build_dependency_graph(model, example_input)
+    importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer="mean")
+    modules = dict(model.named_modules())
+    scores = []
+    for group in masks.groups:
+        root = modules[group.name]
+        handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+        pg = dg.get_pruning_group(root, handler, idxs=list(range(group.size)))
+        scores.append(importance(pg).detach().float().cpu())
+    return scores
+
+
+def prune_by_magnitude(model: nn.Module, config, example_input: torch.Tensor) -> tuple[PrunedModel, dict]:
+    """Meet the config's budget on a trained dense model by removing low-magnitude channel groups."""
+    masked = attach_masks(model, "channel", example_input)
+    cost = CostModel.build(masked, example_input)
+    constraints = constraints_from_targets(cost, target_ops=config.target_ops, target_params=config.target_params,
+                                           mops=config.mops, params=config.params, source="posttrain")
+    for i, score in enumerate(magnitude_scores(model, masked.masks, example_input)):
+        with torch.no_grad():
+            masked.masks.params[i].copy_(score.clamp_min(1e-6))  # all on; the value is the importance
+    projection = BudgetController(cost, constraints).project()
+    status = BudgetController(cost, constraints).status()
+    return remove_channels(masked, example_input), {"projection": projection, "status": status}
+
+
+def train_posttrain(config, bundle, model: nn.Module, *, model_name: str, model_kwargs: dict, out_dir,
+                    resume: bool = False, log=print) -> PostTrainResult:
+    """The three phases, each resumable, with the same total epochs as ``config.epochs``."""
+    from rcomp.train import train
+
+    out_dir = Path(out_dir)
+    dense_epochs, tune_epochs = split_epochs(config.epochs)
+    example = torch.rand(1, *bundle.input_shape)
+    dense_cfg = dataclasses.replace(config, epochs=dense_epochs, regularity=None, target_ops=None,
+                                    target_params=None, mops=None, params=None)
+    started = time.perf_counter()
+    pruned_path = out_dir / "posttrain-pruned.pt"
+    phases: dict[str, float] = {}
+    if resume and pruned_path.exists():
+        pruned_model, meta = load_pruned(pruned_path)
+        pruned = PrunedModel(pruned_model, [tuple(p) for p in meta["pruned_channels"]], "channel", 0.0)
+        info, dense_history, dense_events = meta["extra"]["prune"], meta["extra"]["history"], meta["extra"]["co_events"]
+        phases = dict(meta["extra"]["phase_seconds"])
+        log(f"posttrain: resuming fine-tuning of {pruned_path}")
+    else:
+        log(f"posttrain: phase 1/3, dense robust training for {dense_epochs} epochs")
+        t0 = time.perf_counter()
+        dense = train(dense_cfg, bundle, model, out_dir=out_dir / "dense", resume=resume, log=log)
+        phases["dense"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pruned, info = prune_by_magnitude(dense.model.cpu().eval(), config, example)
+        phases["prune"] = time.perf_counter() - t0
+        dense_history = [dataclasses.asdict(h) for h in dense.history]
+        dense_events = list(dense.co_events)
+        log(f"posttrain: phase 2/3, pruned to ops ratio {info['status']['ops_ratio']:.3f}")
+        save_pruned(pruned_path, pruned, model_name=model_name, model_kwargs=model_kwargs,
+                    input_shape=tuple(bundle.input_shape),
+                    extra={"prune": info, "history": dense_history, "co_events": dense_events, "phase_seconds": phases})
+    log(f"posttrain: phase 3/3, robust fine-tuning for {tune_epochs} epochs")
+    tune_cfg = dataclasses.replace(dense_cfg, epochs=tune_epochs)
+    t0 = time.perf_counter()
+    tuned = train(tune_cfg, bundle, pruned.model, out_dir=out_dir / "finetune", resume=resume, log=log)
+    phases["finetune"] = phases.get("finetune", 0.0) + time.perf_counter() - t0
+    return PostTrainResult(
+        model=tuned.model, history=tuned.history, best_epoch=tuned.best_epoch,
+        co_events=dense_events + list(tuned.co_events), budget_status=info["status"], projection=info["projection"],
+        wall_seconds=time.perf_counter() - started, resumed_from=tuned.resumed_from,
+        pruned_channels=pruned.pruned_channels, phase_seconds=phases, dense_history=dense_history,
+    )

@@ -1,0 +1,585 @@
+"""One training loop for every method: plain, robust (FastAT / N-FGSM) and robust in-train pruning.
+
+Per step: (augment) → training attack on the current model in train mode (as Wong et al. do) →
+``CE(model(x_adv), y) + budget penalty`` → backward → SGD step. Masks are ordinary parameters in
+the same optimizer and share the weights' weight decay (the poster's "regularize masks along with
+the weights"). At ``freeze_fraction`` of the steps the budget controller projects the hard masks
+onto the budget once and the masks freeze; the weights then keep training on the final
+architecture, so the network that is evaluated and exported is the one that was fine-tuned.
+
+Reproducibility: data order, augmentation and every attack draw from generators seeded by
+``(seed, epoch)`` only, and checkpoints carry every global RNG state, so a run resumed from its
+last epoch checkpoint ends with exactly the weights of an uninterrupted run (CPU).
+
+Catastrophic-overfitting guard (Wong et al.'s early stop, adapted): each epoch PGD and FGSM
+accuracy are measured on a fixed training batch. PGD collapsing by more than ``co_drop`` below
+its best while FGSM holds is the signature of catastrophic overfitting (FGSM-robust, PGD-broken).
+The guard then restores the best state (weights, BatchNorm statistics and masks) and
+*continues with N-FGSM*, which does not overfit catastrophically, because stopping before the
+masks are projected would leave a pruned model that was never fine-tuned; a second event (or an
+event while already on N-FGSM) stops the run like Wong et al. The returned model is then the best
+state since the architecture was last changed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rcomp.attacks import ATTACKS, evaluate, fgsm, pgd
+from rcomp.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from rcomp.errors import CheckpointError, ConfigError, NumericalError, RcompError
+
+#: Training examples of the fixed batch the guard attacks every epoch.
+GUARD_SIZE = 256
+#: Config fields a resumed run may change (machine settings); anything else must match.
+_MACHINE_FIELDS = ("device", "num_workers", "progress")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr_max: float = 0.2
+    schedule: str = "cyclic"  # cyclic (triangular, Wong et al.) | cosine
+    peak_fraction: float = 0.4
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    attack: str = "fgsm-rs"  # fgsm-rs | nfgsm | none
+    eps: float = 8 / 255
+    alpha: float | None = None  # None: 1.25*eps for fgsm-rs (10/255 at 8/255), eps for nfgsm
+    regularity: str | None = None  # None (dense) | channel | weight
+    target_ops: float | None = None
+    target_params: float | None = None
+    mops: float | None = None
+    params: float | None = None
+    penalty_weight: float = 1.0  # hinge on the excess over the scheduled limit
+    dual_lr: float = 0.05        # Lagrange-multiplier step per optimizer step (see BudgetController)
+    warmup_fraction: float = 0.3
+    freeze_fraction: float = 0.8
+    mask_lr_scale: float = 1.0
+    mask_momentum: float | None = None  # None: the weights' momentum
+    eval_size: int = 500
+    eval_pgd_steps: int = 10
+    eval_every: int = 1
+    co_guard: bool = True
+    co_drop: float = 0.2
+    seed: int = 0
+    device: str = "cpu"
+    num_workers: int = 0
+    progress: bool = True
+    grad_clip: float | None = None
+
+    @property
+    def has_budget(self) -> bool:
+        return any(v is not None for v in (self.target_ops, self.target_params, self.mops, self.params))
+
+    def validate(self) -> None:
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"unknown attack {self.attack!r}; expected one of {', '.join(ATTACKS)}", key="attack")
+        if self.schedule not in ("cyclic", "cosine"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; expected cyclic or cosine", key="schedule")
+        if self.regularity not in (None, "channel", "weight"):
+            raise ConfigError(f"unknown regularity {self.regularity!r}; expected channel, weight or none", key="regularity")
+        if self.has_budget and self.regularity is None:
+            raise ConfigError("a budget (target_ops/target_params/mops/params) needs a regularity", key="regularity")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ConfigError("epochs, batch_size and eval_every must be at least 1")
+        if not 0.0 < self.peak_fraction < 1.0:
+            raise ConfigError(f"peak_fraction must be in (0, 1), got {self.peak_fraction}", key="peak_fraction")
+
+
+@dataclass
+class EpochLog:
+    """One epoch. ``train_acc``: clean accuracy on the guard's fixed training batch (eval mode);
+    ``train_adv_acc``: running accuracy on the batches the loss saw (attacked, train mode);
+    ``train_fgsm`` / ``train_pgd``: the guard's measurements. ``val_*`` are None on epochs
+    skipped by ``eval_every``. ``ops`` is None for dense runs (ratios are then 1)."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    train_adv_acc: float
+    val_clean: float | None
+    val_pgd: float | None
+    ops: float | None
+    params: float | None
+    ops_ratio: float
+    params_ratio: float
+    mask_density: float
+    masks_flipped: float
+    penalty: float
+    seconds: float
+    guard: str | None = None
+    train_fgsm: float | None = None
+    train_pgd: float | None = None
+    attack: str = ""
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[EpochLog]
+    best_epoch: int | None  # the epoch whose weights ``model`` holds
+    co_events: list[str]
+    budget_status: dict | None
+    projection: dict | None
+    wall_seconds: float
+    resumed_from: int | None
+
+
+# --------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def lr_at(config: TrainConfig, progress: float) -> float:
+    """Learning rate at ``progress`` in [0, 1] of all optimizer steps."""
+    p = min(max(progress, 0.0), 1.0)
+    if config.schedule == "cosine":
+        return 0.5 * config.lr_max * (1.0 + math.cos(math.pi * p))
+    peak = config.peak_fraction
+    return config.lr_max * (p / peak if p <= peak else (1.0 - p) / (1.0 - peak))
+
+
+def stream_seed(seed: int, epoch: int, stream: int) -> int:
+    """A seed that depends only on (seed, epoch, stream): what makes resumed epochs identical."""
+    return (int(seed) * 1_000_003 + int(epoch) * 10_007 + int(stream) * 101 + 12345) % (2**63 - 1)
+
+
+def is_catastrophic_overfitting(pgd_acc: float, fgsm_acc: float, best_pgd: float, fgsm_at_best: float,
+                                co_drop: float = 0.2, fgsm_tolerance: float = 0.05) -> bool:
+    """PGD fell more than ``co_drop`` below its best while FGSM did not fall (beyond noise).
+
+    Both falling together is ordinary instability (too high an LR, pruning pressure), which
+    restoring weights would not cure; FGSM holding while PGD collapses is the FGSM-only
+    robustness of catastrophic overfitting.
+    """
+    return pgd_acc < best_pgd - co_drop and fgsm_acc >= fgsm_at_best - fgsm_tolerance
+
+
+@dataclass
+class CatastrophicOverfittingGuard:
+    """Best-so-far PGD accuracy on the guard batch, the state it was reached with, and events."""
+
+    co_drop: float = 0.2
+    fgsm_tolerance: float = 0.05
+    best_pgd: float = -1.0
+    fgsm_at_best: float = 0.0
+    best_epoch: int | None = None
+    best_state: dict | None = None
+    fired: int = 0
+
+    def observe(self, epoch: int, pgd_acc: float, fgsm_acc: float, state_fn: Callable[[], dict]) -> bool:
+        """True on catastrophic overfitting; otherwise remember ``state_fn()`` if this is a new best."""
+        if self.best_epoch is not None and is_catastrophic_overfitting(
+                pgd_acc, fgsm_acc, self.best_pgd, self.fgsm_at_best, self.co_drop, self.fgsm_tolerance):
+            self.fired += 1
+            return True
+        if pgd_acc >= self.best_pgd:
+            self.best_pgd, self.fgsm_at_best, self.best_epoch = pgd_acc, fgsm_acc, epoch
+            self.best_state = state_fn()
+        return False
+
+    def reset(self) -> None:
+        """Forget the best: after the architecture changed, earlier states are not comparable."""
+        self.best_pgd, self.fgsm_at_best, self.best_epoch, self.best_state = -1.0, 0.0, None, None
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("best_pgd", "fgsm_at_best", "best_epoch", "best_state", "fired")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+
+
+def train(config: TrainConfig, bundle, model: nn.Module, *, out_dir: str | Path | None,
+          resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``model`` on ``bundle`` as ``config`` says; see the module docstring for the method."""
+    return _Trainer(config, bundle, model, out_dir, log).run(resume)
+
+
+class _Trainer:
+    def __init__(self, config: TrainConfig, bundle, model: nn.Module, out_dir, log):
+        config.validate()
+        self.cfg, self.bundle, self.log = config, bundle, log
+        self.device = _device(config.device)
+        torch.manual_seed(config.seed)
+        self.model, self.masks = self._wrap(model)
+        self.model.to(self.device)
+        self.cost, self.controller = self._budget()
+        self.optimizer = self._optimizer()
+        self.guard = CatastrophicOverfittingGuard(config.co_drop)
+        self.ckpt = CheckpointManager(Path(out_dir) / "checkpoints", warn=log) if out_dir is not None else None
+        self.train_set = bundle.split("train")
+        self.steps_per_epoch = len(self._loader(0))
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.global_step, self.epoch, self.frozen, self.stopped = 0, 0, False, False
+        self.attack = config.attack
+        self.history: list[EpochLog] = []
+        self.co_events: list[str] = []
+        self.projection: dict | None = None
+        self.returned_epoch: int | None = None
+        self.guard_batch = _stack(_subset(self.train_set, GUARD_SIZE, config.seed))
+        self.val_set = _subset(bundle.split("val"), config.eval_size, config.seed)
+
+    # ---------------------------------------------------------------- setup
+    def _wrap(self, model: nn.Module):
+        from rcomp.masks import MaskedModel, attach_masks
+
+        if isinstance(model, MaskedModel):
+            return model, model.masks
+        if self.cfg.regularity is None:
+            return model, None
+        device = next(model.parameters()).device
+        example = torch.zeros(1, *self.bundle.input_shape, device=device)
+        masked = attach_masks(model, self.cfg.regularity, example)
+        return masked, masked.masks
+
+    def _budget(self):
+        if self.masks is None:
+            return None, None
+        from rcomp.budget import BudgetController, CostModel, constraints_from_targets
+
+        example = torch.zeros(1, *self.bundle.input_shape, device=self.device)
+        cost = CostModel.build(self.model, example)
+        if not self.cfg.has_budget:
+            return cost, None
+        c = self.cfg
+        constraints = constraints_from_targets(cost, target_ops=c.target_ops, target_params=c.target_params,
+                                               mops=c.mops, params=c.params)
+        return cost, BudgetController(cost, constraints, penalty_weight=c.penalty_weight,
+                                      warmup_fraction=c.warmup_fraction, freeze_fraction=c.freeze_fraction,
+                                      dual_lr=c.dual_lr)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        if self.masks is not None:
+            groups = [{"params": list(self.model.weight_parameters()), "lr_scale": 1.0},
+                      {"params": list(self.masks.parameters()), "lr_scale": c.mask_lr_scale,
+                       "momentum": c.momentum if c.mask_momentum is None else c.mask_momentum,
+                       "nesterov": c.nesterov and (c.momentum if c.mask_momentum is None else c.mask_momentum) > 0}]
+        else:
+            groups = [{"params": list(self.model.parameters()), "lr_scale": 1.0}]
+        return torch.optim.SGD(groups, lr=c.lr_max, momentum=c.momentum, weight_decay=c.weight_decay,
+                               nesterov=c.nesterov and c.momentum > 0)
+
+    def _loader(self, epoch: int):
+        from rcomp.data import make_loader
+
+        return make_loader(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch,
+                           num_workers=self.cfg.num_workers)
+
+    # ---------------------------------------------------------------- main loop
+    def run(self, resume: bool) -> TrainResult:
+        started = time.perf_counter()
+        resumed_from = self._resume() if resume else None
+        while self.epoch < self.cfg.epochs and not self.stopped:
+            self._run_epoch(self.epoch + 1)
+        self._finish()
+        return TrainResult(self.model, self.history, self.returned_epoch, self.co_events,
+                           self.controller.status() if self.controller else None, self.projection,
+                           time.perf_counter() - started, resumed_from)
+
+    def _run_epoch(self, epoch: int) -> None:
+        t0 = time.perf_counter()
+        before = self.masks.snapshot() if self.masks is not None else None
+        stats = self._train_epoch(epoch)
+        flipped = float((self.masks.snapshot() != before).float().mean()) if before is not None else 0.0
+        record = self._epoch_record(epoch, stats, flipped)
+        record.guard = self._guard(epoch, record)
+        record.seconds = time.perf_counter() - t0
+        self.history.append(record)
+        self.epoch = epoch
+        self.log(_format(record, self.cfg.epochs))
+        if self.ckpt is not None:
+            self.ckpt.save(self._state(), epoch)
+
+    def _train_epoch(self, epoch: int) -> dict:
+        from tqdm import tqdm
+
+        loader = self._loader(epoch)
+        g_aug = torch.Generator().manual_seed(stream_seed(self.cfg.seed, epoch, 1))
+        g_att = torch.Generator(device=self.device).manual_seed(stream_seed(self.cfg.seed, epoch, 2))
+        totals = {"loss": 0.0, "correct": 0, "n": 0, "penalty": 0.0, "steps": 0, "lr": 0.0}
+        self.model.train()
+        bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False,
+                   disable=not self.cfg.progress, unit="batch")
+        for step, (x, y) in enumerate(bar, start=1):
+            x = self._augment(x.to(self.device, non_blocking=True), g_aug)
+            self._step(x, y.to(self.device, non_blocking=True), epoch, step, g_att, totals)
+        bar.close()
+        return totals
+
+    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not getattr(self.bundle, "augment", False):
+            return x
+        from rcomp.data import augment_batch
+
+        return augment_batch(x, padding=max(1, round(x.shape[-1] / 8)), flip=True, generator=generator)
+
+    def _step(self, x, y, epoch: int, step: int, g_att, totals: dict) -> None:
+        lr = lr_at(self.cfg, (self.global_step + 1) / self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        attack = ATTACKS[self.attack]
+        x_in = attack(self.model, x, y, eps=self.cfg.eps, alpha=self._alpha(), generator=g_att) if attack else x
+        logits = self.model(x_in)
+        loss = F.cross_entropy(logits, y)
+        penalty = self._penalty()
+        total = loss + penalty
+        self._check_finite(total, "loss", epoch, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self._clip_and_check(epoch, step)
+        self.optimizer.step()
+        if self.masks is not None and not self.frozen:
+            self.masks.clip_()
+        self.global_step += 1
+        if self.controller is not None and not self.frozen:
+            self.controller.update(self.global_step / self.total_steps)
+        _accumulate(totals, lr, loss, penalty, logits, y)
+        self._maybe_freeze()
+
+    def _alpha(self) -> float | None:
+        # after a guard switch to N-FGSM, a step size chosen for FGSM-RS no longer applies
+        return self.cfg.alpha if self.attack == self.cfg.attack else None
+
+    def _penalty(self) -> torch.Tensor:
+        if self.controller is None or self.frozen:
+            return torch.zeros((), device=self.device)
+        return self.controller.penalty(self.global_step / self.total_steps).to(self.device)
+
+    def _check_finite(self, value: torch.Tensor, what: str, epoch: int, step: int) -> None:
+        if not bool(torch.isfinite(value).all()):
+            where = f"epoch {epoch}, step {step} (global step {self.global_step + 1})"
+            last = f"; last good checkpoint: epoch {self.epoch}" if self.ckpt is not None and self.epoch else ""
+            raise NumericalError(f"non-finite {what} ({float(value.detach()):g}) at {where}{last}")
+
+    def _clip_and_check(self, epoch: int, step: int) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        limit = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        self._check_finite(norm, "gradient norm", epoch, step)
+
+    def _maybe_freeze(self) -> None:
+        if self.controller is None or self.frozen:
+            return
+        if self.controller.should_freeze(self.global_step / self.total_steps):
+            self._freeze(f"at step {self.global_step}/{self.total_steps}")
+
+    def _freeze(self, when: str) -> None:
+        """Project the hard masks onto the budget and freeze them: the architecture is final."""
+        self.projection = self.controller.project()
+        self.masks.freeze()
+        self.frozen = True
+        self.guard.reset()
+        p = self.projection
+        self.log(f"masks projected and frozen {when}: ops {p['ops_before']:,} -> {p['ops_after']:,}, "
+                 f"params {p['params_before']:,} -> {p['params_after']:,}, {p['units_changed']} units changed")
+
+    # ---------------------------------------------------------------- per-epoch measurements
+    def _epoch_record(self, epoch: int, stats: dict, flipped: float) -> EpochLog:
+        n = max(stats["n"], 1)
+        val_clean = val_pgd = None
+        if epoch % self.cfg.eval_every == 0 or epoch == self.cfg.epochs:
+            val = self._val(epoch)
+            val_clean, val_pgd = val.clean, val.adv
+        ops, params, ops_ratio, params_ratio = self._cost()
+        return EpochLog(
+            epoch=epoch, lr=stats["lr"], train_loss=stats["loss"] / n, train_acc=float("nan"),
+            train_adv_acc=stats["correct"] / n, val_clean=val_clean, val_pgd=val_pgd, ops=ops, params=params,
+            ops_ratio=ops_ratio, params_ratio=params_ratio,
+            mask_density=self.masks.density() if self.masks is not None else 1.0, masks_flipped=flipped,
+            penalty=stats["penalty"] / max(stats["steps"], 1), seconds=0.0, attack=self.attack)
+
+    def _val(self, epoch: int):
+        from rcomp.data import make_loader
+
+        g = torch.Generator(device=self.device).manual_seed(stream_seed(self.cfg.seed, epoch, 3))
+        loader = make_loader(self.val_set, max(self.cfg.batch_size, 100), shuffle=False, seed=self.cfg.seed, epoch=0)
+        steps = self.cfg.eval_pgd_steps
+        return evaluate(self.model, loader, pgd, eps=self.cfg.eps, alpha=self._pgd_alpha(), steps=steps, generator=g)
+
+    def _pgd_alpha(self) -> float:
+        """eps/4 (PGD-10's usual step); larger for fewer steps (Madry's 2.5*eps/steps) to reach the boundary."""
+        return max(self.cfg.eps / 4, 2.5 * self.cfg.eps / max(self.cfg.eval_pgd_steps, 1))
+
+    def _cost(self):
+        if self.cost is None:
+            params = float(sum(p.numel() for p in self.model.parameters()))
+            return None, params, 1.0, 1.0
+        with torch.no_grad():
+            v = self.cost.values()
+        ops, params = float(v["ops"]), float(v["params"])
+        return ops, params, ops / self.cost.dense_ops, params / self.cost.dense_params
+
+    def _guard(self, epoch: int, record: EpochLog) -> str | None:
+        """Measure the guard batch; on catastrophic overfitting restore the best state."""
+        record.train_acc, fgsm_acc, pgd_acc = self._guard_accuracies(epoch)
+        if self.attack == "none":
+            return None
+        record.train_fgsm, record.train_pgd = fgsm_acc, pgd_acc
+        if not self.cfg.co_guard or not self.guard.observe(epoch, pgd_acc, fgsm_acc, self._snapshot):
+            return None
+        return self._on_overfitting(epoch, pgd_acc, fgsm_acc)
+
+    def _guard_accuracies(self, epoch: int) -> tuple[float, float | None, float | None]:
+        """(clean, FGSM, PGD) accuracy on the fixed training batch, in eval mode."""
+        x, y = (t.to(self.device) for t in self.guard_batch)
+        if self.attack == "none":
+            return evaluate(self.model, (x, y)).clean, None, None
+        g = torch.Generator(device=self.device).manual_seed(stream_seed(self.cfg.seed, epoch, 4))
+        res_f = evaluate(self.model, (x, y), fgsm, eps=self.cfg.eps)
+        res_p = evaluate(self.model, (x, y), pgd, eps=self.cfg.eps, alpha=self._pgd_alpha(),
+                         steps=self.cfg.eval_pgd_steps, generator=g)
+        return res_p.clean, res_f.adv, res_p.adv
+
+    def _snapshot(self) -> dict:
+        return _cpu_state(self.model)
+
+    def _on_overfitting(self, epoch: int, pgd_acc: float, fgsm_acc: float) -> str:
+        g = self.guard
+        stop = self.attack == "nfgsm"  # N-FGSM overfitting too: nothing milder left to switch to
+        action = "stopping (Wong et al. early stop)" if stop else "continuing with N-FGSM"
+        message = (f"catastrophic overfitting at epoch {epoch}: guard-batch PGD {pgd_acc:.1%} "
+                   f"(best {g.best_pgd:.1%} at epoch {g.best_epoch}), FGSM {fgsm_acc:.1%}; "
+                   f"restored epoch {g.best_epoch}'s weights, {action}")
+        self.log(f"warning: {message}")
+        self.co_events.append(message)
+        self.model.load_state_dict(g.best_state)
+        self.optimizer.state.clear()  # momentum points into the collapse
+        self.stopped = stop
+        self.attack = "nfgsm"
+        return message
+
+    # ---------------------------------------------------------------- end of run
+    def _finish(self) -> None:
+        self.returned_epoch = self.epoch
+        if self.co_events and self.guard.best_state is not None:
+            self.model.load_state_dict(self.guard.best_state)
+            self.returned_epoch = self.guard.best_epoch
+        if self.controller is not None and (not self.frozen or not self.controller.satisfied()):
+            was = self.controller.satisfied()
+            self._freeze("at the end of training" + ("" if was else " (budget was not met)"))
+        if self.controller is not None:
+            s = self.controller.status()
+            self.log(f"budget: ops {s['ops_ratio']:.3f}, params {s['params_ratio']:.3f} of dense; "
+                     + ("all constraints met" if s["satisfied"] else "NOT met"))
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        return {
+            "format": 1, "config": asdict(self.cfg), "epoch": self.epoch, "global_step": self.global_step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": {"kind": self.cfg.schedule, "total_steps": self.total_steps, "global_step": self.global_step},
+            "frozen": self.frozen, "stopped": self.stopped, "attack": self.attack, "projection": self.projection,
+            "guard": self.guard.state_dict(), "co_events": list(self.co_events),
+            "history": [asdict(h) for h in self.history], "rng": capture_rng_state(),
+            "budget": self.controller.state_dict() if self.controller is not None else None,
+        }
+
+    def _resume(self) -> int | None:
+        if self.ckpt is None:
+            raise ConfigError("resume needs an output folder (out_dir) to find the checkpoints in")
+        found = self.ckpt.load_latest(map_location="cpu")
+        if found is None:
+            self.log(f"no checkpoint in {self.ckpt.directory}; starting from scratch")
+            return None
+        state, path = found
+        self._check_compatible(state, path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
+        self._restore_progress(state)
+        self.log(f"resumed from {path} (epoch {self.epoch}, step {self.global_step})")
+        return self.epoch
+
+    def _restore_progress(self, state: dict) -> None:
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.frozen, self.stopped, self.attack = bool(state["frozen"]), bool(state["stopped"]), state["attack"]
+        self.projection = state["projection"]
+        if self.frozen:
+            self.masks.freeze()
+        self.guard.load_state_dict(state["guard"])
+        if self.controller is not None and state.get("budget") is not None:
+            self.controller.load_state_dict(state["budget"])
+        self.co_events = list(state["co_events"])
+        self.history = [EpochLog(**h) for h in state["history"]]
+        restore_rng_state(state["rng"])
+
+    def _check_compatible(self, state: dict, path: Path) -> None:
+        saved, now = state.get("config", {}), asdict(self.cfg)
+        diff = [k for k in now if k not in _MACHINE_FIELDS and saved.get(k) != now[k]]
+        if diff:
+            raise CheckpointError(f"{path}: written with a different configuration ({', '.join(diff)} differ); "
+                                  "use a new output folder or the same settings")
+
+
+# --------------------------------------------------------------------------------------------
+# small utilities
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RcompError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def _subset(dataset, n: int, seed: int):
+    from rcomp.data import fixed_subset
+
+    return fixed_subset(dataset, min(n, len(dataset)), seed)
+
+
+def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(dataset, "get_batch"):
+        x, y = dataset.get_batch(list(range(len(dataset))))
+        return x.float(), torch.as_tensor(y, dtype=torch.long)
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in xs]), torch.as_tensor(ys, dtype=torch.long)
+
+
+def _accumulate(totals: dict, lr: float, loss, penalty, logits, y) -> None:
+    n = len(y)
+    totals["loss"] += loss.item() * n
+    totals["correct"] += int((logits.argmax(1) == y).sum())
+    totals["n"] += n
+    totals["penalty"] += penalty.item()
+    totals["steps"] += 1
+    totals["lr"] = lr
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _format(r: EpochLog, epochs: int) -> str:
+    parts = [f"epoch {r.epoch}/{epochs}", f"lr {r.lr:.4f}", f"loss {r.train_loss:.3f}",
+             f"train adv {_pct(r.train_adv_acc)}", f"val clean {_pct(r.val_clean)}", f"val pgd {_pct(r.val_pgd)}"]
+    if r.train_pgd is not None:
+        parts.append(f"guard fgsm/pgd {_pct(r.train_fgsm)}/{_pct(r.train_pgd)}")
+    if r.ops is not None:
+        parts.append(f"ops {r.ops_ratio:.3f} params {r.params_ratio:.3f} density {r.mask_density:.3f} "
+                     f"flipped {r.masks_flipped:.3f} penalty {r.penalty:.3f}")
+    parts.append(f"{r.seconds:.1f}s")
+    return " | ".join(parts) + (f" | {r.guard}" if r.guard else "")
