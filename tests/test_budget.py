@@ -183,3 +183,37 @@ def test_unreachable_budget_is_reported():
     ctl = BudgetController(cost, [Constraint("ops", 1000.0, "--mops 0.001")])
     with pytest.raises(RcompError, match="cannot be met"):
         ctl.project()
+
+
+def test_lagrange_multiplier_rises_while_over_budget_and_falls_below():
+    from rcomp.budget import MAX_MULTIPLIER
+
+    model = create_model("tiny_cnn")
+    masked = attach_masks(model, "channel", torch.rand(1, 3, 16, 16))
+    cost = CostModel.build(masked, torch.rand(1, 3, 16, 16))
+    ctl = BudgetController(cost, constraints_from_targets(cost, target_ops=0.5), warmup_fraction=0.0, dual_lr=0.1)
+    for _ in range(3):
+        ctl.update(1.0)  # dense network: 2x over the limit
+    assert ctl.multipliers[0] == pytest.approx(0.3)
+    for _ in range(1000):
+        ctl.update(1.0)
+    assert ctl.multipliers[0] == MAX_MULTIPLIER  # bounded: no wind-up
+    state = ctl.state_dict()
+    ctl2 = BudgetController(cost, constraints_from_targets(cost, target_ops=0.5), warmup_fraction=0.0)
+    ctl2.load_state_dict(state)
+    assert ctl2.multipliers == ctl.multipliers
+    ctl.project()  # now just under the limit: the tightest constraint's multiplier decreases
+    before = ctl.multipliers[0]
+    ctl.update(1.0)
+    assert ctl.multipliers[0] < before
+
+
+def test_penalty_pushes_masks_down_only_through_the_budget_term():
+    model = create_model("tiny_cnn")
+    masked = attach_masks(model, "channel", torch.rand(1, 3, 16, 16))
+    cost = CostModel.build(masked, torch.rand(1, 3, 16, 16))
+    ctl = BudgetController(cost, constraints_from_targets(cost, target_ops=0.5), warmup_fraction=0.0, penalty_weight=0.0)
+    ctl.multipliers = [1.0]
+    ctl.penalty(1.0).backward()
+    grads = torch.cat([p.grad.flatten() for p in masked.masks.params])
+    assert bool((grads >= 0).all()) and bool((grads > 0).any())  # gradient descent lowers M: fewer ops

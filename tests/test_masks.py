@@ -86,3 +86,36 @@ def test_weight_masks_multiply_the_weights():
     masked(torch.rand(2, 3, 16, 16)).sum().backward()
     assert masks.params[0].grad is not None
     assert sum(1 for k in masked.state_dict() if k.startswith("masks.")) == len(masks)
+
+
+def test_min_keep_fraction_keeps_the_best_channels_of_a_group():
+    masked = attach_masks(create_model("tiny_cnn"), "channel", torch.rand(1, 3, 16, 16))
+    masks = masked.masks
+    masks.min_keep_fraction = 0.25
+    size = masks.groups[0].size
+    with torch.no_grad():
+        masks.params[0].copy_(-torch.arange(1, size + 1, dtype=torch.float))  # all off, channel 0 the best
+    hard = masks.hard()[0]
+    assert int(hard.sum()) == masks.min_channels(0) == -(-size // 4)
+    assert hard[: masks.min_channels(0)].all()
+
+
+def test_switch_offs_per_step_are_limited_to_the_most_decisive():
+    masked = attach_masks(create_model("tiny_cnn"), "channel", torch.rand(1, 3, 16, 16))
+    masks = masked.masks
+    before = masks.on_states()
+    with torch.no_grad():
+        masks.params[0][:5] = torch.tensor([-0.5, -0.1, -0.9, -0.2, -0.3])
+    held = masks.limit_switch_off(before, max_off=2)
+    assert held == 3
+    off = (masks.params[0] <= 0).nonzero().flatten().tolist()
+    assert off == [0, 2]  # the two most negative went off; the others stay on at the boundary
+    assert bool((masks.params[0][[1, 3, 4]] > 0).all())
+
+
+def test_masks_are_clipped_to_the_bound():
+    masked = attach_masks(create_model("tiny_cnn"), "channel", torch.rand(1, 3, 16, 16))
+    with torch.no_grad():
+        masked.masks.params[0].fill_(-7.0)
+    masked.masks.clip_(1.0)
+    assert float(masked.masks.params[0].detach().min()) == -1.0

@@ -40,6 +40,9 @@ from rcomp.errors import RcompError
 from rcomp.masks import ChannelMasks, MaskedModel, WeightMasks
 
 METRICS = ("ops", "params")
+#: Bound on the Lagrange multipliers, so a long violation (masks lag the schedule) cannot wind
+#: the pressure up without limit and overshoot far once the masks move.
+MAX_MULTIPLIER = 5.0
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -559,7 +562,7 @@ class BudgetController:
         excesses = [float(values[c.metric]) / self.limit_at(c, progress) - 1.0 for c in self.constraints]
         binding = max(range(len(excesses)), key=excesses.__getitem__) if excesses else -1
         for i, excess in enumerate(excesses):
-            updated = self.multipliers[i] + self.dual_lr * excess
+            updated = min(MAX_MULTIPLIER, max(-MAX_MULTIPLIER, self.multipliers[i] + self.dual_lr * excess))
             # only the tightest constraint may pull masks back on; the others only push down
             self.multipliers[i] = updated if i == binding else max(0.0, updated)
 
@@ -693,14 +696,14 @@ class BudgetController:
         # phase 1: switch off the lowest-scoring units until every constraint holds
         if not ok():
             for k in sorted((k for k in range(len(state)) if state[k]), key=lambda k: scores[k]):
-                if on_count[group_of[k]] <= 1:
+                if on_count[group_of[k]] <= masks.min_channels(group_of[k]):
                     continue
                 flip(k, -1.0, delta(k, -1.0))
                 if ok():
                     break
             if not ok():
                 raise RcompError(
-                    "budget cannot be met even with one channel per group: minimum "
+                    "budget cannot be met with the fewest channels every group keeps: minimum "
                     + ", ".join(f"{m} {value[m]:,.0f} > limit {lim:,.0f}" for m, lim in limits.items() if value[m] > lim)
                 )
         # phase 2: switch back on the highest-scoring off units that still fit

@@ -205,7 +205,9 @@ class StagedOutput:
         self.final = Path(out)
         self.partial = self.final.with_name(self.final.name + ".partial")
         if self.partial.exists() and not resume:
-            raise RcompError(f"{self.partial} holds an interrupted run: pass --resume to continue it, or delete it")
+            if any(self.partial.glob("**/ckpt-*.pt")):
+                raise RcompError(f"{self.partial} holds an interrupted run: pass --resume to continue it, or delete it")
+            shutil.rmtree(self.partial)  # a failed start with nothing worth resuming
         if resume and not self.partial.exists() and (self.final / "checkpoints").is_dir():
             shutil.copytree(self.final / "checkpoints", self.partial / "checkpoints")
         self.partial.mkdir(parents=True, exist_ok=True)
@@ -264,18 +266,24 @@ def _build_model(job: Job, bundle):
     return create_model(job.model_name, bundle.num_classes, bundle.input_shape[0], bundle.mean, bundle.std)
 
 
-def _train_stage(job: Job, staged: StagedOutput, log=print) -> TrainOutcome:
-    """Train (in-train, post-train or dense), remove pruned channels, save ``model.pt`` and ``train.json``."""
-    import torch
-
-    from rcomp.count import count_model
+def load_job_data(job: Job, log=print):
+    """The data, loaded (and so validated) before anything is written to the output folder."""
     from rcomp.data import load_data
-    from rcomp.reports import write_json_atomic
-    from rcomp.surgery import PrunedModel, fold_weight_masks, remove_channels, save_pruned
 
     bundle = load_data(job.data_spec, job.input_shape, download=job.download, progress=job.train.progress)
     for note in bundle.notes:
         log(f"data: {note}")
+    return bundle
+
+
+def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutcome:
+    """Train (in-train, post-train or dense), remove pruned channels, save ``model.pt`` and ``train.json``."""
+    import torch
+
+    from rcomp.count import count_model
+    from rcomp.reports import write_json_atomic
+    from rcomp.surgery import PrunedModel, fold_weight_masks, remove_channels, save_pruned
+
     model = _build_model(job, bundle)
     started = time.perf_counter()
     if job.method == "posttrain":
@@ -330,8 +338,9 @@ def _plain(obj):
 
 
 def run_train(job: Job) -> TrainOutcome:
+    bundle = load_job_data(job)
     staged = StagedOutput(job.out, job.resume)
-    outcome = _train_stage(job, staged)
+    outcome = _train_stage(job, bundle, staged)
     staged.publish()
     return outcome
 
@@ -359,8 +368,9 @@ def run_prune(job: Job, log=print) -> PruneOutcome:
     from rcomp.export.check import run_check
     from rcomp.reports import write_json_atomic, write_text_atomic
 
+    bundle = load_job_data(job, log)
     staged = StagedOutput(job.out, job.resume)
-    outcome = _train_stage(job, staged, log)
+    outcome = _train_stage(job, bundle, staged, log)
     profile = job.profile
     write_json_atomic(staged.path("count.json"), {"pruned": outcome.cost.to_dict(), "dense": outcome.dense_cost.to_dict()})
     _export_pair(outcome, job, staged)

@@ -74,6 +74,7 @@ def magnitude_scores(model: nn.Module, masks, example_input: torch.Tensor) -> li
 def prune_by_magnitude(model: nn.Module, config, example_input: torch.Tensor) -> tuple[PrunedModel, dict]:
     """Meet the config's budget on a trained dense model by removing low-magnitude channel groups."""
     masked = attach_masks(model, "channel", example_input)
+    masked.masks.min_keep_fraction = config.min_keep  # the same per-group floor as in-train pruning
     cost = CostModel.build(masked, example_input)
     constraints = constraints_from_targets(cost, target_ops=config.target_ops, target_params=config.target_params,
                                            mops=config.mops, params=config.params, source="posttrain")

@@ -21,6 +21,7 @@ import copy
 import io
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,8 +240,20 @@ def save_pruned(
     _write_bytes_atomic(path, buf.getvalue())
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
+def _state_dict_mismatch(model: nn.Module, state: dict) -> str:
+    """Counts of missing / unexpected / differently shaped tensors, the facts a user can act on."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    parts = [f"{len(v)} {what}, e.g. {v[0]}" for what, v in
+             (("missing", missing), ("unexpected", unexpected), ("with another shape", shaped)) if v]
+    return "; ".join(parts) or "incompatible tensors"
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception, on one line: torch's messages run to paragraphs."""
+    text = re.split(r"(?<=\.)\s", " ".join(str(exc).split()), maxsplit=1)[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -273,7 +286,8 @@ def load_pruned(path, map_location="cpu") -> tuple[nn.Module, dict]:
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except (RuntimeError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: {what} but its weights do not match the rebuilt architecture: {_one_line(exc)}") from None
+        raise CheckpointError(f"{path}: {what} but its weights do not match the rebuilt architecture "
+                              f"({_state_dict_mismatch(model, ckpt['state_dict'])})") from None
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
     model.eval()
     meta = {

@@ -1,0 +1,117 @@
+"""ONNX Runtime latency of pruned ResNet20s next to their ops ratios, measured side by side in one run.
+
+The physical limit of channel pruning's speed-up is the ops ratio; this benchmark asks how close
+onnxruntime's CPU latency comes to it (aim: latency ratio within 1.25x of the ops ratio).
+Latency does not depend on the weights, so besides the models of ``bench/runs/*/model.pt`` (when
+the CIFAR sweep has produced them) the benchmark builds pruned architectures itself: masks scored
+by weight magnitude and projected onto the ops target with rcomp's own budget projection, then
+removed with torch-pruning — exactly the path a trained model takes.
+
+    python bench/latency.py                     # ops 1.0 / 0.5 / 0.3, threads 1 and 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cifar10_table import commit, machine  # noqa: E402
+from render import replace_section  # noqa: E402
+
+from rcomp.budget import BudgetController, CostModel, constraints_from_targets  # noqa: E402
+from rcomp.count import count_model  # noqa: E402
+from rcomp.export.onnx_export import export_onnx  # noqa: E402
+from rcomp.export.runtime import compare_latency, make_session  # noqa: E402
+from rcomp.masks import attach_masks  # noqa: E402
+from rcomp.models import create_model  # noqa: E402
+from rcomp.posttrain import magnitude_scores  # noqa: E402
+from rcomp.surgery import load_pruned, remove_channels  # noqa: E402
+
+SHAPE = (1, 3, 32, 32)
+RESULTS = HERE / "results" / "latency.json"
+
+
+def pruned_resnet20(target: float | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    if target is None:
+        return model
+    x = torch.rand(SHAPE)
+    masked = attach_masks(model, "channel", x)
+    masked.masks.min_keep_fraction = 0.2
+    cost = CostModel.build(masked, x)
+    for i, s in enumerate(magnitude_scores(model, masked.masks, x)):
+        with torch.no_grad():
+            masked.masks.params[i].copy_(s.clamp_min(1e-6))
+    BudgetController(cost, constraints_from_targets(cost, target_ops=target)).project()
+    return remove_channels(masked, x).model.eval()
+
+
+def models_to_measure() -> dict[str, torch.nn.Module]:
+    models = {f"magnitude-{t}": pruned_resnet20(None if t == 1.0 else t) for t in (1.0, 0.5, 0.3)}
+    for ckpt in sorted((HERE / "runs").glob("r20-*/model.pt")):
+        models[f"trained:{ckpt.parent.name}"] = load_pruned(ckpt)[0].eval()
+    return models
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=400)
+    p.add_argument("--threads", default="1,2")
+    args = p.parse_args()
+    models = models_to_measure()
+    dense_macs = count_model(models["magnitude-1.0"], SHAPE).macs
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, model in models.items():
+            paths[name] = Path(tmp) / f"{name.replace(':', '_')}.onnx"
+            export_onnx(model, SHAPE, paths[name], opset=17, metadata={})
+            rows[name] = {"macs": count_model(model, SHAPE).macs, "ops_ratio": count_model(model, SHAPE).macs / dense_macs}
+        for threads in (int(t) for t in args.threads.split(",")):
+            sessions = {n: make_session(str(pth), threads=threads, graph_optimization="all") for n, pth in paths.items()}
+            stats = compare_latency(sessions, SHAPE, runs=args.runs, warmup=50, rounds=10)
+            dense = stats["magnitude-1.0"]
+            for name, s in stats.items():
+                rows[name][f"threads{threads}"] = {
+                    "p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "p99_ms": s.p99_ms,
+                    "latency_ratio_p50": s.p50_ms / dense.p50_ms, "latency_ratio_p90": s.p90_ms / dense.p90_ms,
+                }
+    doc = {"command": " ".join(["python"] + sys.argv), "commit": commit(), "machine": machine(),
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "runs": args.runs,
+           "shape": list(SHAPE), "models": rows}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    render(doc)
+
+
+def render(doc: dict) -> None:
+    threads = sorted({k for r in doc["models"].values() for k in r if k.startswith("threads")})
+    head = "| model | ops ratio | " + " | ".join(f"p50 ms ({t[7:]} thr) | latency ratio p50 ({t[7:]} thr) | latency / ops" for t in threads) + " |"
+    lines = [head, "|---|---:|" + "---:|---:|---:|" * len(threads)]
+    for name, r in doc["models"].items():
+        cells = [name, f"{r['ops_ratio']:.3f}"]
+        for t in threads:
+            m = r[t]
+            cells += [f"{m['p50_ms']:.3f}", f"{m['latency_ratio_p50']:.3f}", f"{m['latency_ratio_p50'] / r['ops_ratio']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    m = doc["machine"]
+    lines += ["", f"_Source: [`bench/results/latency.json`](bench/results/latency.json), command `{doc['command']}`, "
+              f"commit `{doc['commit'][:10]}`, {m['cpus']} CPUs ({m['processor']}), {doc['date']}; "
+              f"{doc['runs']} runs per model, interleaved in rounds, batch 1, ORT CPU provider, graph optimization all._"]
+    replace_section("latency", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    started = time.time()
+    main()
+    print(f"done in {time.time() - started:.0f} s; results in {RESULTS}")
