@@ -1,4 +1,4 @@
-"""The poster's CIFAR-10 table, re-run with rcomp: dense FastAT, in-train and post-train pruning.
+"""The poster's CIFAR-10 table, re-run with rcomp: dense FastAT, in-train, post-train and RL (AMC) pruning.
 
 Every run is an ``rcomp train`` subprocess (the same command a user types) into
 ``bench/runs/<run>/``; runs are resumable (``--resume`` continues from the last epoch checkpoint)
@@ -44,6 +44,9 @@ RUNS = {
     "r20-intrain-0.3": ("resnet20", "intrain", 0.3),
     "r20-posttrain-0.5": ("resnet20", "posttrain", 0.5),
     "r20-posttrain-0.3": ("resnet20", "posttrain", 0.3),
+    "r20-rl-0.7": ("resnet20", "rl", 0.7),
+    "r20-rl-0.5": ("resnet20", "rl", 0.5),
+    "r20-rl-0.3": ("resnet20", "rl", 0.3),
     "r56-dense": ("resnet56", "dense", None),
     "r56-intrain-0.3": ("resnet56", "intrain", 0.3),
     "vgg16-intrain-0.3": ("vgg16", "intrain", 0.3),
@@ -67,6 +70,8 @@ def train_command(name: str, args) -> list[str]:
            "--method", method, "--no-progress"]
     if target is not None:
         cmd += ["--target-ops", str(target)]
+    if method == "rl" and args.rl_episodes is not None:
+        cmd += ["--rl-episodes", str(args.rl_episodes)]
     if (run_dir(name).with_name(name + ".partial")).exists():
         cmd.append("--resume")
     return cmd
@@ -151,7 +156,7 @@ def collect(names: list[str], args) -> dict:
             "pgd50": next(v for k, v in acc50.items() if k.startswith("pgd-50")), "pgd50_n": ev["pgd50"]["n"],
             "val_n": ev["pgd10"]["n"], "ops_ratio": t["macs"] / t["dense_macs"], "params_ratio": t["params"] / t["dense_params"],
             "macs": t["macs"], "params": t["params"], "wall_seconds": t["wall_seconds"],
-            "co_events": t["co_events"], "recipe": t["recipe"],
+            "co_events": t["co_events"], "recipe": t["recipe"], "phase_seconds": t.get("phase_seconds") or None,
         }
     return rows
 
@@ -179,6 +184,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pgd50-n", type=int, default=1000)
+    p.add_argument("--rl-episodes", type=int, default=None, help="AMC search episodes of the rl runs [rcomp's default]")
     p.add_argument("--restarts", type=int, default=2)
     p.add_argument("--latency-runs", type=int, default=300)
     p.add_argument("--render", action="store_true", help="only re-render README tables from the results file")

@@ -63,7 +63,7 @@ def plot_cifar10(doc: dict, out: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "clean", "clean accuracy"), (axes[1], "pgd10", "PGD-10 accuracy")):
-        for method, marker in (("dense", "*"), ("intrain", "o"), ("posttrain", "s")):
+        for method, marker in (("dense", "*"), ("intrain", "o"), ("posttrain", "s"), ("rl", "^")):
             pts = sorted((r["ops_ratio"], 100 * r[key]) for r in doc["runs"].values()
                          if r["method"] == method and r["model"] == "resnet20")
             if pts:

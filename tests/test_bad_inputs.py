@@ -5,7 +5,6 @@ Run directly (``python tests/test_bad_inputs.py``) to print the README table of 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +47,6 @@ def _imagefolder(tmp: Path, name: str, sizes=((32, 32),) * 4, classes=("a", "b")
 
 
 def _onnx(tmp: Path, name: str, shape=(1, 3, 32, 32), model: str = "tiny_cnn") -> Path:
-    import torch
 
     from rcomp.export.onnx_export import export_onnx
     from rcomp.models import create_model
@@ -59,7 +57,6 @@ def _onnx(tmp: Path, name: str, shape=(1, 3, 32, 32), model: str = "tiny_cnn") -
 
 
 def _checkpoint(tmp: Path, name: str, model: str) -> Path:
-    import torch
 
     from rcomp.models import create_model
     from rcomp.surgery import PrunedModel, save_pruned

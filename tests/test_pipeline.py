@@ -117,3 +117,17 @@ def test_a_failed_job_keeps_the_previous_folder(job, tmp_path, monkeypatch):
     assert (partial / "checkpoints").is_dir() and not (partial / "model.onnx").exists()
     code, text = run("prune", "--profile", LENIENT, "--out", target, "--target-ops", "0.5", *FAST)
     assert code == 2 and "--resume" in text
+
+
+def test_posttrain_baseline_meets_the_same_budget(tmp_path):
+    out = tmp_path / "post"
+    code, output = run("train", "--method", "posttrain", "--target-ops", "0.5", "--out", out,
+                       "--model", "tiny_cnn", "--data", "digits", "--epochs", "3", "--batch-size", "64", "--no-progress")
+    assert code == 0, output
+    t = json.loads((out / "train.json").read_text())
+    assert t["method"] == "posttrain"
+    assert 0.45 * t["dense_macs"] <= t["macs"] <= 0.5 * t["dense_macs"]
+    assert set(t["phase_seconds"]) == {"dense", "prune", "finetune"}
+    assert len(t["dense_history"]) == 2 and len(t["history"]) == 1  # 2 dense epochs + 1 fine-tuning epoch
+    code, text = run("count", out / "model.pt")
+    assert code == 0 and f"{t['macs'] / 1e6:.3f} MOps" in text

@@ -24,7 +24,7 @@ def _training_options(fn):
         click.option("--data", "data_spec", default="digits", show_default=True, help=_DATA_HELP),
         click.option("--download", is_flag=True, help="Allow cifar10:DIR to download (never implicit)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [recipe default]."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=None),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size [128; 32 for digits/synthetic]."),
         click.option("--lr", "lr_max", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate."),
         click.option("--schedule", type=click.Choice(["cyclic", "cosine"]), default=None),
         click.option("--attack", type=click.Choice(["fgsm-rs", "nfgsm", "none"]), default=None, help="Training attack: FastAT (fgsm-rs), N-FGSM, or none."),
@@ -38,6 +38,9 @@ def _training_options(fn):
         click.option("--workers", "num_workers", type=click.IntRange(min=0), default=0, show_default=True),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last good checkpoint."),
         click.option("--no-progress", is_flag=True, help="No progress bars (for logs)."),
+        click.option("--amp", is_flag=True, default=None, help="Mixed precision (fp16) training on CUDA; ignored on CPU."),
+        click.option("--rl-episodes", type=click.IntRange(min=1), default=None,
+                     help="--method rl: episodes of the AMC search [100]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -53,7 +56,7 @@ def _job_from_options(opts: dict, profile, out: str, method: str):
 @cli.command()
 @click.option("--profile", "profile_ref", required=True, help="Hardware profile: a YAML path or a name in profiles/.")
 @click.option("--out", default=None, help="Output folder [runs/<profile>-<model>].")
-@click.option("--method", type=click.Choice(["intrain", "posttrain", "dense"]), default="intrain", show_default=True, help="In-train pruning (the poster), post-train magnitude pruning + fine-tuning, or no pruning.")
+@click.option("--method", type=click.Choice(["intrain", "posttrain", "rl", "dense"]), default="intrain", show_default=True, help="In-train pruning (the poster), post-train magnitude pruning + fine-tuning, AMC-style RL post-train pruning with a KL robustness reward (the poster's comparison) + fine-tuning, or no pruning.")
 @click.option("--attack-set-size", type=click.IntRange(min=1), default=500, show_default=True, help="Validation images in the shipped PGD attack set.")
 @click.option("--square-queries", type=click.IntRange(min=0), default=0, show_default=True, help="Square-attack queries against the ORT session (0 = transfer attack only).")
 @click.option("--latency-runs", type=click.IntRange(min=5), default=200, show_default=True)
@@ -74,6 +77,7 @@ def prune(profile_ref, out, method, attack_set_size, square_queries, latency_run
       rcomp prune --profile automotive-ecu --model resnet20 \\
           --data imagefolder:../shared/datasets/cifar10-jpeg --epochs 15 --out runs/ecu
       rcomp prune --profile jetson --method posttrain --target-ops 0.5
+      rcomp prune --profile jetson --method rl --target-ops 0.5 --rl-episodes 100
     """
     from rcomp.config import resolve_profile
     from rcomp.pipeline import run_prune
@@ -82,6 +86,8 @@ def prune(profile_ref, out, method, attack_set_size, square_queries, latency_run
     job = _job_from_options(opts, profile, out, method)
     job.attack_set_size, job.square_queries, job.latency_runs = attack_set_size, square_queries, latency_runs
     result = run_prune(job)
+    if result is None:  # torchrun, rank > 0: rank 0 reports
+        return
     click.echo(result.summary())
     sys.exit(EXIT_OK if result.passed else EXIT_FAIL)
 
@@ -89,7 +95,7 @@ def prune(profile_ref, out, method, attack_set_size, square_queries, latency_run
 @cli.command()
 @click.option("--out", required=True, help="Output folder (model.pt, train.json, checkpoints/).")
 @click.option("--profile", "profile_ref", default=None, help="Take the budget from a hardware profile.")
-@click.option("--method", type=click.Choice(["intrain", "posttrain", "dense"]), default=None, help="Default: intrain when a budget is given, else dense.")
+@click.option("--method", type=click.Choice(["intrain", "posttrain", "rl", "dense"]), default=None, help="intrain, posttrain, rl (AMC search + fine-tuning) or dense. Default: intrain when a budget is given, else dense.")
 @_training_options
 def train(out, profile_ref, method, **opts):
     """Train a model: dense or pruned in-train, robust (FastAT / N-FGSM) or plain.
@@ -100,7 +106,9 @@ def train(out, profile_ref, method, **opts):
       rcomp train --model resnet20 --data imagefolder:../shared/datasets/cifar10-jpeg \\
           --attack fgsm-rs --epochs 15 --out runs/r20-dense
       rcomp train --model tiny_cnn --regularity weight --target-params 0.3 --out runs/tiny
+      rcomp train --model resnet20 --method rl --target-ops 0.5 --rl-episodes 100 --out runs/r20-rl
       rcomp train ... --resume          # continue after an interruption
+      torchrun --nproc_per_node 4 -m rcomp train --device cuda --amp ...   # 4 GPUs
     """
     from rcomp.config import resolve_profile
     from rcomp.pipeline import run_train
@@ -108,7 +116,8 @@ def train(out, profile_ref, method, **opts):
     profile = resolve_profile(profile_ref) if profile_ref else None
     job = _job_from_options(opts, profile, out, method)
     result = run_train(job)
-    click.echo(result.summary())
+    if result is not None:  # None on torchrun ranks > 0: rank 0 writes and reports
+        click.echo(result.summary())
 
 
 @cli.command()

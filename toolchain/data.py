@@ -675,6 +675,30 @@ def _already_collated(batch):
     return batch
 
 
+class RankShare(Sampler[list[int]]):
+    """This rank's strided share of every global batch: N ranks together see the batches one process would.
+
+    The global order and batches stay those of (seed, epoch), so the recipe (batch size, steps per
+    epoch, learning-rate schedule) means the same on 1 or N ranks. A last batch smaller than the
+    number of ranks is dropped, so that no rank ever gets an empty batch.
+    """
+
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int):
+        if not 0 <= rank < world_size or batches.batch_size < world_size:
+            raise ValueError(f"rank {rank} of {world_size}: needs 0 <= rank < world_size <= batch_size")
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self):
+        for batch in self.batches:
+            if len(batch) >= self.world_size:
+                yield batch[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n, size = len(self.batches.sampler), self.batches.batch_size
+        tail = 0 if self.batches.drop_last else n % size
+        return n // size + (1 if tail >= self.world_size else 0)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -685,16 +709,21 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A DataLoader whose order depends only on (seed, epoch), so a resumed run replays it.
 
     It never touches the global RNG (DataLoader would draw worker seeds from it otherwise);
-    worker seeds come from a generator derived from (seed, epoch) too.
+    worker seeds come from a generator derived from (seed, epoch) too. With ``world_size > 1``
+    it yields rank ``rank``'s share of each ``batch_size`` batch (:class:`RankShare`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = SeededPermutation(len(dataset), _derive_seed(seed, epoch, "order")) if shuffle else SequentialSampler(dataset)
     batches = BatchSampler(order, batch_size, drop_last)
+    if world_size > 1:
+        batches = RankShare(batches, rank, world_size)
     workers = torch.Generator().manual_seed(_derive_seed(seed, epoch, "workers"))
     fast = hasattr(dataset, "get_batch")
     return DataLoader(

@@ -211,11 +211,19 @@ class _ChannelHook:
         self.group_index = group_index
         self.idxs = torch.tensor(sl.idxs, dtype=torch.long)
         self.root_idxs = torch.tensor(sl.root_idxs, dtype=torch.long)
+        self._on_device: dict = {}
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index tensors on ``device``, copied once: a copy per forward would stall a GPU every call."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.idxs.to(device), self.root_idxs.to(device))
+        return self._on_device[device]
 
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         mb = self.masks.binary(self.group_index)
+        idxs, root_idxs = self._indices(output.device)
         scale = torch.ones(output.shape[1], device=output.device, dtype=output.dtype)
-        scale = scale.index_put((self.idxs.to(output.device),), mb[self.root_idxs.to(mb.device)].to(output.dtype))
+        scale = scale.index_put((idxs,), mb[root_idxs.to(mb.device)].to(output.dtype))
         return output * scale.view(1, -1, *([1] * (output.dim() - 2)))
 
 

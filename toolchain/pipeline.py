@@ -36,7 +36,7 @@ class Job:
     model_name: str
     data_spec: str
     out: Path
-    method: str  # intrain | posttrain | dense
+    method: str  # intrain | posttrain | rl | dense
     train: Any  # rcomp.train.TrainConfig
     profile: Any = None  # rcomp.config.Profile
     input_shape: tuple[int, int, int] | None = None
@@ -45,6 +45,7 @@ class Job:
     attack_set_size: int = 500
     square_queries: int = 0
     latency_runs: int = 200
+    rl_episodes: int | None = None  # --method rl: search episodes (None: rcomp.rl.RLConfig's default)
 
 
 def parse_eps(text: str | float | None, what: str = "--eps") -> float | None:
@@ -131,12 +132,18 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
             values[key] = opts[key]
     if opts.get("eps") is not None:
         values["eps"] = parse_eps(opts["eps"])
+    if opts.get("amp"):
+        values["amp"] = True
+    _apply_data_defaults(values, opts["data_spec"])
     if values.get("regularity") == "none":
         values["regularity"] = None
     _merge_profile_budget(values, profile)
     has_budget = any(values.get(k) is not None for k in ("target_ops", "target_params", "mops", "params"))
     method = method or ("intrain" if has_budget else "dense")
     _check_method(method, values, has_budget)
+    _check_distributed(method)
+    if opts.get("rl_episodes") is not None and method != "rl":
+        raise RcompError("--rl-episodes applies to --method rl only")
     if method == "intrain":
         values.setdefault("regularity", "channel")
         if values["regularity"] is None:
@@ -147,7 +154,19 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
     input_shape = tuple(profile.input_shape[1:]) if profile is not None else get_model_info(opts["model_name"]).default_input
     out_dir = Path(out) if out else Path("runs") / f"{profile.name if profile else 'train'}-{opts['model_name']}"
     return Job(opts["model_name"], opts["data_spec"], out_dir, method, config, profile, input_shape,
-               download=opts.get("download", False), resume=opts.get("resume", False))
+               download=opts.get("download", False), resume=opts.get("resume", False),
+               rl_episodes=opts.get("rl_episodes"))
+
+
+#: Recipe defaults that depend on the data: the 1,617 training digits give 13 steps per epoch at
+#: batch 128, too few for the masks to move before the budget freezes them.
+_DATA_DEFAULTS = {"digits": {"batch_size": 32}, "synthetic": {"batch_size": 32}}
+
+
+def _apply_data_defaults(values: dict, data_spec: str) -> None:
+    kind = str(data_spec).split(":", 1)[0]
+    for key, value in _DATA_DEFAULTS.get(kind, {}).items():
+        values.setdefault(key, value)
 
 
 def _merge_profile_budget(values: dict, profile) -> None:
@@ -167,12 +186,21 @@ def _merge_profile_budget(values: dict, profile) -> None:
 def _check_method(method: str, values: dict, has_budget: bool) -> None:
     if method == "dense" and has_budget:
         raise RcompError("--method dense takes no budget: drop --target-ops/--target-params/--profile budgets, or use --method intrain")
-    if method in ("intrain", "posttrain") and not has_budget:
+    if method in ("intrain", "posttrain", "rl") and not has_budget:
         raise RcompError(f"--method {method} needs a budget: --target-ops, --target-params or a --profile with budgets")
-    if method == "posttrain" and values.get("regularity") == "weight":
-        raise RcompError("--method posttrain prunes channels; --regularity weight is in-train only")
+    if method in ("posttrain", "rl") and values.get("regularity") == "weight":
+        raise RcompError(f"--method {method} prunes channels; --regularity weight is in-train only")
     if method == "intrain" and "regularity" in values and values["regularity"] is None and has_budget:
         raise RcompError("--regularity none conflicts with a pruning budget")
+
+
+def _check_distributed(method: str) -> None:
+    """Under torchrun only the single training loop (intrain, dense) is data-parallel."""
+    from rcomp.distributed import world
+
+    if world().active and method not in ("intrain", "dense"):
+        raise RcompError(f"--method {method} does not run under torchrun (WORLD_SIZE > 1); "
+                         "use --method intrain or dense, or a single process")
 
 
 def _device(name: str) -> str:
@@ -202,8 +230,13 @@ class StagedOutput:
     """Builds ``OUT.partial/`` and swaps it into ``OUT/`` when complete."""
 
     def __init__(self, out: Path, resume: bool):
+        from rcomp.distributed import is_main
+
         self.final = Path(out)
         self.partial = self.final.with_name(self.final.name + ".partial")
+        self.owner = is_main()  # under torchrun rank 0 alone touches the folder
+        if not self.owner:
+            return
         if self.partial.exists() and not resume:
             if any(self.partial.glob("**/ckpt-*.pt")):
                 raise RcompError(f"{self.partial} holds an interrupted run: pass --resume to continue it, or delete it")
@@ -216,6 +249,8 @@ class StagedOutput:
         return self.partial / name
 
     def publish(self) -> Path:
+        if not self.owner:
+            return self.final
         old = self.final.with_name(self.final.name + ".previous")
         if old.exists():
             shutil.rmtree(old)
@@ -249,8 +284,7 @@ class TrainOutcome:
         lines = [f"model written to {self.checkpoint}"]
         if last is not None:
             lines.append(
-                f"final epoch {last.epoch}: val clean {last.val_clean:.2%}  val PGD {last.val_pgd:.2%}  "
-                f"ops ratio {last.ops_ratio:.3f}  params ratio {last.params_ratio:.3f}"
+                f"final epoch {last.epoch}: val clean {last.val_clean:.2%}  val PGD {last.val_pgd:.2%}"
             )
         if self.cost is not None:
             lines.append(f"fvcore: {self.cost.macs / 1e6:.3f} MOps, {self.cost.params:,} params "
@@ -270,14 +304,17 @@ def load_job_data(job: Job, log=print):
     """The data, loaded (and so validated) before anything is written to the output folder."""
     from rcomp.data import load_data
 
-    bundle = load_data(job.data_spec, job.input_shape, download=job.download, progress=job.train.progress)
+    from rcomp.distributed import is_main, main_only
+
+    bundle = load_data(job.data_spec, job.input_shape, download=job.download, progress=job.train.progress and is_main())
+    log = main_only(log)
     for note in bundle.notes:
         log(f"data: {note}")
     return bundle
 
 
-def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutcome:
-    """Train (in-train, post-train or dense), remove pruned channels, save ``model.pt`` and ``train.json``."""
+def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutcome | None:
+    """Train (in-train, post-train, RL post-train or dense), remove pruned channels, save ``model.pt`` and ``train.json``."""
     import torch
 
     from rcomp.count import count_model
@@ -291,15 +328,24 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
 
         result = train_posttrain(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
                                  out_dir=staged.partial, resume=job.resume, log=log)
+    elif job.method == "rl":
+        from rcomp.rl import RLConfig, train_rl
+
+        rl = RLConfig(seed=job.train.seed, **({"episodes": job.rl_episodes} if job.rl_episodes is not None else {}))
+        result = train_rl(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
+                          out_dir=staged.partial, resume=job.resume, log=log, rl=rl)
     else:
         from rcomp.train import train
 
         result = train(job.train, bundle, model, out_dir=staged.partial, resume=job.resume, log=log)
     wall = time.perf_counter() - started
+    if not staged.owner:
+        return None  # torchrun: the other ranks hold rank 0's weights; rank 0 writes the outputs
     trained = result.model.cpu().eval()
     example = torch.rand(1, *bundle.input_shape)
-    if job.method == "posttrain" or job.train.regularity is None:
-        pruned = PrunedModel(trained, list(getattr(result, "pruned_channels", [])), "channel" if job.method == "posttrain" else "dense", 0.0)
+    post = job.method in ("posttrain", "rl")
+    if post or job.train.regularity is None:
+        pruned = PrunedModel(trained, list(getattr(result, "pruned_channels", [])), "channel" if post else "dense", 0.0)
     elif job.train.regularity == "channel":
         pruned = remove_channels(trained, example)
     else:
@@ -322,6 +368,7 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
         "resumed_from": result.resumed_from, "sparsity": pruned.sparsity, "regularity": pruned.regularity,
         "dense_history": _plain(getattr(result, "dense_history", [])),
         "phase_seconds": _plain(getattr(result, "phase_seconds", {})),
+        **({"rl_search": _plain(result.search)} if job.method == "rl" else {}),
     })
     return TrainOutcome(staged.final, staged.final / "model.pt", pruned, _build_model(job, bundle), bundle, result,
                         cost, dense_cost, extra)
@@ -337,7 +384,7 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def run_train(job: Job) -> TrainOutcome:
+def run_train(job: Job) -> TrainOutcome | None:
     bundle = load_job_data(job)
     staged = StagedOutput(job.out, job.resume)
     outcome = _train_stage(job, bundle, staged)
@@ -363,7 +410,7 @@ class PruneOutcome:
         ])
 
 
-def run_prune(job: Job, log=print) -> PruneOutcome:
+def run_prune(job: Job, log=print) -> PruneOutcome | None:
     """The whole pipeline against ``job.profile``; the exit code follows the check."""
     from rcomp.export.check import run_check
     from rcomp.reports import write_json_atomic, write_text_atomic
@@ -371,6 +418,8 @@ def run_prune(job: Job, log=print) -> PruneOutcome:
     bundle = load_job_data(job, log)
     staged = StagedOutput(job.out, job.resume)
     outcome = _train_stage(job, bundle, staged, log)
+    if outcome is None:  # torchrun, rank > 0: training is done, rank 0 exports and checks
+        return None
     profile = job.profile
     write_json_atomic(staged.path("count.json"), {"pruned": outcome.cost.to_dict(), "dense": outcome.dense_cost.to_dict()})
     _export_pair(outcome, job, staged)

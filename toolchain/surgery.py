@@ -285,7 +285,7 @@ def load_pruned(path, map_location="cpu") -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: {what} but the architecture cannot be rebuilt: {_one_line(exc)}") from None
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
-    except (RuntimeError, TypeError, KeyError) as exc:
+    except (RuntimeError, TypeError, KeyError):
         raise CheckpointError(f"{path}: {what} but its weights do not match the rebuilt architecture "
                               f"({_state_dict_mismatch(model, ckpt['state_dict'])})") from None
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")

@@ -19,11 +19,27 @@ The guard then restores the best state (weights, BatchNorm statistics and masks)
 masks are projected would leave a pruned model that was never fine-tuned; a second event (or an
 event while already on N-FGSM) stops the run like Wong et al. The returned model is then the best
 state since the architecture was last changed.
+
+Data parallel (``torchrun``, :mod:`rcomp.distributed`): every rank holds the whole MaskedModel and
+takes a strided share of each global batch (``batch_size`` stays the global batch, so a recipe
+means the same on 1 or N ranks). The loss forward runs through DistributedDataParallel, which
+averages every gradient, masks' task-loss gradients included; the budget gradient depends only on
+the masks, identical on every rank, and is added after that all-reduce. Attacks run on the
+unwrapped model (they differentiate w.r.t. the input only). BatchNorm is per rank; running
+statistics are averaged at the end of each epoch. Evaluation is sharded and its counts summed,
+so every decision (CO guard, projection, stopping) is taken identically on all ranks, which
+therefore stay bit-identical. Rank 0 alone logs, writes checkpoints and, on resume, reads one and
+broadcasts it.
+
+CUDA: ``amp`` trains (attack and loss forward) under fp16 autocast with a GradScaler; evaluation
+attacks stay fp32. Models use channels_last and batches come from pinned memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcomp.attacks import ATTACKS, evaluate, fgsm, pgd
+from rcomp import distributed
+from rcomp.attacks import ATTACKS, AccuracyResult, evaluate, fgsm, pgd
 from rcomp.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from rcomp.errors import CheckpointError, ConfigError, NumericalError, RcompError
 
@@ -80,6 +97,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     grad_clip: float | None = None
+    amp: bool = False  # fp16 autocast + GradScaler for training on CUDA; ignored on CPU
 
     @property
     def has_budget(self) -> bool:
@@ -214,18 +232,28 @@ def _cpu_state(model: nn.Module) -> dict:
 
 def train(config: TrainConfig, bundle, model: nn.Module, *, out_dir: str | Path | None,
           resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
-    """Train ``model`` on ``bundle`` as ``config`` says; see the module docstring for the method."""
+    """Train ``model`` on ``bundle`` as ``config`` says; see the module docstring for the method.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group and trains data-parallel.
+    """
     return _Trainer(config, bundle, model, out_dir, log).run(resume)
 
 
 class _Trainer:
     def __init__(self, config: TrainConfig, bundle, model: nn.Module, out_dir, log):
         config.validate()
-        self.cfg, self.bundle, self.log = config, bundle, log
-        self.device = _device(config.device)
+        self.cfg, self.bundle, self.log = config, bundle, distributed.main_only(log)
+        self.world = distributed.init(str(_device(config.device)))
+        self.device = _device(distributed.device_for(config.device, self.world))
+        self._check_world()
         torch.manual_seed(config.seed)
         self.model, self.masks = self._wrap(model)
         self.model.to(self.device)
+        self.net = self.model  # the DistributedDataParallel wrapper once run() starts
+        self.amp, self.channels_last = config.amp and self.device.type == "cuda", self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.cost, self.controller = self._budget()
         if self.masks is not None and self.masks.regularity == "channel":
             self.masks.min_keep_fraction = config.min_keep
@@ -246,6 +274,18 @@ class _Trainer:
         self.val_set = _subset(bundle.split("val"), config.eval_size, config.seed)
 
     # ---------------------------------------------------------------- setup
+    def _check_world(self) -> None:
+        if self.cfg.batch_size < self.world.size:
+            raise ConfigError(f"batch_size {self.cfg.batch_size} is smaller than the {self.world.size} ranks; "
+                              "it is the global batch, shared among the ranks", key="batch_size")
+        if self.cfg.amp and self.device.type != "cuda":
+            self.log("amp: mixed precision is CUDA only; training in fp32")
+
+    def _wrap_ddp(self) -> None:
+        """(Re)wrap for data parallelism: DDP reduces only parameters that train, so again once masks freeze."""
+        self.net = self.model  # drop the previous wrapper (and its gradient hooks) first
+        self.net = distributed.wrap(self.model, self.device)
+
     def _wrap(self, model: nn.Module):
         from rcomp.masks import MaskedModel, attach_masks
 
@@ -290,12 +330,24 @@ class _Trainer:
         from rcomp.data import make_loader
 
         return make_loader(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch,
-                           num_workers=self.cfg.num_workers)
+                           num_workers=self._workers(), pin_memory=self.device.type == "cuda",
+                           rank=self.world.rank, world_size=self.world.size)
+
+    def _workers(self) -> int:
+        """``num_workers`` as given; on CUDA with images decoded per batch, a few so decoding overlaps the GPU."""
+        if self.cfg.num_workers or self.device.type != "cuda" or hasattr(self.train_set, "get_batch"):
+            return self.cfg.num_workers
+        return min(4, max(1, (os.cpu_count() or 1) // self.world.size))
+
+    def _seed(self, epoch: int, stream: int) -> int:
+        """Training streams differ per rank (rank 0 keeps the single-process seeds): shards get independent draws."""
+        return stream_seed(self.cfg.seed, epoch, stream + 1000 * self.world.rank)
 
     # ---------------------------------------------------------------- main loop
     def run(self, resume: bool) -> TrainResult:
         started = time.perf_counter()
         resumed_from = self._resume() if resume else None
+        self._wrap_ddp()
         while self.epoch < self.cfg.epochs and not self.stopped:
             self._run_epoch(self.epoch + 1)
         self._finish()
@@ -314,23 +366,28 @@ class _Trainer:
         self.history.append(record)
         self.epoch = epoch
         self.log(_format(record, self.cfg.epochs))
-        if self.ckpt is not None:
+        if self.ckpt is not None and self.world.is_main:
             self.ckpt.save(self._state(), epoch)
 
     def _train_epoch(self, epoch: int) -> dict:
         from tqdm import tqdm
 
         loader = self._loader(epoch)
-        g_aug = torch.Generator().manual_seed(stream_seed(self.cfg.seed, epoch, 1))
-        g_att = torch.Generator(device=self.device).manual_seed(stream_seed(self.cfg.seed, epoch, 2))
+        g_aug = torch.Generator().manual_seed(self._seed(epoch, 1))
+        g_att = torch.Generator(device=self.device).manual_seed(self._seed(epoch, 2))
         totals = {"loss": 0.0, "correct": 0, "n": 0, "penalty": 0.0, "steps": 0, "lr": 0.0}
         self.model.train()
         bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False,
-                   disable=not self.cfg.progress, unit="batch")
+                   disable=not self.cfg.progress or not self.world.is_main, unit="batch")
         for step, (x, y) in enumerate(bar, start=1):
             x = self._augment(x.to(self.device, non_blocking=True), g_aug)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             self._step(x, y.to(self.device, non_blocking=True), epoch, step, g_att, totals)
         bar.close()
+        distributed.average_buffers(self.model)
+        totals["loss"], totals["correct"], totals["n"] = distributed.all_reduce_sum(
+            [totals["loss"], totals["correct"], totals["n"]])  # the epoch log covers every rank's examples
         return totals
 
     def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -345,9 +402,10 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         attack = ATTACKS[self.attack]
-        x_in = attack(self.model, x, y, eps=self.cfg.eps, alpha=self._alpha(), generator=g_att) if attack else x
-        logits = self.model(x_in)
-        loss = F.cross_entropy(logits, y)
+        with self._autocast():
+            x_in = attack(self.model, x, y, eps=self.cfg.eps, alpha=self._alpha(), generator=g_att) if attack else x
+            logits = self.net(x_in)  # through DDP: this backward all-reduces the gradients
+            loss = F.cross_entropy(logits, y)
         penalty = self._penalty()
         total = loss + penalty
         self._check_finite(total, "loss", epoch, step)
@@ -356,7 +414,8 @@ class _Trainer:
         self._clip_and_check(epoch, step)
         masks_active = self.masks is not None and not self.frozen
         before = self.masks.on_states() if masks_active else None
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         if masks_active:
             self.masks.limit_switch_off(before, max(1, math.ceil(self.cfg.max_switch_off * self.masks.num_units)))
             self.masks.clip_()
@@ -366,12 +425,23 @@ class _Trainer:
         _accumulate(totals, lr, loss, penalty, logits, y)
         self._maybe_freeze()
 
+    def _autocast(self):
+        """fp16 autocast for the training forwards (attack and loss) with ``amp`` on CUDA; evaluation stays fp32."""
+        return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+
     def _backward(self, loss: torch.Tensor, penalty: torch.Tensor) -> None:
-        """Task-loss gradient as is; the budget gradient of each mask rescaled by its cost share."""
+        """Task-loss gradient as is; the budget gradient of each mask rescaled by its cost share.
+
+        Under DDP ``loss.backward()`` averages every gradient over the ranks, the masks' included.
+        The budget gradient depends on the masks alone, identical on every rank, so adding it
+        after that all-reduce (and after unscaling, under AMP) keeps the ranks identical.
+        """
         if self.budget_scale is None or not penalty.requires_grad:
-            (loss + penalty).backward()
+            self.scaler.scale(loss + penalty).backward()
+            self.scaler.unscale_(self.optimizer)
             return
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         params = list(self.masks.params)
         grads = torch.autograd.grad(penalty, params, allow_unused=True)
         for p, g, scale in zip(params, grads, self.budget_scale):
@@ -392,7 +462,8 @@ class _Trainer:
         params = list(self.masks.params)
         value = sum(self.cost.value(c.metric) / c.limit for c in self.controller.constraints)
         grads = torch.autograd.grad(value, params, allow_unused=True)
-        flat = torch.cat([g.abs().flatten() if g is not None else torch.zeros(p.numel()) for g, p in zip(grads, params)])
+        flat = torch.cat([g.abs().flatten() if g is not None else torch.zeros(p.numel(), device=p.device)
+                          for g, p in zip(grads, params)])
         mean = flat[flat > 0].mean() if bool((flat > 0).any()) else torch.tensor(1.0)
         scales = []
         for g, p in zip(grads, params):
@@ -410,7 +481,8 @@ class _Trainer:
         return self.controller.penalty(self.global_step / self.total_steps).to(self.device)
 
     def _check_finite(self, value: torch.Tensor, what: str, epoch: int, step: int) -> None:
-        if not bool(torch.isfinite(value).all()):
+        """Raise on a non-finite value on any rank: every rank stops at the same step, none waits forever."""
+        if not distributed.all_true(bool(torch.isfinite(value).all())):
             where = f"epoch {epoch}, step {step} (global step {self.global_step + 1})"
             last = f"; last good checkpoint: epoch {self.epoch}" if self.ckpt is not None and self.epoch else ""
             raise NumericalError(f"non-finite {what} ({float(value.detach()):g}) at {where}{last}")
@@ -419,7 +491,8 @@ class _Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         limit = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
-        self._check_finite(norm, "gradient norm", epoch, step)
+        if not self.amp:  # under AMP an overflow is the GradScaler's to handle: it skips the step
+            self._check_finite(norm, "gradient norm", epoch, step)
 
     def _maybe_freeze(self) -> None:
         if self.controller is None or self.frozen:
@@ -431,6 +504,8 @@ class _Trainer:
         """Project the hard masks onto the budget and freeze them: the architecture is final."""
         self.projection = self.controller.project()
         self.masks.freeze()
+        if self.net is not self.model:  # still training data-parallel: the frozen masks leave DDP
+            self._wrap_ddp()
         self.frozen = True
         self.guard.reset()
         p = self.projection
@@ -456,9 +531,30 @@ class _Trainer:
         from rcomp.data import make_loader
 
         g = torch.Generator(device=self.device).manual_seed(stream_seed(self.cfg.seed, epoch, 3))
-        loader = make_loader(self.val_set, max(self.cfg.batch_size, 100), shuffle=False, seed=self.cfg.seed, epoch=0)
+        loader = make_loader(self._shard(self.val_set), max(self.cfg.batch_size, 100), shuffle=False, seed=self.cfg.seed,
+                             epoch=0)
         steps = self.cfg.eval_pgd_steps
-        return evaluate(self.model, loader, pgd, eps=self.cfg.eps, alpha=self._pgd_alpha(), steps=steps, generator=g)
+        return self._evaluate(loader, pgd, eps=self.cfg.eps, alpha=self._pgd_alpha(), steps=steps, generator=g)
+
+    def _shard(self, data):
+        """This rank's strided share of an evaluation set: a dataset or an (x, y) pair."""
+        if not self.world.active:
+            return data
+        r, n = self.world.rank, self.world.size
+        if isinstance(data, tuple):
+            return tuple(t[r::n] for t in data)
+        positions = list(range(r, len(data), n))
+        return data.subset(positions) if hasattr(data, "subset") else torch.utils.data.Subset(data, positions)
+
+    def _evaluate(self, data, attack=None, **kwargs) -> AccuracyResult:
+        """``evaluate`` on this rank's share, counts summed over ranks: the same numbers on every rank."""
+        local = evaluate(self.model, data, attack, **kwargs)
+        if not self.world.active:
+            return local
+        clean, adv, n = distributed.all_reduce_sum([local.clean_correct, local.adv_correct or 0, local.n])
+        has_adv = attack is not None
+        return AccuracyResult(clean / max(n, 1), adv / max(n, 1) if has_adv else None, int(n), int(clean),
+                              int(adv) if has_adv else None)
 
     def _pgd_alpha(self) -> float:
         """eps/4 (PGD-10's usual step); larger for fewer steps (Madry's 2.5*eps/steps) to reach the boundary."""
@@ -485,13 +581,13 @@ class _Trainer:
 
     def _guard_accuracies(self, epoch: int) -> tuple[float, float | None, float | None]:
         """(clean, FGSM, PGD) accuracy on the fixed training batch, in eval mode."""
-        x, y = (t.to(self.device) for t in self.guard_batch)
+        x, y = (t.to(self.device) for t in self._shard(self.guard_batch))
         if self.attack == "none":
-            return evaluate(self.model, (x, y)).clean, None, None
+            return self._evaluate((x, y)).clean, None, None
         g = torch.Generator(device=self.device).manual_seed(stream_seed(self.cfg.seed, epoch, 4))
-        res_f = evaluate(self.model, (x, y), fgsm, eps=self.cfg.eps)
-        res_p = evaluate(self.model, (x, y), pgd, eps=self.cfg.eps, alpha=self._pgd_alpha(),
-                         steps=self.cfg.eval_pgd_steps, generator=g)
+        res_f = self._evaluate((x, y), fgsm, eps=self.cfg.eps)
+        res_p = self._evaluate((x, y), pgd, eps=self.cfg.eps, alpha=self._pgd_alpha(),
+                               steps=self.cfg.eval_pgd_steps, generator=g)
         return res_p.clean, res_f.adv, res_p.adv
 
     def _snapshot(self) -> dict:
@@ -514,6 +610,9 @@ class _Trainer:
 
     # ---------------------------------------------------------------- end of run
     def _finish(self) -> None:
+        self.net = self.model  # the DDP wrapper is done; surgery and export see a plain module
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
         self.returned_epoch = self.epoch
         if self.co_events and self.guard.best_state is not None:
             self.model.load_state_dict(self.guard.best_state)
@@ -536,12 +635,14 @@ class _Trainer:
             "guard": self.guard.state_dict(), "co_events": list(self.co_events),
             "history": [asdict(h) for h in self.history], "rng": capture_rng_state(),
             "budget": self.controller.state_dict() if self.controller is not None else None,
+            "scaler": self.scaler.state_dict(),
         }
 
     def _resume(self) -> int | None:
         if self.ckpt is None:
             raise ConfigError("resume needs an output folder (out_dir) to find the checkpoints in")
-        found = self.ckpt.load_latest(map_location="cpu")
+        found = self.ckpt.load_latest(map_location="cpu") if self.world.is_main else None
+        found = distributed.broadcast_object(found)  # every rank resumes from rank 0's file: no shared disk needed
         if found is None:
             self.log(f"no checkpoint in {self.ckpt.directory}; starting from scratch")
             return None
@@ -567,11 +668,14 @@ class _Trainer:
             self.controller.load_state_dict(state["budget"])
         self.co_events = list(state["co_events"])
         self.history = [EpochLog(**h) for h in state["history"]]
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         saved, now = state.get("config", {}), asdict(self.cfg)
-        diff = [k for k in now if k not in _MACHINE_FIELDS and saved.get(k) != now[k]]
+        defaults = asdict(TrainConfig())  # a field added since the checkpoint was written had its default then
+        diff = [k for k in now if k not in _MACHINE_FIELDS and saved.get(k, defaults[k]) != now[k]]
         if diff:
             raise CheckpointError(f"{path}: written with a different configuration ({', '.join(diff)} differ); "
                                   "use a new output folder or the same settings")
