@@ -59,6 +59,16 @@ POSTER = {  # clean / PGD from the poster (Fast AT + In-train, Fast AT + RLPrune
 }
 
 
+NOTES = [
+    "Accuracies are on the 5,000-image validation split carved (seed 0) from the CIFAR-10 training folder; "
+    "PGD-10 (eps 8/255, step 2/255) on all of it, PGD-50 with restarts on its first pgd50_n images "
+    "(the PGD-10 figure in brackets is on those same images, for the ordering).",
+    "The poster's figures come from full-length GPU schedules; these runs are as long as the CPU budget allowed "
+    "(epochs column), so absolute accuracies are far lower; compare the rows with each other.",
+    "Wall time: the runs of one invocation train at the same time, one thread each, so their ratio is fair.",
+]
+
+
 def run_dir(name: str) -> Path:
     return HERE / "runs" / name
 
@@ -154,6 +164,7 @@ def collect(names: list[str], args) -> dict:
             "model": model, "method": method, "target_ops": target, "epochs": len(t["history"]),
             "clean": acc10["clean"], "pgd10": next(v for k, v in acc10.items() if k.startswith("pgd-")),
             "pgd50": next(v for k, v in acc50.items() if k.startswith("pgd-50")), "pgd50_n": ev["pgd50"]["n"],
+            "pgd10_same_n": next(v for k, v in acc50.items() if k.startswith("pgd-") and not k.startswith("pgd-50")),
             "val_n": ev["pgd10"]["n"], "ops_ratio": t["macs"] / t["dense_macs"], "params_ratio": t["params"] / t["dense_params"],
             "macs": t["macs"], "params": t["params"], "wall_seconds": t["wall_seconds"],
             "co_events": t["co_events"], "recipe": t["recipe"], "phase_seconds": t.get("phase_seconds") or None,
@@ -209,7 +220,7 @@ def main() -> None:
         previous["runs"].update(rows)
         previous.update(command=" ".join([Path(sys.executable).name] + sys.argv), commit=commit(), machine=machine(),
                         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        bench_seconds=time.time() - started, poster=POSTER, data=args.data)
+                        bench_seconds=time.time() - started, poster=POSTER, data=args.data, notes=NOTES)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
     from render import render_cifar10  # noqa: E402  (bench/render.py)

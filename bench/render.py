@@ -36,7 +36,7 @@ def _provenance(doc: dict, path: Path) -> str:
 
 def cifar10_table(doc: dict) -> str:
     poster = doc.get("poster", {})
-    rows = ["| run | method | target ops | epochs | clean % | PGD-10 % | PGD-50×r % | ops ratio | params ratio | wall time | ONNX latency ratio | poster clean / PGD |",
+    rows = ["| run | method | target ops | epochs | clean % | PGD-10 % | PGD-50×r % (PGD-10, same n) | ops ratio | params ratio | wall time | ONNX latency ratio | poster clean / PGD |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     dense_wall = {r["model"]: r["wall_seconds"] for r in doc["runs"].values() if r["method"] == "dense"}
     for name, r in doc["runs"].items():
@@ -46,7 +46,7 @@ def cifar10_table(doc: dict) -> str:
         ref = poster.get(name)
         rows.append(
             f"| {name} | {r['method']} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
-            f"{_pct(r['pgd50'])} (n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | {wall} | "
+            f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | {wall} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {'–' if ref is None else f'{ref[0]} / {ref[1]}'} |"
         )
     return "\n".join(rows)
