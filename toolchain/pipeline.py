@@ -351,7 +351,8 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
     else:
         pruned = fold_weight_masks(trained)
     shape = (1, *bundle.input_shape)
-    cost, dense_cost = count_model(pruned.model, shape), count_model(_build_model(job, bundle), shape)
+    dense_model = _build_model(job, bundle)  # the dense architecture: reference count and latency
+    cost, dense_cost = count_model(pruned.model, shape), count_model(dense_model, shape)
     extra = {
         "model": job.model_name, "method": job.method, "data": job.data_spec, "recipe": _plain(dataclasses.asdict(job.train)),
         "recipe_hash": recipe_hash(job.train), "dense_macs": dense_cost.macs, "dense_params": dense_cost.params,
@@ -370,7 +371,7 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
         "phase_seconds": _plain(getattr(result, "phase_seconds", {})),
         **({"rl_search": _plain(result.search)} if job.method == "rl" else {}),
     })
-    return TrainOutcome(staged.final, staged.final / "model.pt", pruned, _build_model(job, bundle), bundle, result,
+    return TrainOutcome(staged.final, staged.final / "model.pt", pruned, dense_model, bundle, result,
                         cost, dense_cost, extra)
 
 

@@ -71,19 +71,29 @@ def magnitude_scores(model: nn.Module, masks, example_input: torch.Tensor) -> li
     return scores
 
 
-def prune_by_magnitude(model: nn.Module, config, example_input: torch.Tensor) -> tuple[PrunedModel, dict]:
-    """Meet the config's budget on a trained dense model by removing low-magnitude channel groups."""
+def budgeted_masks(model: nn.Module, config, example_input: torch.Tensor, source: str):
+    """Channel masks on a trained dense model, with its cost model and the config's budgets.
+
+    Shared by the post-train baselines (magnitude here, the RL search in :mod:`rcomp.rl`), so both
+    prune under the same per-group floor and the same constraints as in-train pruning.
+    """
     masked = attach_masks(model, "channel", example_input)
-    masked.masks.min_keep_fraction = config.min_keep  # the same per-group floor as in-train pruning
+    masked.masks.min_keep_fraction = config.min_keep
     cost = CostModel.build(masked, example_input)
     constraints = constraints_from_targets(cost, target_ops=config.target_ops, target_params=config.target_params,
-                                           mops=config.mops, params=config.params, source="posttrain")
+                                           mops=config.mops, params=config.params, source=source)
+    return masked, cost, constraints
+
+
+def prune_by_magnitude(model: nn.Module, config, example_input: torch.Tensor) -> tuple[PrunedModel, dict]:
+    """Meet the config's budget on a trained dense model by removing low-magnitude channel groups."""
+    masked, cost, constraints = budgeted_masks(model, config, example_input, "posttrain")
     for i, score in enumerate(magnitude_scores(model, masked.masks, example_input)):
         with torch.no_grad():
             masked.masks.params[i].copy_(score.clamp_min(1e-6))  # all on; the value is the importance
-    projection = BudgetController(cost, constraints).project()
-    status = BudgetController(cost, constraints).status()
-    return remove_channels(masked, example_input), {"projection": projection, "status": status}
+    controller = BudgetController(cost, constraints)
+    projection = controller.project()
+    return remove_channels(masked, example_input), {"projection": projection, "status": controller.status()}
 
 
 def train_posttrain(config, bundle, model: nn.Module, *, model_name: str, model_kwargs: dict, out_dir,

@@ -595,16 +595,10 @@ class RLResult(PostTrainResult):
 
 def build_env(model: nn.Module, config, example: Tensor) -> PruningEnv:
     """Masks on the trained dense model, its cost model, the budgets, and the magnitude ranking."""
-    from rcomp.budget import CostModel, constraints_from_targets
-    from rcomp.masks import attach_masks
-    from rcomp.posttrain import magnitude_scores
+    from rcomp.posttrain import budgeted_masks, magnitude_scores
 
-    masked = attach_masks(model, "channel", example)
-    masked.masks.min_keep_fraction = config.min_keep
+    masked, cost, constraints = budgeted_masks(model, config, example, "rl")
     masked.masks.freeze()  # the search never trains the masks
-    cost = CostModel.build(masked, example)
-    constraints = constraints_from_targets(cost, target_ops=config.target_ops, target_params=config.target_params,
-                                           mops=config.mops, params=config.params, source="rl")
     scores = magnitude_scores(model, masked.masks, example)
     return PruningEnv(masked, cost, constraints, scores, max_ratio=1.0 - config.min_keep)
 
@@ -744,13 +738,10 @@ def _read_policy(path: Path, fingerprint: dict, log) -> dict | None:
 def _projection(env: PruningEnv, status: dict, doc: dict) -> dict:
     """The same keys as ``BudgetController.project()``, for reports that read either method."""
     off = sum(p["size"] - p["keep"] for p in doc["policy"])
-    limits: dict[str, float] = {}
-    for c in env.constraints:
-        limits[c.metric] = min(limits.get(c.metric, math.inf), c.limit)
     return {"ops_before": round(env.cost.dense_ops), "ops_after": status["ops"],
             "params_before": round(env.cost.dense_params), "params_after": status["params"],
             "units_changed": off, "units_turned_on": 0, "units_turned_off": off,
-            "limits": limits, "satisfied": status["satisfied"],
+            "limits": status["limits"], "satisfied": status["satisfied"],
             "source": f"rl policy of episode {doc['best']['episode']}"}
 
 
