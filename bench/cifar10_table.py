@@ -167,7 +167,9 @@ def collect(names: list[str], args) -> dict:
             "pgd10_same_n": next(v for k, v in acc50.items() if k.startswith("pgd-") and not k.startswith("pgd-50")),
             "val_n": ev["pgd10"]["n"], "ops_ratio": t["macs"] / t["dense_macs"], "params_ratio": t["params"] / t["dense_params"],
             "macs": t["macs"], "params": t["params"], "wall_seconds": t["wall_seconds"],
-            "co_events": t["co_events"], "recipe": t["recipe"], "phase_seconds": t.get("phase_seconds") or None,
+            "co_events": t["co_events"], "recipe": t["recipe"],
+            "ops_ratio_per_epoch": [h["ops_ratio"] for h in t["history"]],
+            "projection_units_changed": (t.get("projection") or {}).get("units_changed"), "phase_seconds": t.get("phase_seconds") or None,
         }
     return rows
 
@@ -198,6 +200,7 @@ def main() -> None:
     p.add_argument("--rl-episodes", type=int, default=None, help="AMC search episodes of the rl runs [rcomp's default]")
     p.add_argument("--restarts", type=int, default=2)
     p.add_argument("--latency-runs", type=int, default=300)
+    p.add_argument("--note", action="append", default=[], help="a provenance note stored with the results (repeatable)")
     p.add_argument("--render", action="store_true", help="only re-render README tables from the results file")
     args = p.parse_args()
     names = [n for n in args.only.split(",") if n] or [n for n in RUNS if n.startswith("r20-")]
@@ -220,7 +223,7 @@ def main() -> None:
         previous["runs"].update(rows)
         previous.update(command=" ".join([Path(sys.executable).name] + sys.argv), commit=commit(), machine=machine(),
                         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        bench_seconds=time.time() - started, poster=POSTER, data=args.data, notes=NOTES)
+                        bench_seconds=time.time() - started, poster=POSTER, data=args.data, notes=NOTES + args.note)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
     from render import render_cifar10  # noqa: E402  (bench/render.py)

@@ -41,6 +41,7 @@ def test_prune_leaves_every_artifact_and_passes(job):
     assert report["passed"] is True
     assert report["training"]["macs"] <= 0.5 * report["training"]["dense_macs"]
     assert "sanity" in report and "rows" in report["sanity"]
+    assert report["onnx_path"] == str(out / "model.onnx")  # the published file, not OUT.partial/
     assert "verdict: PASS" in output
 
 

@@ -430,6 +430,7 @@ def run_prune(job: Job, log=print) -> PruneOutcome | None:
     report = run_check(str(staged.path("model.onnx")), profile, attack_set=str(staged.path("adv.npz")),
                        square_queries=job.square_queries, latency_runs=job.latency_runs,
                        dense_onnx=str(staged.path("dense.onnx")))
+    report.onnx_path = str(staged.final / "model.onnx")  # the reports name the published file, not the staging one
     doc = report.to_dict()
     doc.update(training=_training_summary(outcome), sanity=sanity.to_dict())
     write_json_atomic(staged.path("report.json"), doc)
