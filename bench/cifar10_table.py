@@ -9,7 +9,17 @@ process so the ratios to the dense model are fair. Results go to
 ``bench/results/cifar10_table.json`` with the command, commit, machine and date.
 
 Runs of the sweep are started ``--jobs`` at a time with one thread each, so runs that are
-compared for wall time share the machine the same way.
+compared for wall time share the machine the same way; each worker evaluates its run as soon as it
+is trained, so no core idles while another trains. A lock file per run keeps two invocations from
+training the same run.
+
+The post-train methods (``posttrain``, ``rl``) of one model all begin with the same dense phase
+(same recipe, seed and epoch split, hence bit-identical): the first one trains it, the others copy
+its ``dense/`` checkpoint and resume from it, and ``phase_seconds`` still charges each of them the
+recorded time of that phase. The finished dense phase is also kept in ``bench/shared/`` (committed),
+so a later session continues the sweep without retraining it. Every finished model is copied to
+``bench/models/<run>.pt`` (committed), so any figure can be re-checked on another split:
+``rcomp eval bench/models/<run>.pt --data imagefolder:ROOT --split test``.
 
 Usage::
 
@@ -25,15 +35,21 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results" / "cifar10_table.json"
+RUNS_DIR = HERE / "runs"  # training folders, logs, locks (not committed)
+MODELS = HERE / "models"  # finished models, committed: re-evaluable on a held-out split
+SHARED = HERE / "shared"  # finished dense phases of the post-train methods, committed
+POST_METHODS = ("posttrain", "rl")
 DATA = f"imagefolder:{(REPO.parent / 'shared' / 'datasets' / 'cifar10-jpeg')}"
 
 # name → (model, method, ops target); the order is the order of the table.
@@ -70,7 +86,7 @@ NOTES = [
 
 
 def run_dir(name: str) -> Path:
-    return HERE / "runs" / name
+    return RUNS_DIR / name
 
 
 def train_command(name: str, args) -> list[str]:
@@ -82,7 +98,7 @@ def train_command(name: str, args) -> list[str]:
         cmd += ["--target-ops", str(target)]
     if method == "rl" and args.rl_episodes is not None:
         cmd += ["--rl-episodes", str(args.rl_episodes)]
-    if (run_dir(name).with_name(name + ".partial")).exists():
+    if partial_dir(name).exists():
         cmd.append("--resume")
     return cmd
 
@@ -93,17 +109,145 @@ def _env(threads: int) -> dict:
     return env
 
 
+def partial_dir(name: str) -> Path:
+    return run_dir(name).with_name(name + ".partial")
+
+
 def train_one(name: str, args) -> None:
     if (run_dir(name) / "model.pt").exists():
         print(f"[{name}] complete, skipped", flush=True)
         return
-    cmd = train_command(name, args)
-    log = HERE / "runs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[{name}] {' '.join(cmd)}  (log: {log})", flush=True)
-    with open(log, "a") as fh:
-        status = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(args.threads), cwd=REPO)
-    print(f"[{name}] exit {status}", flush=True)
+    with run_lock(name) as mine:
+        if not mine:
+            print(f"[{name}] being trained by another process, skipped", flush=True)
+            return
+        donor = share_dense_phase(name, args)
+        if donor:
+            print(f"[{name}] dense phase copied from {donor}", flush=True)
+        cmd = train_command(name, args)
+        log = RUNS_DIR / f"{name}.log"
+        record_provenance(name, cmd)
+        print(f"[{name}] {' '.join(cmd)}  (log: {log})", flush=True)
+        with open(log, "a") as fh:
+            status = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(args.threads), cwd=REPO)
+        print(f"[{name}] exit {status}", flush=True)
+        keep_dense_phase(name, args)
+
+
+def record_provenance(name: str, cmd: list[str]) -> None:
+    """Which code trained a run: every (re)start appends the commit and whether the tree was clean."""
+    path = RUNS_DIR / f"{name}.provenance.json"
+    starts = json.loads(path.read_text()) if path.exists() else []
+    starts.append({"command": " ".join(cmd[1:]), "commit": commit(), "dirty": dirty(),
+                   "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    path.write_text(json.dumps(starts, indent=2) + "\n")
+
+
+def dirty() -> bool | None:
+    """True if the tracked code (toolchain, models, export) differs from the commit."""
+    try:
+        out = subprocess.check_output(["git", "status", "--porcelain", "--", "toolchain", "models", "export"],
+                                      cwd=REPO, text=True)
+    except Exception:  # noqa: BLE001 - provenance is best effort outside a git checkout
+        return None
+    return bool(out.strip())
+
+
+@contextmanager
+def run_lock(name: str):
+    """Yield True if this process may train ``name``: a lock file holds the trainer's pid."""
+    lock = RUNS_DIR / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if _alive(lock):
+            yield False
+            return
+        lock.unlink(missing_ok=True)  # a stale lock of a killed sweep
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(lock: Path) -> bool:
+    try:
+        os.kill(int(lock.read_text().strip()), 0)
+    except (ValueError, ProcessLookupError, FileNotFoundError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _phase_key(name: str, args) -> str:
+    """What makes two runs' dense phases identical: model, recipe and the epoch split."""
+    model = RUNS[name][0]
+    return f"{model}-e{args.epochs}-{args.attack}-lr{args.lr:g}-seed{args.seed}"
+
+
+def share_dense_phase(name: str, args) -> str | None:
+    """Seed a post-train run with a finished dense phase of the same recipe (bench/shared or a sibling)."""
+    model, method, _ = RUNS[name]
+    target = partial_dir(name) / "dense" / "checkpoints"
+    if method not in POST_METHODS or target.exists():
+        return None
+    shared = SHARED / _phase_key(name, args)
+    sources = [(str(shared.relative_to(REPO)) if shared.is_relative_to(REPO) else str(shared), shared)]
+    sources += [(other, folder / "dense" / "checkpoints") for other, (m, meth, _) in RUNS.items()
+                if other != name and m == model and meth in POST_METHODS
+                for folder in (run_dir(other), partial_dir(other)) if (folder / f"{meth}-pruned.pt").exists()]
+    for donor, checkpoints in sources:
+        latest = _latest_checkpoint(checkpoints)
+        if latest is not None:
+            target.mkdir(parents=True)
+            for f in (latest, latest.with_name(latest.name + ".sha256")):
+                shutil.copy2(f, target / f.name)
+            (partial_dir(name) / "dense-phase-from.txt").write_text(f"{donor}/{latest.name}\n")
+            return donor
+    return None
+
+
+def keep_dense_phase(name: str, args) -> None:
+    """Keep the finished dense phase of a post-train run in bench/shared/ (latest checkpoint only)."""
+    model, method, _ = RUNS[name]
+    dest = SHARED / _phase_key(name, args)
+    if method not in POST_METHODS or dest.exists():
+        return
+    for folder in (run_dir(name), partial_dir(name)):
+        latest = _latest_checkpoint(folder / "dense" / "checkpoints")
+        if latest is not None and (folder / f"{method}-pruned.pt").exists():
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in (latest, latest.with_name(latest.name + ".sha256")):
+                shutil.copy2(f, tmp / f.name)
+            os.replace(tmp, dest)
+            return
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("ckpt-epoch*.pt")) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def keep_model(name: str) -> None:
+    ckpt = run_dir(name) / "model.pt"
+    if ckpt.exists():
+        MODELS.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ckpt, MODELS / f"{name}.pt")
+
+
+def train_and_evaluate(name: str, args) -> None:
+    train_one(name, args)
+    if (run_dir(name) / "model.pt").exists():
+        keep_model(name)
+        keep_dense_phase(name, args)
+        evaluate_one(name, args)
 
 
 def evaluate_one(name: str, args) -> dict | None:
@@ -125,8 +269,20 @@ def evaluate_one(name: str, args) -> dict | None:
     return json.loads(out.read_text())
 
 
+def dense_reference(model: str) -> str:
+    """The dense architecture's ONNX (random weights: latency depends on the graph, not the values)."""
+    from rcomp.export.onnx_export import export_onnx
+    from rcomp.models import create_model
+
+    path = RUNS_DIR / f"{model}-dense-arch.onnx"
+    if not path.exists():
+        net = create_model(model, 10, 3).eval()
+        export_onnx(net, (1, 3, 32, 32), path, opset=17, metadata={"rcomp.model": model, "rcomp.method": "dense-arch"})
+    return str(path)
+
+
 def export_all(names: list[str]) -> dict[str, str]:
-    onnx = {}
+    onnx = {f"{m}-dense-arch": dense_reference(m) for m in sorted({RUNS[n][0] for n in names})}
     for name in names:
         ckpt, path = run_dir(name) / "model.pt", run_dir(name) / "model.onnx"
         if ckpt.exists() and not path.exists():
@@ -161,17 +317,40 @@ def collect(names: list[str], args) -> dict:
         ev = evaluate_one(name, args)
         acc10, acc50 = ev["pgd10"]["accuracy"], ev["pgd50"]["accuracy"]
         rows[name] = {
-            "model": model, "method": method, "target_ops": target, "epochs": len(t["history"]),
+            "model": model, "method": method, "target_ops": target, "epochs": t["recipe"]["epochs"],
             "clean": acc10["clean"], "pgd10": next(v for k, v in acc10.items() if k.startswith("pgd-")),
             "pgd50": next(v for k, v in acc50.items() if k.startswith("pgd-50")), "pgd50_n": ev["pgd50"]["n"],
             "pgd10_same_n": next(v for k, v in acc50.items() if k.startswith("pgd-") and not k.startswith("pgd-50")),
             "val_n": ev["pgd10"]["n"], "ops_ratio": t["macs"] / t["dense_macs"], "params_ratio": t["params"] / t["dense_params"],
-            "macs": t["macs"], "params": t["params"], "wall_seconds": t["wall_seconds"],
+            "macs": t["macs"], "params": t["params"], "wall_seconds": method_seconds(t),
             "co_events": t["co_events"], "recipe": t["recipe"],
             "ops_ratio_per_epoch": [h["ops_ratio"] for h in t["history"]],
             "projection_units_changed": (t.get("projection") or {}).get("units_changed"), "phase_seconds": t.get("phase_seconds") or None,
+            "dense_phase_shared": (partial_or_final(name) / "dense-phase-from.txt").exists() or None,
         }
+        provenance = RUNS_DIR / f"{name}.provenance.json"
+        if provenance.exists():
+            rows[name]["trained_by"] = json.loads(provenance.read_text())
+        if method == "rl":
+            rows[name]["rl_best"] = t["rl_search"]["best"]
+            rows[name]["rl_episodes"] = t["rl_search"]["rl"]["episodes"]
     return rows
+
+
+def method_seconds(t: dict) -> float:
+    """The whole method's wall time: dense + prune/search + fine-tune for the post-train methods.
+
+    Their ``phase_seconds`` charge a resumed (or shared) dense phase its recorded epoch times;
+    ``wall_seconds`` would only hold the last process's share.
+    """
+    phases = t.get("phase_seconds") or {}
+    if not phases:
+        return t["wall_seconds"]
+    return phases.get("total", sum(phases.values()))
+
+
+def partial_or_final(name: str) -> Path:
+    return run_dir(name) if run_dir(name).exists() else partial_dir(name)
 
 
 def machine() -> dict:
@@ -202,7 +381,13 @@ def main() -> None:
     p.add_argument("--latency-runs", type=int, default=300)
     p.add_argument("--note", action="append", default=[], help="a provenance note stored with the results (repeatable)")
     p.add_argument("--render", action="store_true", help="only re-render README tables from the results file")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep runs, models, shared phases and results here instead of bench/ (smoke tests; no README)")
     args = p.parse_args()
+    if args.workdir is not None:
+        global RUNS_DIR, MODELS, SHARED, RESULTS
+        RUNS_DIR, MODELS, SHARED = args.workdir / "runs", args.workdir / "models", args.workdir / "shared"
+        RESULTS = args.workdir / "results" / "cifar10_table.json"
     names = [n for n in args.only.split(",") if n] or [n for n in RUNS if n.startswith("r20-")]
     unknown = [n for n in names if n not in RUNS]
     if unknown:
@@ -210,15 +395,19 @@ def main() -> None:
     if not args.render:
         started = time.time()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda n: train_one(n, args), names))
+            list(pool.map(lambda n: train_and_evaluate(n, args), names))
         rows = collect(names, args)
         onnx = export_all(list(rows))
         lat = latency_ratios(onnx, args.latency_runs) if onnx else {}
+        stamp = {"command": " ".join([Path(sys.executable).name] + sys.argv), "commit": commit(),
+                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         for name, row in rows.items():
-            dense = f"{row['model'].replace('resnet', 'r')}-dense" if row["model"] != "vgg16" else None
+            dense = f"{row['model']}-dense-arch"  # measured interleaved with the row, in this process
             row["latency"] = lat.get(name)
             if dense in lat and name in lat:
                 row["latency_ratio_p50"] = lat[name]["p50_ms"] / lat[dense]["p50_ms"]
+                row["latency_reference"] = dense
+            row["collected"] = stamp
         previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
         previous["runs"].update(rows)
         previous.update(command=" ".join([Path(sys.executable).name] + sys.argv), commit=commit(), machine=machine(),
@@ -226,9 +415,10 @@ def main() -> None:
                         bench_seconds=time.time() - started, poster=POSTER, data=args.data, notes=NOTES + args.note)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
-    from render import render_cifar10  # noqa: E402  (bench/render.py)
+    if args.workdir is None:
+        from render import render_cifar10  # noqa: E402  (bench/render.py)
 
-    render_cifar10(RESULTS)
+        render_cifar10(RESULTS)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,27 @@ def test_posttrain_baseline_meets_the_same_budget(tmp_path):
     t = json.loads((out / "train.json").read_text())
     assert t["method"] == "posttrain"
     assert 0.45 * t["dense_macs"] <= t["macs"] <= 0.5 * t["dense_macs"]
-    assert set(t["phase_seconds"]) == {"dense", "prune", "finetune"}
+    assert set(t["phase_seconds"]) == {"dense", "prune", "finetune", "total"}
     assert len(t["dense_history"]) == 2 and len(t["history"]) == 1  # 2 dense epochs + 1 fine-tuning epoch
     code, text = run("count", out / "model.pt")
     assert code == 0 and f"{t['macs'] / 1e6:.3f} MOps" in text
+
+
+def test_posttrain_reusing_a_finished_dense_phase_is_charged_its_recorded_time(tmp_path):
+    """The bench shares one dense phase between post-train runs; each must still pay for it."""
+    common = ["--method", "posttrain", "--model", "tiny_cnn", "--data", "digits", "--epochs", "3",
+              "--batch-size", "64", "--no-progress"]
+    first = tmp_path / "p50"
+    code, output = run("train", "--target-ops", "0.5", "--out", first, *common)
+    assert code == 0, output
+    second = tmp_path / "p30"
+    shutil.copytree(first / "dense", second.with_name("p30.partial") / "dense")
+    code, output = run("train", "--target-ops", "0.3", "--out", second, "--resume", *common)
+    assert code == 0, output
+    t1, t2 = (json.loads((d / "train.json").read_text()) for d in (first, second))
+    assert t2["dense_history"] == t1["dense_history"]  # the same dense model, not a retrained one
+    recorded = sum(h["seconds"] for h in t1["dense_history"])
+    assert recorded <= t2["phase_seconds"]["dense"] < recorded + t1["phase_seconds"]["finetune"] + 30
+    phases = t2["phase_seconds"]
+    assert phases["total"] == pytest.approx(phases["dense"] + phases["prune"] + phases["finetune"])
+    assert t2["macs"] <= 0.3 * t2["dense_macs"]

@@ -16,7 +16,9 @@ pruned architecture is saved between phases 2 and 3 so phase 3 can be rebuilt on
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,47 +98,102 @@ def prune_by_magnitude(model: nn.Module, config, example_input: torch.Tensor) ->
     return remove_channels(masked, example_input), {"projection": projection, "status": controller.status()}
 
 
-def train_posttrain(config, bundle, model: nn.Module, *, model_name: str, model_kwargs: dict, out_dir,
-                    resume: bool = False, log=print) -> PostTrainResult:
-    """The three phases, each resumable, with the same total epochs as ``config.epochs``."""
-    from rcomp.train import train
+@dataclass
+class PruneOutcome:
+    """What a post-train pruning step hands back to :func:`train_in_three_phases`.
 
+    ``extra`` is method-specific and JSON-plain (the RL search summary, say): it is saved with the
+    pruned stage, so a resumed run gets it back without pruning again.
+    """
+
+    pruned: PrunedModel
+    status: dict
+    projection: dict
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phase: str,
+                          prune: Callable[[nn.Module], PruneOutcome], model_name: str, model_kwargs: dict, out_dir,
+                          resume: bool = False, log=print) -> tuple[PostTrainResult, dict]:
+    """Dense robust training, a pluggable prune step, robust fine-tuning: every post-train method.
+
+    The epochs are split by :func:`split_epochs`, so the total equals ``config.epochs`` (the
+    in-train run's). The pruned network is saved as ``<method>-pruned.pt`` between phases 2 and 3,
+    and each training phase checkpoints per epoch, so a resumed run skips what is done.
+    ``phase_seconds`` charges each phase its time across resumes (``dense``, ``phase``, ``finetune``,
+    ``total``), which is what the comparison with in-train pruning's single run needs.
+    Returns the result and the stage's metadata (with ``extra`` merged in).
+    """
     out_dir = Path(out_dir)
     dense_epochs, tune_epochs = split_epochs(config.epochs)
-    example = torch.rand(1, *bundle.input_shape)
     dense_cfg = dataclasses.replace(config, epochs=dense_epochs, regularity=None, target_ops=None,
                                     target_params=None, mops=None, params=None)
     started = time.perf_counter()
-    pruned_path = out_dir / "posttrain-pruned.pt"
-    phases: dict[str, float] = {}
-    if resume and pruned_path.exists():
-        pruned_model, meta = load_pruned(pruned_path)
-        pruned = PrunedModel(pruned_model, [tuple(p) for p in meta["pruned_channels"]], "channel", 0.0)
-        info, dense_history, dense_events = meta["extra"]["prune"], meta["extra"]["history"], meta["extra"]["co_events"]
-        phases = dict(meta["extra"]["phase_seconds"])
-        log(f"posttrain: resuming fine-tuning of {pruned_path}")
+    stage = out_dir / f"{method}-pruned.pt"
+    if resume and stage.exists():
+        pruned, meta = _load_stage(stage, log, method)
     else:
-        log(f"posttrain: phase 1/3, dense robust training for {dense_epochs} epochs")
+        log(f"{method}: phase 1/3, dense robust training for {dense_epochs} epochs")
         t0 = time.perf_counter()
-        dense = train(dense_cfg, bundle, model, out_dir=out_dir / "dense", resume=resume, log=log)
-        phases["dense"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pruned, info = prune_by_magnitude(dense.model.cpu().eval(), config, example)
-        phases["prune"] = time.perf_counter() - t0
-        dense_history = [dataclasses.asdict(h) for h in dense.history]
-        dense_events = list(dense.co_events)
-        log(f"posttrain: phase 2/3, pruned to ops ratio {info['status']['ops_ratio']:.3f}")
-        save_pruned(pruned_path, pruned, model_name=model_name, model_kwargs=model_kwargs,
-                    input_shape=tuple(bundle.input_shape),
-                    extra={"prune": info, "history": dense_history, "co_events": dense_events, "phase_seconds": phases})
-    log(f"posttrain: phase 3/3, robust fine-tuning for {tune_epochs} epochs")
-    tune_cfg = dataclasses.replace(dense_cfg, epochs=tune_epochs)
+        dense = _train(dense_cfg, bundle, model, out_dir / "dense", resume, log)
+        dense_seconds = train_seconds(dense, time.perf_counter() - t0)
+        outcome = prune(dense.model.cpu().eval())
+        pruned = outcome.pruned
+        meta = json.loads(json.dumps({
+            "status": outcome.status, "projection": outcome.projection, **outcome.extra,
+            "history": [dataclasses.asdict(h) for h in dense.history], "co_events": list(dense.co_events),
+            "phase_seconds": {"dense": dense_seconds, phase: outcome.seconds},
+        }))
+        save_pruned(stage, pruned, model_name=model_name, model_kwargs=model_kwargs,
+                    input_shape=tuple(bundle.input_shape), extra=meta)
+    log(f"{method}: phase 3/3, robust fine-tuning for {tune_epochs} epochs")
     t0 = time.perf_counter()
-    tuned = train(tune_cfg, bundle, pruned.model, out_dir=out_dir / "finetune", resume=resume, log=log)
-    phases["finetune"] = phases.get("finetune", 0.0) + time.perf_counter() - t0
-    return PostTrainResult(
+    tuned = _train(dataclasses.replace(dense_cfg, epochs=tune_epochs), bundle, pruned.model, out_dir / "finetune",
+                   resume, log)
+    phases = dict(meta["phase_seconds"], finetune=train_seconds(tuned, time.perf_counter() - t0))
+    phases["total"] = phases["dense"] + phases[phase] + phases["finetune"]
+    result = PostTrainResult(
         model=tuned.model, history=tuned.history, best_epoch=tuned.best_epoch,
-        co_events=dense_events + list(tuned.co_events), budget_status=info["status"], projection=info["projection"],
-        wall_seconds=time.perf_counter() - started, resumed_from=tuned.resumed_from,
-        pruned_channels=pruned.pruned_channels, phase_seconds=phases, dense_history=dense_history,
+        co_events=meta["co_events"] + list(tuned.co_events), budget_status=meta["status"],
+        projection=meta["projection"], wall_seconds=time.perf_counter() - started, resumed_from=tuned.resumed_from,
+        pruned_channels=pruned.pruned_channels, phase_seconds=phases, dense_history=meta["history"],
     )
+    return result, meta
+
+
+def train_seconds(result, wall: float) -> float:
+    """Wall time of a training phase across resumes: logged epochs before the resume plus this run."""
+    before = result.history[: result.resumed_from] if result.resumed_from else []
+    return sum(h.seconds for h in before) + wall
+
+
+def _train(config, bundle, model, out_dir: Path, resume: bool, log):
+    from rcomp.train import train
+
+    return train(config, bundle, model, out_dir=out_dir, resume=resume, log=log)
+
+
+def _load_stage(path: Path, log, method: str) -> tuple[PrunedModel, dict]:
+    model, meta = load_pruned(path)
+    log(f"{method}: resuming fine-tuning of {path}")
+    extra = dict(meta["extra"])
+    extra.update(extra.pop("prune", {}))  # stages written before the shared driver nested status/projection
+    return PrunedModel(model, [tuple(p) for p in meta["pruned_channels"]], "channel", 0.0), extra
+
+
+def train_posttrain(config, bundle, model: nn.Module, *, model_name: str, model_kwargs: dict, out_dir,
+                    resume: bool = False, log=print) -> PostTrainResult:
+    """Dense FastAT, group-magnitude pruning to the budget, FastAT fine-tuning (same total epochs)."""
+    example = torch.rand(1, *bundle.input_shape)
+
+    def prune(dense: nn.Module) -> PruneOutcome:
+        t0 = time.perf_counter()
+        pruned, info = prune_by_magnitude(dense, config, example)
+        log(f"posttrain: phase 2/3, pruned to ops ratio {info['status']['ops_ratio']:.3f}")
+        return PruneOutcome(pruned, info["status"], info["projection"], time.perf_counter() - t0)
+
+    result, _ = train_in_three_phases(config, bundle, model, method="posttrain", phase="prune", prune=prune,
+                                      model_name=model_name, model_kwargs=model_kwargs, out_dir=out_dir,
+                                      resume=resume, log=log)
+    return result

@@ -46,10 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rcomp.errors import CheckpointError, RcompError
-from rcomp.posttrain import PostTrainResult, split_epochs
+from rcomp.posttrain import PostTrainResult, PruneOutcome, split_epochs, train_in_three_phases
 
 POLICY_FILE = "rl-policy.json"
-PRUNED_FILE = "rl-pruned.pt"
 POLICY_FORMAT = "rcomp.rl-policy/1"
 REWARDS = ("acc_kl", "acc")
 STATE_FEATURES = ("index", "out_channels", "in_channels", "stride", "kernel", "ops", "ops_reduced", "ops_rest",
@@ -608,57 +607,17 @@ def train_rl(config, bundle, model: nn.Module, *, model_name: str, model_kwargs:
     """The three phases with the same total epochs as ``config.epochs``; see the module docstring."""
     rl = rl or RLConfig()
     rl.validate()
-    out_dir, started = Path(out_dir), time.perf_counter()
-    dense_epochs, tune_epochs = split_epochs(config.epochs)
-    dense_cfg = dataclasses.replace(config, epochs=dense_epochs, regularity=None, target_ops=None,
-                                    target_params=None, mops=None, params=None)
-    if resume and (out_dir / PRUNED_FILE).exists():
-        pruned, meta = _load_pruned_stage(out_dir / PRUNED_FILE, log)
-    else:
-        pruned, meta = _dense_and_search(config, dense_cfg, bundle, model, rl, out_dir, resume, log,
-                                         model_name=model_name, model_kwargs=model_kwargs)
-    log(f"rl: phase 3/3, robust fine-tuning for {tune_epochs} epochs")
-    t0 = time.perf_counter()
-    tuned = _train(dataclasses.replace(dense_cfg, epochs=tune_epochs), bundle, pruned.model, out_dir / "finetune",
-                   resume, log)
-    phases = dict(meta["phase_seconds"], finetune=_train_seconds(tuned, time.perf_counter() - t0))
-    phases["total"] = phases["dense"] + phases["search"] + phases["finetune"]
-    return RLResult(
-        model=tuned.model, history=tuned.history, best_epoch=tuned.best_epoch,
-        co_events=meta["co_events"] + list(tuned.co_events), budget_status=meta["status"],
-        projection=meta["projection"], wall_seconds=time.perf_counter() - started, resumed_from=tuned.resumed_from,
-        pruned_channels=pruned.pruned_channels, phase_seconds=phases, dense_history=meta["history"],
-        search=meta["search"],
-    )
+    out_dir = Path(out_dir)
 
+    def prune(dense: nn.Module) -> PruneOutcome:
+        pruned, meta = _search_and_prune(config, bundle, dense, rl, out_dir, resume, log, model_name)
+        return PruneOutcome(pruned, meta["status"], meta["projection"], meta["search_seconds"],
+                            extra={"search": meta["search"]})
 
-def _train(config, bundle, model, out_dir: Path, resume: bool, log):
-    from rcomp.train import train
-
-    return train(config, bundle, model, out_dir=out_dir, resume=resume, log=log)
-
-
-def _train_seconds(result, wall: float) -> float:
-    """Wall time of a training phase across resumes: logged epochs before the resume plus this run."""
-    before = result.history[: result.resumed_from] if result.resumed_from else []
-    return sum(h.seconds for h in before) + wall
-
-
-def _dense_and_search(config, dense_cfg, bundle, model, rl: RLConfig, out_dir: Path, resume: bool, log, *,
-                      model_name: str, model_kwargs: dict):
-    """Phases 1 and 2; the pruned network is saved so a resumed run goes straight to fine-tuning."""
-    from rcomp.surgery import save_pruned
-
-    log(f"rl: phase 1/3, dense robust training for {dense_cfg.epochs} epochs")
-    t0 = time.perf_counter()
-    dense = _train(dense_cfg, bundle, model, out_dir / "dense", resume, log)
-    dense_seconds = _train_seconds(dense, time.perf_counter() - t0)
-    pruned, meta = _search_and_prune(config, bundle, dense.model, rl, out_dir, resume, log, model_name)
-    meta.update(history=[dataclasses.asdict(h) for h in dense.history], co_events=list(dense.co_events))
-    meta["phase_seconds"] = {"dense": dense_seconds, "search": meta.pop("search_seconds")}
-    save_pruned(out_dir / PRUNED_FILE, pruned, model_name=model_name, model_kwargs=model_kwargs,
-                input_shape=tuple(bundle.input_shape), extra=json.loads(json.dumps(meta)))
-    return pruned, meta
+    result, meta = train_in_three_phases(config, bundle, model, method="rl", phase="search", prune=prune,
+                                         model_name=model_name, model_kwargs=model_kwargs, out_dir=out_dir,
+                                         resume=resume, log=log)
+    return RLResult(**{f.name: getattr(result, f.name) for f in dataclasses.fields(result)}, search=meta["search"])
 
 
 def _search_and_prune(config, bundle, dense_model: nn.Module, rl: RLConfig, out_dir: Path, resume: bool, log,
@@ -743,12 +702,3 @@ def _projection(env: PruningEnv, status: dict, doc: dict) -> dict:
             "units_changed": off, "units_turned_on": 0, "units_turned_off": off,
             "limits": status["limits"], "satisfied": status["satisfied"],
             "source": f"rl policy of episode {doc['best']['episode']}"}
-
-
-def _load_pruned_stage(path: Path, log):
-    from rcomp.surgery import PrunedModel, load_pruned
-
-    model, meta = load_pruned(path)
-    log(f"rl: resuming fine-tuning of {path}")
-    pruned = PrunedModel(model, [tuple(p) for p in meta["pruned_channels"]], "channel", 0.0)
-    return pruned, dict(meta["extra"])
