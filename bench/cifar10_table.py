@@ -114,24 +114,32 @@ def partial_dir(name: str) -> Path:
 
 
 def train_one(name: str, args) -> None:
-    if (run_dir(name) / "model.pt").exists():
-        print(f"[{name}] complete, skipped", flush=True)
-        return
-    with run_lock(name) as mine:
-        if not mine:
-            print(f"[{name}] being trained by another process, skipped", flush=True)
-            return
-        donor = share_dense_phase(name, args)
-        if donor:
-            print(f"[{name}] dense phase copied from {donor}", flush=True)
-        cmd = train_command(name, args)
-        log = RUNS_DIR / f"{name}.log"
-        record_provenance(name, cmd)
-        print(f"[{name}] {' '.join(cmd)}  (log: {log})", flush=True)
-        with open(log, "a") as fh:
-            status = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(args.threads), cwd=REPO)
-        print(f"[{name}] exit {status}", flush=True)
-        keep_dense_phase(name, args)
+    """Train ``name`` unless it is complete; if another process is training it, wait for that one."""
+    waiting = False
+    while not (run_dir(name) / "model.pt").exists():
+        with run_lock(name) as mine:
+            if mine:
+                _train_locked(name, args)
+                return
+        if not waiting:
+            print(f"[{name}] being trained by another process; waiting for it", flush=True)
+            waiting = True
+        time.sleep(30)
+    print(f"[{name}] complete, not retrained", flush=True)
+
+
+def _train_locked(name: str, args) -> None:
+    donor = share_dense_phase(name, args)
+    if donor:
+        print(f"[{name}] dense phase copied from {donor}", flush=True)
+    cmd = train_command(name, args)
+    log = RUNS_DIR / f"{name}.log"
+    record_provenance(name, cmd)
+    print(f"[{name}] {' '.join(cmd)}  (log: {log})", flush=True)
+    with open(log, "a") as fh:
+        status = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(args.threads), cwd=REPO)
+    print(f"[{name}] exit {status}", flush=True)
+    keep_dense_phase(name, args)
 
 
 def record_provenance(name: str, cmd: list[str]) -> None:
@@ -258,11 +266,12 @@ def evaluate_one(name: str, args) -> dict | None:
     out = run_dir(name) / "eval.json"
     if not out.exists():
         base = [sys.executable, "-m", "rcomp", "eval", str(ckpt), "--data", args.data, "--split", "val"]
-        subprocess.check_call(base + ["--json", str(out) + ".pgd10"], env=_env(args.threads), cwd=REPO,
-                              stdout=subprocess.DEVNULL)
-        subprocess.check_call(base + ["--n", str(args.pgd50_n), "--pgd50", "--restarts", str(args.restarts),
-                                      "--json", str(out) + ".pgd50"], env=_env(args.threads), cwd=REPO,
-                              stdout=subprocess.DEVNULL)
+        with open(RUNS_DIR / f"{name}.log", "a") as log:
+            subprocess.check_call(base + ["--json", str(out) + ".pgd10"], env=_env(args.threads), cwd=REPO,
+                                  stdout=log, stderr=log)
+            subprocess.check_call(base + ["--n", str(args.pgd50_n), "--pgd50", "--restarts", str(args.restarts),
+                                          "--json", str(out) + ".pgd50"], env=_env(args.threads), cwd=REPO,
+                                  stdout=log, stderr=log)
         merged = {"pgd10": json.loads(Path(str(out) + ".pgd10").read_text()),
                   "pgd50": json.loads(Path(str(out) + ".pgd50").read_text())}
         out.write_text(json.dumps(merged, indent=2))
