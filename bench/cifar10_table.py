@@ -81,7 +81,15 @@ NOTES = [
     "(the PGD-10 figure in brackets is on those same images, for the ordering).",
     "The poster's figures come from full-length GPU schedules; these runs are as long as the CPU budget allowed "
     "(epochs column), so absolute accuracies are far lower; compare the rows with each other.",
-    "Wall time: the runs of one invocation train at the same time, one thread each, so their ratio is fair.",
+    "Wall time: the runs of one invocation train at the same time, one thread each, so their ratio is fair. "
+    "'× dense FastAT' divides a row's wall time by that of dense FastAT for the same epochs, timed in the same "
+    "sweep (the dense row, or the shared dense phase of the post-train runs); rows of different sweeps are not "
+    "compared in seconds.",
+    "Post-train and RL rows share one dense phase (same recipe and seed, so the same network); each row is "
+    "charged its recorded time. Their wall time is the whole method: dense training + pruning or search + "
+    "fine-tuning.",
+    "Every model of a row is in bench/models/<run>.pt: `rcomp eval bench/models/<run>.pt --data "
+    "imagefolder:ROOT --split test` re-evaluates it on another split.",
 ]
 
 
@@ -337,13 +345,35 @@ def collect(names: list[str], args) -> dict:
             "projection_units_changed": (t.get("projection") or {}).get("units_changed"), "phase_seconds": t.get("phase_seconds") or None,
             "dense_phase_shared": (partial_or_final(name) / "dense-phase-from.txt").exists() or None,
         }
+        rows[name]["epoch_seconds"] = [h["seconds"] for h in t["history"]]
+        rows[name]["dense_phase_epoch_seconds"] = [h["seconds"] for h in t.get("dense_history") or []] or None
         provenance = RUNS_DIR / f"{name}.provenance.json"
         if provenance.exists():
             rows[name]["trained_by"] = json.loads(provenance.read_text())
         if method == "rl":
             rows[name]["rl_best"] = t["rl_search"]["best"]
             rows[name]["rl_episodes"] = t["rl_search"]["rl"]["episodes"]
+    add_cost_ratios(rows)
     return rows
+
+
+def add_cost_ratios(rows: dict) -> None:
+    """Each row's wall time over that of dense FastAT for the same epochs, timed in this sweep.
+
+    Wall times of different sweeps are not comparable (other load, other day), so the reference is a
+    dense FastAT epoch of *this* collection: the dense row's epochs if it is here, else the shared
+    dense phase of the post-train runs (the same recipe, trained alongside the in-train runs).
+    """
+    dense = [r["epoch_seconds"] for r in rows.values() if r["method"] == "dense"]
+    phase = [r["dense_phase_epoch_seconds"] for r in rows.values() if r.get("dense_phase_epoch_seconds")]
+    epochs = dense[0] if dense else (phase[0] if phase else None)
+    if not epochs:
+        return
+    per_epoch = sum(epochs) / len(epochs)
+    source = "dense row" if dense else "shared dense phase of the post-train runs"
+    for r in rows.values():
+        r["cost_vs_dense"] = r["wall_seconds"] / (per_epoch * r["epochs"])
+        r["cost_reference"] = f"{per_epoch:.0f} s per dense FastAT epoch ({source}, this sweep)"
 
 
 def method_seconds(t: dict) -> float:
@@ -418,10 +448,15 @@ def main() -> None:
                 row["latency_reference"] = dense
             row["collected"] = stamp
         previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
+        for row in previous["runs"].values():  # rows of earlier sweeps keep the provenance of their sweep
+            row.setdefault("collected", {k: previous.get(k) for k in ("command", "commit", "date")})
+            row.setdefault("notes", [n for n in previous.get("notes", []) if n not in NOTES])
+        for row in rows.values():
+            row["notes"] = list(args.note)
         previous["runs"].update(rows)
         previous.update(command=" ".join([Path(sys.executable).name] + sys.argv), commit=commit(), machine=machine(),
                         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        bench_seconds=time.time() - started, poster=POSTER, data=args.data, notes=NOTES + args.note)
+                        bench_seconds=time.time() - started, poster=POSTER, data=args.data, notes=NOTES)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
     if args.workdir is None:

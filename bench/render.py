@@ -36,20 +36,36 @@ def _provenance(doc: dict, path: Path) -> str:
 
 def cifar10_table(doc: dict) -> str:
     poster = doc.get("poster", {})
-    rows = ["| run | method | target ops | epochs | clean % | PGD-10 % | PGD-50×r % (PGD-10, same n) | ops ratio | params ratio | wall time | ONNX latency ratio | poster clean / PGD |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    dense_wall = {r["model"]: r["wall_seconds"] for r in doc["runs"].values() if r["method"] == "dense"}
+    rows = ["| run | method | target ops | epochs | clean % | PGD-10 % | PGD-50×r % (PGD-10, same n) | ops ratio | "
+            "params ratio | wall time | × dense FastAT | of it: prune / search | ONNX latency ratio | poster clean / PGD |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in doc["runs"].items():
-        rel = r["wall_seconds"] / dense_wall[r["model"]] if r["model"] in dense_wall else None
-        wall = f"{r['wall_seconds'] / 60:.0f} min" + (f" ({rel:.2f}× dense)" if rel else "")
         lat = r.get("latency_ratio_p50")
         ref = poster.get(name)
         rows.append(
             f"| {name} | {r['method']} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
-            f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | {wall} | "
+            f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
+            f"{r['wall_seconds'] / 60:.0f} min | {_cost(r, doc)} | {_search(r)} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {'–' if ref is None else f'{ref[0]} / {ref[1]}'} |"
         )
     return "\n".join(rows)
+
+
+def _cost(r: dict, doc: dict) -> str:
+    """Wall time over dense FastAT's for the same epochs, timed in the same sweep (see ``add_cost_ratios``)."""
+    if r.get("cost_vs_dense") is not None:
+        return f"{r['cost_vs_dense']:.2f}×"
+    same_sweep = [d for d in doc["runs"].values() if d["method"] == "dense" and d["model"] == r["model"]
+                  and d.get("collected") == r.get("collected")]
+    return f"{r['wall_seconds'] / same_sweep[0]['wall_seconds']:.2f}×" if same_sweep else "–"
+
+
+def _search(r: dict) -> str:
+    phases = r.get("phase_seconds") or {}
+    seconds = phases.get("search", phases.get("prune"))
+    if seconds is None:
+        return "–"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def plot_cifar10(doc: dict, out: Path) -> bool:
@@ -90,13 +106,32 @@ def render_cifar10(path: Path) -> None:
         return
     doc = json.loads(path.read_text())
     png = path.with_suffix(".png")
-    body = [cifar10_table(doc), "", _provenance(doc, path)]
+    body = [cifar10_table(doc), "", _provenance(doc, path) + " Each row's own sweep is listed below the notes."]
     if plot_cifar10(doc, png):
         body += ["", f"![accuracy vs ops]({png.relative_to(HERE.parent)})"]
     notes = doc.get("notes")
     if notes:
         body += [""] + [f"- {n}" for n in notes]
+    body += [""] + _row_provenance(doc)
     replace_section("cifar10_table", "\n".join(body))
+
+
+def _row_provenance(doc: dict) -> list[str]:
+    """Rows come from several sweeps: say which command, commit and date produced each group."""
+    groups: dict[str, list[str]] = {}
+    for name, r in doc["runs"].items():
+        c = r.get("collected") or {k: doc.get(k) for k in ("command", "commit", "date")}
+        key = json.dumps([c.get("command"), str(c.get("commit"))[:10], c.get("date"), r.get("notes") or []])
+        groups.setdefault(key, []).append(name)
+    lines = []
+    for key, names in groups.items():
+        command, commit, date, notes = json.loads(key)
+        trained = {str(s["commit"])[:10] + (" + uncommitted changes" if s.get("dirty") else "")
+                   for n in names for s in doc["runs"][n].get("trained_by") or []}
+        line = f"- {', '.join(names)}: collected by `{command}` at commit `{commit}`, {date}"
+        line += f"; trained at commit {', '.join(f'`{t}`' for t in sorted(trained))}" if trained else ""
+        lines.append(line + "".join(f" {n}" for n in notes) + ".")
+    return lines
 
 
 if __name__ == "__main__":

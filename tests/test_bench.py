@@ -1,0 +1,93 @@
+"""The CIFAR-10 sweep's bookkeeping: run locks, the shared dense phase, cost ratios (no training here)."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """bench/cifar10_table.py with its folders moved into tmp_path."""
+    spec = importlib.util.spec_from_file_location("cifar10_table_under_test", BENCH / "cifar10_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, sub in (("RUNS_DIR", "runs"), ("MODELS", "models"), ("SHARED", "shared")):
+        monkeypatch.setattr(module, name, tmp_path / sub)
+    (tmp_path / "runs").mkdir()
+    return module
+
+
+ARGS = SimpleNamespace(epochs=6, attack="nfgsm", lr=0.2, seed=0)
+
+
+def _finished_dense_phase(folder: Path, method: str, epochs=(3, 4)) -> None:
+    checkpoints = folder / "dense" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for e in epochs:
+        (checkpoints / f"ckpt-epoch{e:04d}.pt").write_bytes(f"weights {e}".encode())
+        (checkpoints / f"ckpt-epoch{e:04d}.pt.sha256").write_text(f"sum {e}\n")
+    (folder / f"{method}-pruned.pt").write_bytes(b"stage")
+
+
+def test_a_held_lock_is_refused_and_a_dead_holders_lock_is_taken_over(table):
+    with table.run_lock("r20-rl-0.3") as first:
+        with table.run_lock("r20-rl-0.3") as second:
+            assert first and not second
+    assert not (table.RUNS_DIR / "r20-rl-0.3.lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (table.RUNS_DIR / "r20-rl-0.3.lock").write_text(str(dead.pid))
+    with table.run_lock("r20-rl-0.3") as mine:
+        assert mine and (table.RUNS_DIR / "r20-rl-0.3.lock").read_text() == str(os.getpid())
+
+
+def test_post_train_runs_share_the_latest_dense_checkpoint_of_a_finished_sibling(table):
+    _finished_dense_phase(table.partial_dir("r20-posttrain-0.5"), "posttrain")
+    assert table.share_dense_phase("r20-rl-0.3", ARGS) == "r20-posttrain-0.5"
+    copied = table.partial_dir("r20-rl-0.3") / "dense" / "checkpoints"
+    assert sorted(p.name for p in copied.iterdir()) == ["ckpt-epoch0004.pt", "ckpt-epoch0004.pt.sha256"]
+    assert (copied / "ckpt-epoch0004.pt").read_bytes() == b"weights 4"
+    assert "r20-posttrain-0.5" in (table.partial_dir("r20-rl-0.3") / "dense-phase-from.txt").read_text()
+    assert table.share_dense_phase("r20-rl-0.3", ARGS) is None  # already seeded: left alone
+    assert table.share_dense_phase("r20-intrain-0.3", ARGS) is None  # in-train has no dense phase
+
+
+def test_an_unfinished_dense_phase_is_not_shared(table):
+    checkpoints = table.partial_dir("r20-posttrain-0.5") / "dense" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "ckpt-epoch0002.pt").write_bytes(b"half-way")  # no posttrain-pruned.pt yet
+    assert table.share_dense_phase("r20-posttrain-0.3", ARGS) is None
+    assert not table.partial_dir("r20-posttrain-0.3").exists()
+
+
+def test_a_kept_dense_phase_seeds_a_later_sweep_of_the_same_recipe_only(table):
+    _finished_dense_phase(table.run_dir("r20-posttrain-0.5"), "posttrain")
+    table.keep_dense_phase("r20-posttrain-0.5", ARGS)
+    kept = table.SHARED / "resnet20-e6-nfgsm-lr0.2-seed0"
+    assert sorted(p.name for p in kept.iterdir()) == ["ckpt-epoch0004.pt", "ckpt-epoch0004.pt.sha256"]
+    shutil.rmtree(table.run_dir("r20-posttrain-0.5"))  # a fresh checkout: only bench/shared is left
+    assert table.share_dense_phase("r20-rl-0.5", SimpleNamespace(**{**vars(ARGS), "epochs": 9})) is None
+    assert table.share_dense_phase("r20-rl-0.5", ARGS).endswith("resnet20-e6-nfgsm-lr0.2-seed0")
+
+
+def test_cost_ratio_uses_a_dense_epoch_of_the_same_sweep(table):
+    rows = {
+        "r20-intrain-0.3": {"method": "intrain", "epochs": 6, "wall_seconds": 660.0, "epoch_seconds": [110.0] * 6},
+        "r20-posttrain-0.3": {"method": "posttrain", "epochs": 6, "wall_seconds": 630.0, "epoch_seconds": [100.0] * 2,
+                              "dense_phase_epoch_seconds": [100.0] * 4},
+    }
+    table.add_cost_ratios(rows)
+    assert rows["r20-intrain-0.3"]["cost_vs_dense"] == pytest.approx(1.1)
+    assert rows["r20-posttrain-0.3"]["cost_vs_dense"] == pytest.approx(1.05)
+    rows["r20-dense"] = {"method": "dense", "epochs": 6, "wall_seconds": 1200.0, "epoch_seconds": [200.0] * 6}
+    table.add_cost_ratios(rows)  # a dense row of the sweep takes precedence
+    assert rows["r20-intrain-0.3"]["cost_vs_dense"] == pytest.approx(0.55)
+    assert "dense row" in rows["r20-intrain-0.3"]["cost_reference"]
