@@ -2,8 +2,8 @@
 
 The physical limit of channel pruning's speed-up is the ops ratio; this benchmark asks how close
 onnxruntime's CPU latency comes to it (aim: latency ratio within 1.25x of the ops ratio).
-Latency does not depend on the weights, so besides the models of ``bench/runs/*/model.pt`` (when
-the CIFAR sweep has produced them) the benchmark builds pruned architectures itself: masks scored
+Latency does not depend on the weights, so besides the models of ``bench/models/r20-*.pt`` (the
+CIFAR sweep's, committed) the benchmark builds pruned architectures itself: masks scored
 by weight magnitude and projected onto the ops target with rcomp's own budget projection, then
 removed with torch-pruning — exactly the path a trained model takes.
 
@@ -58,8 +58,8 @@ def pruned_resnet20(target: float | None) -> torch.nn.Module:
 
 def models_to_measure() -> dict[str, torch.nn.Module]:
     models = {f"magnitude-{t}": pruned_resnet20(None if t == 1.0 else t) for t in (1.0, 0.5, 0.3)}
-    for ckpt in sorted((HERE / "runs").glob("r20-*/model.pt")):
-        models[f"trained:{ckpt.parent.name}"] = load_pruned(ckpt)[0].eval()
+    for ckpt in sorted((HERE / "models").glob("r20-*.pt")):  # the CIFAR sweep's models, committed
+        models[f"trained:{ckpt.stem}"] = load_pruned(ckpt)[0].eval()
     return models
 
 
