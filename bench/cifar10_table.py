@@ -77,8 +77,8 @@ POSTER = {  # clean / PGD from the poster (Fast AT + In-train, Fast AT + RLPrune
 
 NOTES = [
     "Accuracies are on the 5,000-image validation split carved (seed 0) from the CIFAR-10 training folder; "
-    "PGD-10 (eps 8/255, step 2/255) on all of it, PGD-50 with restarts on its first pgd50_n images "
-    "(the PGD-10 figure in brackets is on those same images, for the ordering).",
+    "PGD-10 (eps 8/255, step 2/255) on all of it, PGD-50 with restarts on a fixed random subset of pgd50_n of its "
+    "images, the same for every row (the PGD-10 figure in brackets is on those same images, for the ordering).",
     "The poster's figures come from full-length GPU schedules; these runs are as long as the CPU budget allowed "
     "(epochs column), so absolute accuracies are far lower; compare the rows with each other.",
     "Wall time: the runs of one invocation train at the same time, one thread each, so their ratio is fair. "
@@ -272,11 +272,15 @@ def evaluate_one(name: str, args) -> dict | None:
     if not ckpt.exists():
         return None
     out = run_dir(name) / "eval.json"
+    if out.exists() and json.loads(out.read_text())["pgd50"].get("subset") is None:
+        out.unlink()  # PGD-50 of an older rcomp eval ran on the first images of the split (one class)
+        Path(str(out) + ".pgd50").unlink(missing_ok=True)
     if not out.exists():
         base = [sys.executable, "-m", "rcomp", "eval", str(ckpt), "--data", args.data, "--split", "val"]
         with open(RUNS_DIR / f"{name}.log", "a") as log:
-            subprocess.check_call(base + ["--json", str(out) + ".pgd10"], env=_env(args.threads), cwd=REPO,
-                                  stdout=log, stderr=log)
+            if not Path(str(out) + ".pgd10").exists():
+                subprocess.check_call(base + ["--json", str(out) + ".pgd10"], env=_env(args.threads), cwd=REPO,
+                                      stdout=log, stderr=log)
             subprocess.check_call(base + ["--n", str(args.pgd50_n), "--pgd50", "--restarts", str(args.restarts),
                                           "--json", str(out) + ".pgd50"], env=_env(args.threads), cwd=REPO,
                                   stdout=log, stderr=log)
@@ -336,7 +340,7 @@ def collect(names: list[str], args) -> dict:
         rows[name] = {
             "model": model, "method": method, "target_ops": target, "epochs": t["recipe"]["epochs"],
             "clean": acc10["clean"], "pgd10": next(v for k, v in acc10.items() if k.startswith("pgd-")),
-            "pgd50": next(v for k, v in acc50.items() if k.startswith("pgd-50")), "pgd50_n": ev["pgd50"]["n"],
+            "pgd50": next(v for k, v in acc50.items() if k.startswith("pgd-50")), "pgd50_n": ev["pgd50"]["n"], "pgd50_subset": ev["pgd50"].get("subset"),
             "pgd10_same_n": next(v for k, v in acc50.items() if k.startswith("pgd-") and not k.startswith("pgd-50")),
             "val_n": ev["pgd10"]["n"], "ops_ratio": t["macs"] / t["dense_macs"], "params_ratio": t["params"] / t["dense_params"],
             "macs": t["macs"], "params": t["params"], "wall_seconds": method_seconds(t),

@@ -44,10 +44,15 @@ def cifar10_table(doc: dict) -> str:
         ref = poster.get(name)
         rows.append(
             f"| {name} | {r['method']} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
-            f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
+            f"{_pct(r['pgd50'])}{'' if r.get('pgd50_subset') else '†'} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
             f"{r['wall_seconds'] / 60:.0f} min | {_cost(r, doc)} | {_search(r)} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {'–' if ref is None else f'{ref[0]} / {ref[1]}'} |"
         )
+    if any(not r.get("pgd50_subset") for r in doc["runs"].values()):
+        rows += ["", "† PGD-50 (and the bracketed PGD-10) of this row ran on the *first* 500 validation images, which "
+                 "are all airplanes (the split lists its images class by class; `rcomp eval --n` took a prefix until "
+                 "it was changed to a fixed random subset). Not comparable with the other rows; the row's model was "
+                 "not kept, so it could not be re-evaluated. Its clean and PGD-10 columns (all 5,000 images) are unaffected."]
     return "\n".join(rows)
 
 

@@ -152,3 +152,19 @@ def test_posttrain_reusing_a_finished_dense_phase_is_charged_its_recorded_time(t
     phases = t2["phase_seconds"]
     assert phases["total"] == pytest.approx(phases["dense"] + phases["prune"] + phases["finetune"])
     assert t2["macs"] <= 0.3 * t2["dense_macs"]
+
+
+def test_eval_n_takes_a_fixed_random_subset_not_the_first_class():
+    """Image folders list a split class by class: a prefix of 50 would be one class here."""
+    import torch
+
+    from rcomp.pipeline import eval_subset
+
+    labels = torch.arange(1000) // 100  # sorted by class, as an image folder's split is
+    dataset = torch.utils.data.TensorDataset(torch.zeros(1000, 1), labels)
+    picked = eval_subset(dataset, 50)
+    classes = [int(picked[i][1]) for i in range(len(picked))]
+    assert len(classes) == 50 and len(set(classes)) >= 8
+    again = eval_subset(dataset, 50)
+    assert classes == [int(again[i][1]) for i in range(len(again))]  # every model sees the same images
+    assert eval_subset(dataset, None) is dataset and eval_subset(dataset, 5000) is dataset

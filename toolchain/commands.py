@@ -218,7 +218,7 @@ def check(onnx_path, profile_ref, attack_set, square_queries, square_n, dense_on
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data", "data_spec", default="digits", show_default=True, help=_DATA_HELP)
 @click.option("--split", default="val", show_default=True, help="train, val, test or all.")
-@click.option("--n", "limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N images of the split only.")
+@click.option("--n", "limit", type=click.IntRange(min=1), default=None, help="Evaluate a fixed random subset of N images of the split (seed 0: the same for every model).")
 @click.option("--eps", type=str, default="8/255", show_default=True)
 @click.option("--pgd-steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--pgd-step-size", type=str, default="2/255", show_default=True)

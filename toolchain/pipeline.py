@@ -616,6 +616,23 @@ def export_command(checkpoint: str, profile_ref, out: str, opset, parity_data, p
             f"parity vs PyTorch on {par.n} inputs: max |diff| {par.max_abs_diff:.2e}, top-1 agreement {par.top1_agreement:.2%}")
 
 
+#: Seed of the images ``rcomp eval --n`` picks: every model of a comparison sees the same ones.
+EVAL_SUBSET_SEED = 0
+
+
+def eval_subset(dataset, limit: int | None):
+    """The whole split, or a fixed random subset of ``limit`` images of it.
+
+    Not the first ``limit``: image folders list their images class by class, so a prefix of a
+    split is one or two classes (the first 500 of the CIFAR-10 validation split are all airplanes).
+    """
+    from rcomp.data import fixed_subset
+
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return fixed_subset(dataset, limit, EVAL_SUBSET_SEED)
+
+
 def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity,
                  batch_size, device, json_out) -> str:
     import torch
@@ -630,8 +647,8 @@ def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_s
     dev = _device(device)
     model = model.to(dev).eval()
     bundle = load_data(data_spec, tuple(meta["input_shape"]), progress=True)
-    dataset = bundle.split(split)
-    n = min(limit or len(dataset), len(dataset))
+    dataset = eval_subset(bundle.split(split), limit)
+    n = len(dataset)
     counts = {"clean": 0, f"pgd-{pgd_steps}": 0}
     if pgd50:
         counts[f"pgd-50x{restarts}"] = 0
@@ -651,15 +668,17 @@ def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_s
             with torch.no_grad():
                 counts[f"pgd-50x{restarts}"] += int((model(x50).argmax(1) == y).sum())
     result = {"checkpoint": checkpoint, "data": data_spec, "split": split, "n": n, "eps": eps_v,
+              "subset": None if limit is None or n == len(bundle.split(split)) else
+              {"n": n, "of": len(bundle.split(split)), "seed": EVAL_SUBSET_SEED},
               "accuracy": {k: v / n for k, v in counts.items()}}
     rows = [[k, f"{v / n:.2%}", f"{v}/{n}"] for k, v in counts.items()]
     text = render_table(rows, ["attack", "accuracy", "correct"])
     if sanity:
         from rcomp.sanity import run_sanity
 
-        m = min(n, 256)
-        x = torch.stack([dataset[i][0] for i in range(m)]).to(dev)
-        y = torch.tensor([dataset[i][1] for i in range(m)]).to(dev)
+        probe = eval_subset(dataset, 256)
+        x = torch.stack([probe[i][0] for i in range(len(probe))]).to(dev)
+        y = torch.tensor([probe[i][1] for i in range(len(probe))]).to(dev)
         report = run_sanity(model, x, y, eps=eps_v)
         result["sanity"] = report.to_dict()
         text += "\n\nattack sanity checks:\n" + report.to_text()
