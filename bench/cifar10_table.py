@@ -345,7 +345,8 @@ def collect(names: list[str], args) -> dict:
             "val_n": ev["pgd10"]["n"], "ops_ratio": t["macs"] / t["dense_macs"], "params_ratio": t["params"] / t["dense_params"],
             "macs": t["macs"], "params": t["params"], "wall_seconds": method_seconds(t),
             "co_events": t["co_events"], "recipe": t["recipe"],
-            "ops_ratio_per_epoch": [h["ops_ratio"] for h in t["history"]],
+            # in-train only: the history of a post-train method is its fine-tuning, already pruned
+            "ops_ratio_per_epoch": [h["ops_ratio"] for h in t["history"]] if method == "intrain" else None,
             "projection_units_changed": (t.get("projection") or {}).get("units_changed"), "phase_seconds": t.get("phase_seconds") or None,
             "dense_phase_shared": (partial_or_final(name) / "dense-phase-from.txt").exists() or None,
         }

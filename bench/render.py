@@ -39,7 +39,7 @@ def cifar10_table(doc: dict) -> str:
     rows = ["| run | method | target ops | epochs | clean % | PGD-10 % | PGD-50×r % (PGD-10, same n) | ops ratio | "
             "params ratio | wall time | × dense FastAT | of it: prune / search | ONNX latency ratio | poster clean / PGD |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for name, r in doc["runs"].items():
+    for name, r in _in_table_order(doc["runs"]):
         lat = r.get("latency_ratio_p50")
         ref = poster.get(name)
         rows.append(
@@ -54,6 +54,46 @@ def cifar10_table(doc: dict) -> str:
                  "it was changed to a fixed random subset). Not comparable with the other rows; the row's model was "
                  "not kept, so it could not be re-evaluated. Its clean and PGD-10 columns (all 5,000 images) are unaffected."]
     return "\n".join(rows)
+
+
+def methods_side_by_side(doc: dict, model: str = "resnet20") -> str:
+    """One line per ops target: every method's clean / PGD-10 and cost, next to the poster's."""
+    runs = [r for r in doc["runs"].values() if r["model"] == model]
+    poster = doc.get("poster", {})
+    prefix = model.replace("resnet", "r")
+    targets = sorted({r["target_ops"] for r in runs if r["target_ops"]}, reverse=True)
+    dense = next((r for r in runs if r["method"] == "dense"), None)
+    head = ("| ops target | in-train (ours) | post-train, magnitude | post-train, RL (AMC + KL) | poster in-train | poster RL |",
+            "|---:|---|---|---|---|---|")
+    lines = list(head)
+    if dense:
+        ref = poster.get(f"{prefix}-dense")
+        cell = f"{_pct(dense['clean'])} / {_pct(dense['pgd10'])}"
+        lines.append(f"| 1.0 (dense) | {cell} | {cell} | {cell} | {_poster(ref)} | {_poster(ref)} |")
+    for t in targets:
+        cells = []
+        for method in ("intrain", "posttrain", "rl"):
+            r = next((r for r in runs if r["method"] == method and r["target_ops"] == t), None)
+            cells.append("–" if r is None else f"{_pct(r['clean'])} / {_pct(r['pgd10'])} ({_cost(r, doc)})")
+        lines.append(f"| {t} | {' | '.join(cells)} | {_poster(poster.get(f'{prefix}-intrain-{t}'))} | "
+                     f"{_poster(poster.get(f'{prefix}-rl-{t}'))} |")
+    lines += ["", "clean % / PGD-10 % on the validation split (× = wall time over dense FastAT for the same epochs, "
+              "search and fine-tuning included); the poster's columns are its CIFAR-10 table (full GPU schedules)."]
+    return "\n".join(lines)
+
+
+def _poster(ref) -> str:
+    return "–" if ref is None else f"{ref[0]} / {ref[1]}"
+
+
+def _in_table_order(runs: dict) -> list[tuple[str, dict]]:
+    """Model by model: dense first, then each method from the mildest target to the tightest."""
+    methods = ["dense", "intrain", "posttrain", "rl"]
+    def key(item):
+        r = item[1]
+        rank = methods.index(r["method"]) if r["method"] in methods else len(methods)
+        return (r["model"] != "resnet20", r["model"], rank, -(r["target_ops"] or 1.0))
+    return sorted(runs.items(), key=key)
 
 
 def _cost(r: dict, doc: dict) -> str:
@@ -119,6 +159,7 @@ def render_cifar10(path: Path) -> None:
         body += [""] + [f"- {n}" for n in notes]
     body += [""] + _row_provenance(doc)
     replace_section("cifar10_table", "\n".join(body))
+    replace_section("cifar10_methods", methods_side_by_side(doc))
 
 
 def _row_provenance(doc: dict) -> list[str]:
