@@ -207,7 +207,11 @@ def _phase_key(name: str, args) -> str:
 
 
 def share_dense_phase(name: str, args) -> str | None:
-    """Seed a post-train run with a finished dense phase of the same recipe (bench/shared or a sibling)."""
+    """Seed a post-train run with a finished dense phase of the same recipe (bench/shared or a sibling).
+
+    A sibling trained with other settings (another ``--epochs``, say) is refused by the trainer's
+    configuration check on resume, so a wrong donor fails loudly instead of training on.
+    """
     model, method, _ = RUNS[name]
     target = partial_dir(name) / "dense" / "checkpoints"
     if method not in POST_METHODS or target.exists():
@@ -220,9 +224,7 @@ def share_dense_phase(name: str, args) -> str | None:
     for donor, checkpoints in sources:
         latest = _latest_checkpoint(checkpoints)
         if latest is not None:
-            target.mkdir(parents=True)
-            for f in (latest, latest.with_name(latest.name + ".sha256")):
-                shutil.copy2(f, target / f.name)
+            _copy_checkpoint(latest, target)
             (partial_dir(name) / "dense-phase-from.txt").write_text(f"{donor}/{latest.name}\n")
             return donor
     return None
@@ -239,11 +241,16 @@ def keep_dense_phase(name: str, args) -> None:
         if latest is not None and (folder / f"{method}-pruned.pt").exists():
             tmp = dest.with_name(dest.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for f in (latest, latest.with_name(latest.name + ".sha256")):
-                shutil.copy2(f, tmp / f.name)
+            _copy_checkpoint(latest, tmp)
             os.replace(tmp, dest)
             return
+
+
+def _copy_checkpoint(checkpoint: Path, folder: Path) -> None:
+    """A checkpoint and its checksum sidecar: the trainer resumes only from a verified file."""
+    folder.mkdir(parents=True)
+    for f in (checkpoint, checkpoint.with_name(checkpoint.name + ".sha256")):
+        shutil.copy2(f, folder / f.name)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
