@@ -147,7 +147,6 @@ def _train_locked(name: str, args) -> None:
     with open(log, "a") as fh:
         status = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(args.threads), cwd=REPO)
     print(f"[{name}] exit {status}", flush=True)
-    keep_dense_phase(name, args)
 
 
 def record_provenance(name: str, cmd: list[str]) -> None:
@@ -267,9 +266,9 @@ def keep_model(name: str) -> None:
 
 def train_and_evaluate(name: str, args) -> None:
     train_one(name, args)
+    keep_dense_phase(name, args)  # also when fine-tuning failed: the dense phase is still good
     if (run_dir(name) / "model.pt").exists():
         keep_model(name)
-        keep_dense_phase(name, args)
         evaluate_one(name, args)
 
 
@@ -279,7 +278,7 @@ def evaluate_one(name: str, args) -> dict | None:
     if not ckpt.exists():
         return None
     out = run_dir(name) / "eval.json"
-    if out.exists() and json.loads(out.read_text())["pgd50"].get("subset") is None:
+    if out.exists() and "subset" not in json.loads(out.read_text())["pgd50"]:
         out.unlink()  # PGD-50 of an older rcomp eval ran on the first images of the split (one class)
         Path(str(out) + ".pgd50").unlink(missing_ok=True)
     if not out.exists():
@@ -460,9 +459,6 @@ def main() -> None:
                 row["latency_reference"] = dense
             row["collected"] = stamp
         previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
-        for row in previous["runs"].values():  # rows of earlier sweeps keep the provenance of their sweep
-            row.setdefault("collected", {k: previous.get(k) for k in ("command", "commit", "date")})
-            row.setdefault("notes", [n for n in previous.get("notes", []) if n not in NOTES])
         for row in rows.values():
             row["notes"] = list(args.note)
         previous["runs"].update(rows)

@@ -44,15 +44,10 @@ def cifar10_table(doc: dict) -> str:
         ref = poster.get(name)
         rows.append(
             f"| {name} | {r['method']} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
-            f"{_pct(r['pgd50'])}{'' if r.get('pgd50_subset') else '†'} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
-            f"{r['wall_seconds'] / 60:.0f} min | {_cost(r, doc)} | {_search(r)} | "
+            f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
+            f"{r['wall_seconds'] / 60:.0f} min | {_cost(r)} | {_search(r)} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {'–' if ref is None else f'{ref[0]} / {ref[1]}'} |"
         )
-    if any(not r.get("pgd50_subset") for r in doc["runs"].values()):
-        rows += ["", "† PGD-50 (and the bracketed PGD-10) of this row ran on the *first* 500 validation images, which "
-                 "are all airplanes (the split lists its images class by class; `rcomp eval --n` took a prefix until "
-                 "it was changed to a fixed random subset). Not comparable with the other rows; the row's model was "
-                 "not kept, so it could not be re-evaluated. Its clean and PGD-10 columns (all 5,000 images) are unaffected."]
     return "\n".join(rows)
 
 
@@ -74,7 +69,7 @@ def methods_side_by_side(doc: dict, model: str = "resnet20") -> str:
         cells = []
         for method in ("intrain", "posttrain", "rl"):
             r = next((r for r in runs if r["method"] == method and r["target_ops"] == t), None)
-            cells.append("–" if r is None else f"{_pct(r['clean'])} / {_pct(r['pgd10'])} ({_cost(r, doc)})")
+            cells.append("–" if r is None else f"{_pct(r['clean'])} / {_pct(r['pgd10'])} ({_cost(r)})")
         lines.append(f"| {t} | {' | '.join(cells)} | {_poster(poster.get(f'{prefix}-intrain-{t}'))} | "
                      f"{_poster(poster.get(f'{prefix}-rl-{t}'))} |")
     lines += ["", "clean % / PGD-10 % on the validation split (× = wall time over dense FastAT for the same epochs, "
@@ -96,13 +91,9 @@ def _in_table_order(runs: dict) -> list[tuple[str, dict]]:
     return sorted(runs.items(), key=key)
 
 
-def _cost(r: dict, doc: dict) -> str:
+def _cost(r: dict) -> str:
     """Wall time over dense FastAT's for the same epochs, timed in the same sweep (see ``add_cost_ratios``)."""
-    if r.get("cost_vs_dense") is not None:
-        return f"{r['cost_vs_dense']:.2f}×"
-    same_sweep = [d for d in doc["runs"].values() if d["method"] == "dense" and d["model"] == r["model"]
-                  and d.get("collected") == r.get("collected")]
-    return f"{r['wall_seconds'] / same_sweep[0]['wall_seconds']:.2f}×" if same_sweep else "–"
+    return "–" if r.get("cost_vs_dense") is None else f"{r['cost_vs_dense']:.2f}×"
 
 
 def _search(r: dict) -> str:
@@ -166,7 +157,7 @@ def _row_provenance(doc: dict) -> list[str]:
     """Rows come from several sweeps: say which command, commit and date produced each group."""
     groups: dict[str, list[str]] = {}
     for name, r in doc["runs"].items():
-        c = r.get("collected") or {k: doc.get(k) for k in ("command", "commit", "date")}
+        c = r["collected"]
         key = json.dumps([c.get("command"), str(c.get("commit"))[:10], c.get("date"), r.get("notes") or []])
         groups.setdefault(key, []).append(name)
     lines = []

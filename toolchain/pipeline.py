@@ -647,7 +647,8 @@ def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_s
     dev = _device(device)
     model = model.to(dev).eval()
     bundle = load_data(data_spec, tuple(meta["input_shape"]), progress=True)
-    dataset = eval_subset(bundle.split(split), limit)
+    full = bundle.split(split)
+    dataset = eval_subset(full, limit)
     n = len(dataset)
     counts = {"clean": 0, f"pgd-{pgd_steps}": 0}
     if pgd50:
@@ -668,8 +669,7 @@ def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_s
             with torch.no_grad():
                 counts[f"pgd-50x{restarts}"] += int((model(x50).argmax(1) == y).sum())
     result = {"checkpoint": checkpoint, "data": data_spec, "split": split, "n": n, "eps": eps_v,
-              "subset": None if limit is None or n == len(bundle.split(split)) else
-              {"n": n, "of": len(bundle.split(split)), "seed": EVAL_SUBSET_SEED},
+              "subset": None if dataset is full else {"n": n, "of": len(full), "seed": EVAL_SUBSET_SEED},
               "accuracy": {k: v / n for k, v in counts.items()}}
     rows = [[k, f"{v / n:.2%}", f"{v}/{n}"] for k, v in counts.items()]
     text = render_table(rows, ["attack", "accuracy", "correct"])
