@@ -49,7 +49,6 @@ RESULTS = HERE / "results" / "cifar10_table.json"
 RUNS_DIR = HERE / "runs"  # training folders, logs, locks (not committed)
 MODELS = HERE / "models"  # finished models, committed: re-evaluable on a held-out split
 SHARED = HERE / "shared"  # finished dense phases of the post-train methods, committed
-INTRAIN_RECIPE = HERE / "recipes" / "intrain.yaml"  # what the in-train rows change from rcomp's defaults
 POST_METHODS = ("posttrain", "rl")
 DATA = f"imagefolder:{(REPO.parent / 'shared' / 'datasets' / 'cifar10-jpeg')}"
 
@@ -105,8 +104,6 @@ def train_command(name: str, args) -> list[str]:
            "--method", method, "--no-progress"]
     if target is not None:
         cmd += ["--target-ops", str(target)]
-    if method == "intrain":
-        cmd += ["--recipe", str(INTRAIN_RECIPE.relative_to(REPO))]
     if method == "rl" and args.rl_episodes is not None:
         cmd += ["--rl-episodes", str(args.rl_episodes)]
     if partial_dir(name).exists():
@@ -152,9 +149,9 @@ def _train_locked(name: str, args) -> None:
     print(f"[{name}] exit {status}", flush=True)
 
 
-def record_provenance(name: str, cmd: list[str]) -> None:
+def record_provenance(name: str, cmd: list[str], runs_dir: Path | None = None) -> None:
     """Which code trained a run: every (re)start appends the commit and whether the tree was clean."""
-    path = RUNS_DIR / f"{name}.provenance.json"
+    path = (runs_dir or RUNS_DIR) / f"{name}.provenance.json"
     starts = json.loads(path.read_text()) if path.exists() else []
     starts.append({"command": " ".join(cmd[1:]), "commit": commit(), "dirty": dirty(),
                    "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
@@ -372,11 +369,13 @@ def collect(names: list[str], args) -> dict:
 
 
 def add_cost_ratios(rows: dict) -> None:
-    """Each row's wall time over that of dense FastAT for the same epochs, timed in this sweep.
+    """Each row's wall time over that of dense FastAT for the same epochs, collected together.
 
     Wall times of different sweeps are not comparable (other load, other day), so the reference is a
     dense FastAT epoch of *this* collection: the dense row's epochs if it is here, else the shared
-    dense phase of the post-train runs (the same recipe, trained alongside the in-train runs).
+    dense phase of the post-train runs (the same recipe, trained alongside the in-train runs). A
+    collection should hold rows trained side by side; when it cannot, say so with ``--note`` (each
+    row's ``trained_by`` says when it trained).
     """
     dense = [r["epoch_seconds"] for r in rows.values() if r["method"] == "dense"]
     phase = [r["dense_phase_epoch_seconds"] for r in rows.values() if r.get("dense_phase_epoch_seconds")]
@@ -387,7 +386,7 @@ def add_cost_ratios(rows: dict) -> None:
     source = "dense row" if dense else "shared dense phase of the post-train runs"
     for r in rows.values():
         r["cost_vs_dense"] = r["wall_seconds"] / (per_epoch * r["epochs"])
-        r["cost_reference"] = f"{per_epoch:.0f} s per dense FastAT epoch ({source}, this sweep)"
+        r["cost_reference"] = f"{per_epoch:.0f} s per dense FastAT epoch ({source}, collected with this row)"
 
 
 def method_seconds(t: dict) -> float:

@@ -91,3 +91,37 @@ def test_cost_ratio_uses_a_dense_epoch_of_the_same_sweep(table):
     table.add_cost_ratios(rows)  # a dense row of the sweep takes precedence
     assert rows["r20-intrain-0.3"]["cost_vs_dense"] == pytest.approx(0.55)
     assert "dense row" in rows["r20-intrain-0.3"]["cost_reference"]
+
+
+@pytest.fixture
+def ablation(tmp_path, monkeypatch):
+    """bench/intrain_ablation.py with its run folder moved into tmp_path."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("intrain_ablation_under_test", BENCH / "intrain_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RUNS_DIR", tmp_path / "ablation")
+    return module
+
+
+def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablation):
+    from rcomp.pipeline import load_recipe
+
+    for name, variant in ablation.VARIANTS.items():
+        cmd = ablation.train_command(name, "digits")
+        assert cmd[cmd.index("--seed") + 1] == str(variant.seed)
+        assert cmd[cmd.index("--method") + 1] == variant.method
+        if variant.recipe:
+            recipe = cmd[cmd.index("--recipe") + 1]
+            assert load_recipe(recipe) == variant.recipe  # unknown keys or bad values would raise
+            assert variant.seed == 0  # a recipe change is compared with the table's seed-0 row
+        else:
+            assert "--recipe" not in cmd and variant.seed != 0
+        assert "--resume" not in cmd  # nothing started yet
+
+
+def test_an_interrupted_ablation_resumes(ablation):
+    name = next(iter(ablation.VARIANTS))
+    (ablation.RUNS_DIR / f"{name}.partial").mkdir(parents=True)
+    assert ablation.train_command(name, "digits")[-1] == "--resume"

@@ -190,6 +190,26 @@ def test_pixels_match_the_files_and_lazy_matches_cached(train_only):
     assert cached.mean == pytest.approx(lazy.mean) and cached.std == pytest.approx(lazy.std)
 
 
+def test_loading_one_split_decodes_only_its_images(tmp_path):
+    make_folder(tmp_path / "train", per_class=10)
+    make_folder(tmp_path / "test", per_class=2)
+    whole = load(tmp_path, val_size=6)
+    val = load(tmp_path, val_size=6, splits=["val"])
+    assert set(val.splits) == {"val"}
+    assert torch.equal(val.split("val").get_batch(range(6))[0], whole.split("val").get_batch(range(6))[0])
+    assert val.split("val").targets == whole.split("val").targets
+    (tmp_path / "train" / "ant" / "000.png").write_bytes(b"broken")  # never read for the test split
+    test = load(tmp_path, splits=["test"])
+    assert set(test.splits) == {"test"} and len(test.split("test")) == 6
+    with pytest.raises(DataError, match=r"no 'nope' split; available: train, test, val"):
+        load(tmp_path, splits=["nope"])
+
+
+def test_a_lone_split_is_loaded_for_val_or_test(tmp_path):
+    make_folder(tmp_path, per_class=3)
+    assert len(load(tmp_path, splits=["test"]).split("test")) == 9
+
+
 def test_channels_are_converted_not_sizes(train_only):
     gray = load(train_only.parent, input_shape=(1, 8, 8))
     assert gray.input_shape == (1, 8, 8) and gray.split("train")[0][0].shape == (1, 8, 8)

@@ -580,8 +580,10 @@ def _decode_all(samples, mode, size, progress: bool, desc: str) -> Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def _load_imagefolder(spec: DataSpec, shape, val_size, cache: bool, progress: bool) -> DataBundle:
+def _load_imagefolder(spec: DataSpec, shape, val_size, cache: bool, progress: bool, only=None) -> DataBundle:
     plan = plan_imagefolder(spec.root, val_size=val_size)
+    if only is not None:
+        plan = _keep_splits(plan, only)
     if shape is None:  # take the first training image's size and colour
         channels, size = _probe(next(iter(plan.files.values()))[0][0])
     else:
@@ -606,6 +608,28 @@ def _load_imagefolder(spec: DataSpec, shape, val_size, cache: bool, progress: bo
     return _finish(f"imagefolder:{plan.root}", plan.classes, shape, splits, True, notes)
 
 
+def _keep_splits(plan: FolderPlan, only) -> FolderPlan:
+    """The plan for the named splits alone: the files no kept split uses are never decoded.
+
+    Evaluating the 5,000 validation images carved from a 50,000-image train/ folder, or a test/
+    folder beside it, would otherwise decode every training image first. Positions are renumbered
+    within the kept files, so ``indices`` of such a load count in the kept files, not the folder.
+    """
+    wanted = {name: plan.splits[name] for name in only if name in plan.splits}
+    if set(plan.splits) == {"all"} and any(name in ("val", "test") for name in only):
+        wanted = dict(plan.splits)  # the lone split stands in for val / test
+    if not wanted:  # say so before decoding anything; DataBundle.split words it (with its hints)
+        DataBundle(f"imagefolder:{plan.root}", len(plan.classes), plan.classes, (0, 0, 0), (), (), False,
+                   splits={name: [] for name in plan.splits}).split(next(iter(only)))
+    files, splits = {}, {}
+    for folder in sorted({folder for folder, _ in wanted.values()}):
+        used = sorted({p for f, pos in wanted.values() if f == folder for p in pos})
+        renumber = {p: k for k, p in enumerate(used)}
+        files[folder] = [plan.files[folder][p] for p in used]
+        splits.update({name: (folder, [renumber[p] for p in pos]) for name, (f, pos) in wanted.items() if f == folder})
+    return FolderPlan(plan.root, plan.classes, files, splits, plan.notes)
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
@@ -619,11 +643,14 @@ def load_data(
     val_size: int | None = None,
     cache: bool = True,
     progress: bool = True,
+    splits: Sequence[str] | None = None,
 ) -> DataBundle:
     """Load a dataset by spec; ``input_shape`` (C, H, W) is what the model wants.
 
     Digits and synthetic data are rendered to ``input_shape``; natural images must already have
     its size (only the channel count is converted). ``cache=False`` keeps image folders on disk.
+    ``splits`` (image folders only) loads just those splits, for evaluation: the channel statistics
+    then come from them instead of the training split.
     """
     spec = spec if isinstance(spec, DataSpec) else DataSpec.parse(spec)
     shape = _check_shape(input_shape)
@@ -633,7 +660,7 @@ def load_data(
         return _load_synthetic(spec.size or SYNTHETIC_DEFAULT_SIZE, shape, val_size)
     if spec.kind == "cifar10":
         return _load_cifar10(spec, shape, download, val_size)
-    return _load_imagefolder(spec, shape, val_size, cache, progress)
+    return _load_imagefolder(spec, shape, val_size, cache, progress, only=splits)
 
 
 def _derive_seed(seed: int, epoch: int, stream: str) -> int:

@@ -646,7 +646,7 @@ def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_s
     model, meta = load_pruned(checkpoint)
     dev = _device(device)
     model = model.to(dev).eval()
-    bundle = load_data(data_spec, tuple(meta["input_shape"]), progress=True)
+    bundle = load_data(data_spec, tuple(meta["input_shape"]), progress=True, splits=[split])
     full = bundle.split(split)
     dataset = eval_subset(full, limit)
     n = len(dataset)
