@@ -169,9 +169,9 @@ def dirty() -> bool | None:
 
 
 @contextmanager
-def run_lock(name: str):
+def run_lock(name: str, runs_dir: Path | None = None):
     """Yield True if this process may train ``name``: a lock file holds the trainer's pid."""
-    lock = RUNS_DIR / f"{name}.lock"
+    lock = (runs_dir or RUNS_DIR) / f"{name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cifar10_table import DATA, REPO, _env, commit, machine, record_provenance  # noqa: E402
+from cifar10_table import DATA, REPO, _env, commit, machine, record_provenance, run_lock  # noqa: E402
 from render import _pct, _provenance, replace_section  # noqa: E402
 
 RUNS_DIR = HERE / "runs" / "ablation"
@@ -97,10 +97,14 @@ def run(name: str, data: str) -> None:
     log = RUNS_DIR / f"{name}.log"
     folder = RUNS_DIR / name
     if not (folder / "model.pt").exists():
-        cmd = train_command(name, data)
-        record_provenance(name, cmd, RUNS_DIR)
-        with open(log, "a") as fh:
-            subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(1), cwd=REPO)
+        with run_lock(name, RUNS_DIR) as mine:
+            if not mine:
+                print(f"[{name}] being trained by another process; skipped", flush=True)
+                return
+            cmd = train_command(name, data)
+            record_provenance(name, cmd, RUNS_DIR)
+            with open(log, "a") as fh:
+                subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(1), cwd=REPO)
     out = folder / "eval.json"
     if (folder / "model.pt").exists() and not out.exists():
         with open(log, "a") as fh:

@@ -125,3 +125,13 @@ def test_an_interrupted_ablation_resumes(ablation):
     name = next(iter(ablation.VARIANTS))
     (ablation.RUNS_DIR / f"{name}.partial").mkdir(parents=True)
     assert ablation.train_command(name, "digits")[-1] == "--resume"
+
+
+def test_an_ablation_another_process_trains_is_skipped_not_started_twice(ablation, monkeypatch):
+    name = next(iter(ablation.VARIANTS))
+    ablation.RUNS_DIR.mkdir(parents=True)
+    (ablation.RUNS_DIR / f"{name}.lock").write_text(str(os.getpid()))  # a live holder
+    started = []
+    monkeypatch.setattr(ablation.subprocess, "call", lambda *a, **k: started.append(a))
+    ablation.run(name, "digits")
+    assert started == [] and not (ablation.RUNS_DIR / f"{name}.provenance.json").exists()
