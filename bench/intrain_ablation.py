@@ -115,10 +115,10 @@ def run(name: str, data: str) -> None:
 
 def stream_widths(model_path: Path) -> list[int]:
     """Channels of the three residual streams (stages 1-3) of a saved ResNet20."""
-    import torch
+    from rcomp.surgery import load_pruned
 
-    state = torch.load(model_path, map_location="cpu", weights_only=False)["state_dict"]
-    return [int(state[k].shape[0]) for k in ("net.conv1.weight", "net.layer2.0.conv2.weight", "net.layer3.0.conv2.weight")]
+    modules = dict(load_pruned(model_path)[0].named_modules())
+    return [modules[k].out_channels for k in ("net.conv1", "net.layer2.0.conv2", "net.layer3.0.conv2")]
 
 
 def collect(name: str) -> dict | None:
@@ -148,12 +148,13 @@ def magnitude_under_both_floors(targets=(0.5, 0.3)) -> dict:
     """
     import torch
 
+    from rcomp.checkpoint import load_checked
     from rcomp.models import create_model
     from rcomp.posttrain import prune_by_magnitude
     from rcomp.train import TrainConfig
 
     checkpoint = sorted((HERE / "shared").glob(f"resnet20-e{EPOCHS}-{ATTACK}-lr{LR:g}-seed0/ckpt-epoch*.pt"))[-1]
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    state = load_checked(checkpoint)["model"]  # verified against its sha256 sidecar
     out = {"dense_phase": str(checkpoint.relative_to(REPO))}
     for target in targets:
         widths = {}

@@ -213,10 +213,15 @@ class DataBundle:
             return self.splits[name]
         if set(self.splits) == {"all"} and name in ("val", "test"):
             return self.splits["all"]
-        hint = ""
-        if name == "train" and "all" in self.splits:
-            hint = " (class folders directly under the root form one evaluation split 'all'; put them in train/ to train)"
-        raise DataError(f"{self.name}: no {name!r} split; available: {', '.join(self.splits)}{hint}")
+        raise missing_split(self.name, name, list(self.splits))
+
+
+def missing_split(source: str, name: str, available: list[str]) -> DataError:
+    """The error for a split a dataset does not have, with what it has instead."""
+    hint = ""
+    if name == "train" and "all" in available:
+        hint = " (class folders directly under the root form one evaluation split 'all'; put them in train/ to train)"
+    return DataError(f"{source}: no {name!r} split; available: {', '.join(available)}{hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,9 +623,8 @@ def _keep_splits(plan: FolderPlan, only) -> FolderPlan:
     wanted = {name: plan.splits[name] for name in only if name in plan.splits}
     if set(plan.splits) == {"all"} and any(name in ("val", "test") for name in only):
         wanted = dict(plan.splits)  # the lone split stands in for val / test
-    if not wanted:  # say so before decoding anything; DataBundle.split words it (with its hints)
-        DataBundle(f"imagefolder:{plan.root}", len(plan.classes), plan.classes, (0, 0, 0), (), (), False,
-                   splits={name: [] for name in plan.splits}).split(next(iter(only)))
+    if not wanted:  # say so before decoding anything
+        raise missing_split(f"imagefolder:{plan.root}", next(iter(only)), list(plan.splits))
     files, splits = {}, {}
     for folder in sorted({folder for folder, _ in wanted.values()}):
         used = sorted({p for f, pos in wanted.values() if f == folder for p in pos})
