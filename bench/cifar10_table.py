@@ -49,6 +49,7 @@ RESULTS = HERE / "results" / "cifar10_table.json"
 RUNS_DIR = HERE / "runs"  # training folders, logs, locks (not committed)
 MODELS = HERE / "models"  # finished models, committed: re-evaluable on a held-out split
 SHARED = HERE / "shared"  # finished dense phases of the post-train methods, committed
+INTRAIN_RECIPE = HERE / "recipes" / "intrain.yaml"  # what the in-train rows change from rcomp's defaults
 POST_METHODS = ("posttrain", "rl")
 DATA = f"imagefolder:{(REPO.parent / 'shared' / 'datasets' / 'cifar10-jpeg')}"
 
@@ -104,6 +105,8 @@ def train_command(name: str, args) -> list[str]:
            "--method", method, "--no-progress"]
     if target is not None:
         cmd += ["--target-ops", str(target)]
+    if method == "intrain":
+        cmd += ["--recipe", str(INTRAIN_RECIPE.relative_to(REPO))]
     if method == "rl" and args.rl_episodes is not None:
         cmd += ["--rl-episodes", str(args.rl_episodes)]
     if partial_dir(name).exists():

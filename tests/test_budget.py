@@ -110,6 +110,9 @@ def test_schedule_penalty_and_freeze():
     assert ctl.limit_at(c, 0.15) == pytest.approx(0.75 * cost.dense_ops)
     assert ctl.limit_at(c, 0.3) == c.limit and ctl.limit_at(c, 1.0) == c.limit
     assert not ctl.should_freeze(0.79) and ctl.should_freeze(0.8) and ctl.should_freeze(1.0)
+    late = BudgetController(cost, [c], warmup_fraction=0.2, start_fraction=0.3)
+    assert late.limit_at(c, 0.0) == late.limit_at(c, 0.3) == cost.dense_ops  # dense until the masks start
+    assert late.limit_at(c, 0.4) == pytest.approx(0.75 * cost.dense_ops) and late.limit_at(c, 0.5) == c.limit
     # all on: within the schedule at the start, over budget at the end
     assert float(ctl.penalty(0.0).detach()) == 0.0
     pen = ctl.penalty(1.0)

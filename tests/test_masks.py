@@ -1,9 +1,11 @@
 """Trainable masks: STE gradients, exact binarization, exact zeros downstream of a pruned group."""
 
+import pytest
 import torch
 from torch import nn
 
-from rcomp.masks import ChannelMasks, attach_masks, ste_binarize
+from rcomp.errors import RcompError
+from rcomp.masks import MASK_INIT, SCORE_INIT_LOW, ChannelMasks, attach_masks, ste_binarize
 from rcomp.models import create_model
 
 
@@ -98,6 +100,23 @@ def test_min_keep_fraction_keeps_the_best_channels_of_a_group():
     hard = masks.hard()[0]
     assert int(hard.sum()) == masks.min_channels(0) == -(-size // 4)
     assert hard[: masks.min_channels(0)].all()
+
+
+@pytest.mark.parametrize("regularity", ["channel", "weight"])
+def test_masks_initialised_from_scores_stay_on_and_keep_the_order(regularity):
+    masked = attach_masks(create_model("tiny_cnn"), regularity, torch.rand(1, 3, 16, 16))
+    masks = masked.masks
+    torch.manual_seed(0)
+    scores = [torch.rand(p.shape) + i for i, p in enumerate(masks.params)]
+    masks.init_from_scores(scores)
+    flat_m = torch.cat([p.detach().flatten() for p in masks.params])
+    flat_s = torch.cat([s.flatten() for s in scores])
+    assert float(flat_m.min()) == pytest.approx(SCORE_INIT_LOW) and float(flat_m.max()) == pytest.approx(MASK_INIT)
+    assert bool(masks.snapshot().all())  # nothing switched off: the forward pass is unchanged
+    in_score_order = flat_m[torch.argsort(flat_s)]
+    assert bool((in_score_order[1:] >= in_score_order[:-1]).all())  # a more important unit starts further on
+    with pytest.raises(RcompError):
+        masks.init_from_scores(scores[:-1])
 
 
 def test_switch_offs_per_step_are_limited_to_the_most_decisive():

@@ -17,7 +17,7 @@ import torch
 from rcomp.checkpoint import CheckpointManager
 from rcomp.data import load_data
 from rcomp.errors import CheckpointError, ConfigError, NumericalError
-from rcomp.masks import MaskedModel
+from rcomp.masks import MASK_INIT, MaskedModel
 from rcomp.models import create_model
 from rcomp.train import (
     CatastrophicOverfittingGuard,
@@ -59,6 +59,38 @@ def test_pruned_run_meets_the_ops_target_and_learns(digits, regularity):
     assert last.ops_ratio <= 0.5 and last.mask_density < 1.0
     assert last.val_clean >= 0.6 and last.val_pgd >= 0.3  # chance is 0.1
     assert [h.epoch for h in result.history] == [1, 2, 3, 4] and result.co_events == []
+
+
+def test_masks_wait_dense_until_mask_start_then_start_from_magnitude(digits, monkeypatch):
+    config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, mask_start=0.5, mask_init="magnitude",
+                         warmup_fraction=0.2, **FAST)
+    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
+    seen = []
+    step = trainer._step
+
+    def record(*args):
+        seen.append((trainer.global_step, trainer.masks_started, [p.detach().clone() for p in trainer.masks.params]))
+        step(*args)
+
+    monkeypatch.setattr(trainer, "_step", record)
+    result = trainer.run(resume=False)
+    start = trainer.start_step
+    assert 0 < start < trainer.total_steps
+    before = [m for g, started, m in seen if g < start]
+    assert before and all(not started for g, started, _ in seen if g < start)
+    assert all(torch.all(p == MASK_INIT) for ms in before for p in ms)  # untouched while dense
+    assert all(float(trainer.controller.limit_at(c, (start - 1) / trainer.total_steps)) == trainer.cost.dense_ops
+               for c in trainer.controller.constraints)
+    after = torch.cat([p.detach().flatten() for p in trainer.masks.params])
+    assert len(set(after.abs().tolist())) > 1  # masks differ: they started from the channels' magnitudes
+    assert result.budget_status["satisfied"] and result.budget_status["ops_ratio"] <= 0.5
+
+
+@pytest.mark.parametrize("bad", [dict(mask_init="random"), dict(mask_start=0.8), dict(mask_start=-0.1)])
+def test_bad_mask_schedule_is_a_config_error(digits, bad):
+    with pytest.raises(ConfigError):
+        train(TrainConfig(epochs=1, regularity="channel", target_ops=0.5, **bad, **FAST), digits, _model(digits),
+              out_dir=None, log=_quiet)
 
 
 @pytest.mark.slow

@@ -506,7 +506,10 @@ class BudgetController:
         warmup_fraction: float = 0.3,
         freeze_fraction: float = 0.8,
         dual_lr: float = 0.05,
+        start_fraction: float = 0.0,
     ):
+        if not (0.0 <= start_fraction < 1.0):
+            raise RcompError(f"start_fraction must be in [0, 1), got {start_fraction}")
         if not (0.0 <= warmup_fraction <= 1.0):
             raise RcompError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
         if not (0.0 <= freeze_fraction <= 1.0):
@@ -522,12 +525,15 @@ class BudgetController:
         self.multipliers = [0.0] * len(self.constraints)  # Lagrange multipliers, one per constraint
         self.warmup_fraction = float(warmup_fraction)
         self.freeze_fraction = float(freeze_fraction)
+        self.start_fraction = float(start_fraction)
 
     def limit_at(self, constraint: Constraint, progress: float) -> float:
-        """Linear schedule from the dense value (progress 0) to the final limit (progress >= warmup)."""
+        """The dense value until ``start_fraction``, then linear to the final limit over ``warmup_fraction``."""
         dense = self.cost.dense_value(constraint.metric)
         start = max(dense, constraint.limit)
-        p = min(max(float(progress), 0.0), 1.0)
+        p = min(max(float(progress), 0.0), 1.0) - self.start_fraction
+        if p <= 0.0 and self.start_fraction > 0.0:
+            return start
         if self.warmup_fraction <= 0.0 or p >= self.warmup_fraction:
             return float(constraint.limit)
         t = p / self.warmup_fraction

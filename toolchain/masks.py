@@ -40,6 +40,8 @@ from rcomp.models import find_classifier
 MASK_INIT = 1.0
 #: Masks are clipped to [-MASK_BOUND, MASK_BOUND] after every optimizer step.
 MASK_BOUND = 1.0
+#: Lowest initial mask of :meth:`MaskSet.init_from_scores`: the least important unit starts just on.
+SCORE_INIT_LOW = 0.05
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 _LAYER_TYPES = (nn.Conv2d, nn.Linear)
@@ -119,6 +121,23 @@ class MaskSet(nn.Module):
         """
         for p in self.params:
             p.clamp_(-bound, bound)
+
+    @torch.no_grad()
+    def init_from_scores(self, scores: list[torch.Tensor], low: float = SCORE_INIT_LOW) -> None:
+        """Set every ``M`` from an importance score, mapped linearly onto [low, MASK_INIT] over all units.
+
+        Every mask stays on (``M > 0``), so the forward pass does not change; what changes is how far
+        each unit is from the decision boundary, so the budget switches the least important units
+        off first instead of masks that all start at ``MASK_INIT`` and cross zero in lockstep.
+        """
+        if len(scores) != len(self.params) or any(s.numel() != p.numel() for s, p in zip(scores, self.params)):
+            raise RcompError("one score per mask unit is needed to initialise the masks")
+        flat = torch.cat([s.detach().float().reshape(-1).cpu() for s in scores])
+        lo, hi = float(flat.min()), float(flat.max())
+        span = hi - lo if hi > lo else 1.0
+        for p, s in zip(self.params, scores):
+            value = low + (MASK_INIT - low) * (s.detach().float().cpu() - lo) / span
+            p.copy_(value.reshape(p.shape).to(p.device))
 
     def on_states(self) -> list[torch.Tensor]:
         """Which units are on (``M > 0``), before the channel groups' keep-one rule."""
@@ -242,6 +261,15 @@ class WeightMasks(MaskSet):
             parametrize.register_parametrization(module, "weight", _WeightMask(masks, i))
         masks._model_layers = [m for _, m in layers]
         return masks
+
+    @torch.no_grad()
+    def weight_magnitudes(self) -> list[torch.Tensor]:
+        """``|W|`` of every masked layer over its mean, so layers compare like normalised channel groups."""
+        out = []
+        for module in self._model_layers:
+            w = module.parametrizations.weight.original.abs()
+            out.append(w / w.mean().clamp_min(1e-12))
+        return out
 
     def remove(self) -> None:
         """Fold ``W * Mb`` into the weights and drop the parametrizations."""

@@ -6,6 +6,9 @@ the same optimizer and share the weights' weight decay (the poster's "regularize
 the weights"). At ``freeze_fraction`` of the steps the budget controller projects the hard masks
 onto the budget once and the masks freeze; the weights then keep training on the final
 architecture, so the network that is evaluated and exported is the one that was fine-tuned.
+With ``mask_start`` > 0 the run begins dense (masks on and still, no budget) and the masks start
+learning at that fraction of the steps, optionally from group magnitude (``mask_init``); the budget
+schedule then starts from there.
 
 Reproducibility: data order, augmentation and every attack draw from generators seeded by
 ``(seed, epoch)`` only, and checkpoints carry every global RNG state, so a run resumed from its
@@ -56,6 +59,8 @@ from rcomp.errors import CheckpointError, ConfigError, NumericalError, RcompErro
 
 #: Training examples of the fixed batch the guard attacks every epoch.
 GUARD_SIZE = 256
+#: How the masks are set when they start learning: all at ``MASK_INIT``, or from group magnitude.
+MASK_INITS = ("constant", "magnitude")
 #: Config fields a resumed run may change (machine settings); anything else must match.
 _MACHINE_FIELDS = ("device", "num_workers", "progress")
 
@@ -87,6 +92,8 @@ class TrainConfig:
     max_switch_off: float = 0.002  # fraction of mask units that may switch off per step (at least 1)
     min_keep: float = 0.2          # fraction of every channel group that stays (torch-pruning's 1 - max_pruning_ratio)
     cost_exponent: float = 0.5     # budget gradient of a unit scaled by (its cost / mean cost) ** -cost_exponent
+    mask_start: float = 0.0        # fraction of the steps trained dense before the masks and the budget start
+    mask_init: str = "constant"    # constant | magnitude: masks set from group magnitude when they start
     eval_size: int = 500
     eval_pgd_steps: int = 10
     eval_every: int = 1
@@ -116,6 +123,11 @@ class TrainConfig:
             raise ConfigError("epochs, batch_size and eval_every must be at least 1")
         if not 0.0 < self.peak_fraction < 1.0:
             raise ConfigError(f"peak_fraction must be in (0, 1), got {self.peak_fraction}", key="peak_fraction")
+        if self.mask_init not in MASK_INITS:
+            raise ConfigError(f"unknown mask_init {self.mask_init!r}; expected {' or '.join(MASK_INITS)}", key="mask_init")
+        if not 0.0 <= self.mask_start < self.freeze_fraction:
+            raise ConfigError(f"mask_start must be in [0, freeze_fraction={self.freeze_fraction}), got {self.mask_start}",
+                              key="mask_start")
 
 
 @dataclass
@@ -265,6 +277,8 @@ class _Trainer:
         self.steps_per_epoch = len(self._loader(0))
         self.total_steps = config.epochs * self.steps_per_epoch
         self.global_step, self.epoch, self.frozen, self.stopped = 0, 0, False, False
+        self.start_step = round(config.mask_start * self.total_steps)
+        self.masks_started = config.mask_start == 0.0
         self.attack = config.attack
         self.history: list[EpochLog] = []
         self.co_events: list[str] = []
@@ -312,7 +326,7 @@ class _Trainer:
                                                mops=c.mops, params=c.params)
         return cost, BudgetController(cost, constraints, penalty_weight=c.penalty_weight,
                                       warmup_fraction=c.warmup_fraction, freeze_fraction=c.freeze_fraction,
-                                      dual_lr=c.dual_lr)
+                                      dual_lr=c.dual_lr, start_fraction=c.mask_start)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
@@ -398,6 +412,7 @@ class _Trainer:
         return augment_batch(x, padding=max(1, round(x.shape[-1] / 8)), flip=True, generator=generator)
 
     def _step(self, x, y, epoch: int, step: int, g_att, totals: dict) -> None:
+        self._maybe_start_masks()
         lr = lr_at(self.cfg, (self.global_step + 1) / self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -411,8 +426,11 @@ class _Trainer:
         self._check_finite(total, "loss", epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
         self._backward(loss, penalty)
+        if self.masks is not None and not self.masks_started:
+            for p in self.masks.params:
+                p.grad = None  # the masks wait, on, for mask_start
         self._clip_and_check(epoch, step)
-        masks_active = self.masks is not None and not self.frozen
+        masks_active = self.masks is not None and not self.frozen and self.masks_started
         before = self.masks.on_states() if masks_active else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -420,7 +438,7 @@ class _Trainer:
             self.masks.limit_switch_off(before, max(1, math.ceil(self.cfg.max_switch_off * self.masks.num_units)))
             self.masks.clip_()
         self.global_step += 1
-        if self.controller is not None and not self.frozen:
+        if self.controller is not None and not self.frozen and self.masks_started:
             self.controller.update(self.global_step / self.total_steps)
         _accumulate(totals, lr, loss, penalty, logits, y)
         self._maybe_freeze()
@@ -475,8 +493,32 @@ class _Trainer:
         # after a guard switch to N-FGSM, a step size chosen for FGSM-RS no longer applies
         return self.cfg.alpha if self.attack == self.cfg.attack else None
 
+    def _maybe_start_masks(self) -> None:
+        """At ``mask_start`` the masks begin to learn; with ``mask_init: magnitude`` they start from it.
+
+        Masks that all start at the same value give the budget nothing to choose by: the first
+        units to cross zero are those the budget gradient pushes hardest (measured: the residual
+        streams, whatever their use). A short dense phase inside the one run gives the weights time
+        to differentiate the channels, and torch-pruning's group magnitude (the post-train baseline's
+        criterion) then orders the masks; the task-loss gradient refines that order from there on.
+        """
+        if self.masks is None or self.masks_started or self.global_step < self.start_step:
+            return
+        self.masks_started = True
+        if self.cfg.mask_init == "magnitude":
+            self.masks.init_from_scores(self._magnitude_scores())
+        self.log(f"masks start learning at step {self.global_step}/{self.total_steps} ({self.cfg.mask_init} init)")
+
+    def _magnitude_scores(self) -> list[torch.Tensor]:
+        if self.masks.regularity == "channel":
+            from rcomp.posttrain import magnitude_scores
+
+            example = torch.zeros(1, *self.bundle.input_shape, device=self.device)
+            return magnitude_scores(self.model.model, self.masks, example)
+        return self.masks.weight_magnitudes()
+
     def _penalty(self) -> torch.Tensor:
-        if self.controller is None or self.frozen:
+        if self.controller is None or self.frozen or not self.masks_started:
             return torch.zeros((), device=self.device)
         return self.controller.penalty(self.global_step / self.total_steps).to(self.device)
 
@@ -631,7 +673,7 @@ class _Trainer:
             "format": 1, "config": asdict(self.cfg), "epoch": self.epoch, "global_step": self.global_step,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "schedule": {"kind": self.cfg.schedule, "total_steps": self.total_steps, "global_step": self.global_step},
-            "frozen": self.frozen, "stopped": self.stopped, "attack": self.attack, "projection": self.projection,
+            "frozen": self.frozen, "stopped": self.stopped, "masks_started": self.masks_started, "attack": self.attack, "projection": self.projection,
             "guard": self.guard.state_dict(), "co_events": list(self.co_events),
             "history": [asdict(h) for h in self.history], "rng": capture_rng_state(),
             "budget": self.controller.state_dict() if self.controller is not None else None,
@@ -660,6 +702,7 @@ class _Trainer:
     def _restore_progress(self, state: dict) -> None:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.frozen, self.stopped, self.attack = bool(state["frozen"]), bool(state["stopped"]), state["attack"]
+        self.masks_started = bool(state.get("masks_started", self.global_step > self.start_step or self.masks_started))
         self.projection = state["projection"]
         if self.frozen:
             self.masks.freeze()
