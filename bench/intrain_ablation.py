@@ -1,10 +1,13 @@
 """What moves in-train pruning's accuracy at a fixed budget: ablations on the validation split only.
 
-The CIFAR-10 table (``bench/cifar10_table.py``) found in-train pruning behind post-train magnitude
-pruning at 0.3 of the ops and 2.3 points behind dense at 0.5. Each variant here changes one thing
-against that table's recipe (ResNet20, 6 epochs N-FGSM, peak lr 0.2, seed 0) — a recipe key or the
-seed — so its effect can be read against the table's row of the same target. The seed variants
-measure how far two runs of one recipe lie apart, the yardstick for every other difference.
+The CIFAR-10 table (``bench/cifar10_table.py``) first found in-train pruning behind post-train
+magnitude pruning at 0.3 of the ops and 2.3 points behind dense at 0.5; its in-train rows then moved
+to the bench recipe ``bench/recipes/intrain.yaml``. Each variant changes one thing against a
+reference row of the same target (ResNet20, 6 epochs N-FGSM, peak lr 0.2, seed 0) — a recipe key,
+the seed, or the whole bench recipe — so its effect can be read against that row. The ``-fromstart``
+variants are the table's in-train rows before the bench recipe (rcomp's defaults); the older
+variants differ from them. The seed variants measure how far two runs of one recipe lie apart,
+the yardstick for every other difference.
 
 Every variant is an ``rcomp train`` run into ``bench/runs/ablation/<name>/`` (resumable, complete runs
 are skipped), evaluated with ``rcomp eval`` (clean and PGD-10 on the 5,000-image validation split).
@@ -29,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cifar10_table import DATA, REPO, _env, commit, machine, record_provenance, run_lock  # noqa: E402
+from cifar10_table import DATA, INTRAIN_RECIPE, REPO, _env, commit, machine, record_provenance, run_lock  # noqa: E402
 from render import _pct, _provenance, replace_section  # noqa: E402
 
 RUNS_DIR = HERE / "runs" / "ablation"
@@ -43,32 +46,53 @@ class Variant:
     method: str  # dense | intrain
     target_ops: float | None
     question: str
-    recipe: dict = field(default_factory=dict)  # TrainConfig keys changed against rcomp's defaults
+    recipe: dict = field(default_factory=dict)  # TrainConfig keys changed against the reference row's recipe
     seed: int = 0
+    base: str = "table"  # the recipe changed: "table" = the table's in-train recipe, "defaults" = rcomp's defaults
+    ref: str | None = None  # the row compared against, when it is not the table's row of the same target
 
     def reference(self) -> str:
-        """The CIFAR-10 table's row this variant differs from in one thing."""
+        """The row this variant differs from in one thing (a table row or another variant)."""
+        if self.ref:
+            return self.ref
         return "r20-dense" if self.method == "dense" else f"r20-intrain-{self.target_ops}"
 
+    def full_recipe(self) -> dict:
+        """Every TrainConfig key this variant's run sets against rcomp's defaults."""
+        base = table_intrain_recipe() if self.method == "intrain" and self.base == "table" else {}
+        return {**base, **self.recipe}
+
+
+def table_intrain_recipe() -> dict:
+    import yaml
+
+    return yaml.safe_load(INTRAIN_RECIPE.read_text()) or {}
+
+
+#: The table's in-train rows as they were before the bench recipe (masks learn from the first step,
+#: all starting at MASK_INIT, budget gradient scaled by cost ** -0.5): the reference of the older variants.
+FROMSTART = "masks learn from step 0 from a constant init, cost exponent 0.5 (rcomp's defaults, no bench recipe)"
 
 VARIANTS = {
     "r20-dense-seed1": Variant("dense", None, "seed noise: dense FastAT, seed 1", seed=1),
-    "r20-intrain-0.5-seed1": Variant("intrain", 0.5, "seed noise: in-train 0.5, seed 1", seed=1),
+    "r20-intrain-0.7-fromstart": Variant("intrain", 0.7, FROMSTART, base="defaults"),
+    "r20-intrain-0.5-fromstart": Variant("intrain", 0.5, FROMSTART, base="defaults"),
+    "r20-intrain-0.3-fromstart": Variant("intrain", 0.3, FROMSTART, base="defaults"),
+    "r20-intrain-0.5-seed1": Variant("intrain", 0.5, "seed noise: in-train 0.5 (previous recipe), seed 1", seed=1,
+                                     base="defaults", ref="r20-intrain-0.5-fromstart"),
     "r20-intrain-0.5-minkeep0.4": Variant("intrain", 0.5, "thin residual streams: every group keeps >= 40 %",
-                                          {"min_keep": 0.4}),
+                                          {"min_keep": 0.4}, base="defaults", ref="r20-intrain-0.5-fromstart"),
     "r20-intrain-0.3-minkeep0.4": Variant("intrain", 0.3, "thin residual streams: every group keeps >= 40 %",
-                                          {"min_keep": 0.4}),
-    # not yet run to the end (stopped after 2 epochs, see the issue notes); ready for a later session
-    "r20-intrain-0.3-costexp1": Variant("intrain", 0.3, "budget gradient equal for every unit (no cost weighting)",
-                                        {"cost_exponent": 1.0}),
-    "r20-intrain-0.3-slowbudget": Variant("intrain", 0.3, "slower budget: warm-up 0.5, dual lr 0.02",
-                                          {"warmup_fraction": 0.5, "dual_lr": 0.02}),
+                                          {"min_keep": 0.4}, base="defaults", ref="r20-intrain-0.3-fromstart"),
+    "r20-intrain-0.5-seed1-bench": Variant("intrain", 0.5, "seed noise: in-train 0.5 (bench recipe), seed 1", seed=1),
+    "r20-intrain-0.3-start0.5": Variant("intrain", 0.3, "more dense training first: masks start at 0.5, warm-up 0.1",
+                                        {"mask_start": 0.5, "warmup_fraction": 0.1}),
 }
 
 
 def recipe_file(name: str) -> Path | None:
     """The variant's recipe YAML (written next to the run; ``rcomp train --recipe`` reads it)."""
-    recipe = VARIANTS[name].recipe
+    recipe = VARIANTS[name].full_recipe()
     if not recipe:
         return None
     path = RUNS_DIR / f"{name}.recipe.yaml"
@@ -131,6 +155,7 @@ def collect(name: str) -> dict | None:
     provenance = RUNS_DIR / f"{name}.provenance.json"
     return {
         "question": v.question, "method": v.method, "target_ops": v.target_ops, "seed": v.seed, "recipe_change": v.recipe,
+        "recipe_base": v.base if v.method == "intrain" else None, "recipe": t["recipe"],
         "reference": v.reference(), "epochs": t["recipe"]["epochs"], "clean": acc["clean"],
         "pgd10": next(val for k, val in acc.items() if k.startswith("pgd-")), "ops_ratio": t["macs"] / t["dense_macs"],
         "ops_ratio_per_epoch": [h["ops_ratio"] for h in t["history"]] if v.method == "intrain" else None,
@@ -170,12 +195,13 @@ def magnitude_under_both_floors(targets=(0.5, 0.3)) -> dict:
 
 def render(doc: dict) -> None:
     table = json.loads(TABLE.read_text())["runs"] if TABLE.exists() else {}
-    lines = ["| variant | changes (vs the table's row) | clean % | PGD-10 % | Δ clean / Δ PGD vs row | ops ratio | "
+    lines = ["| variant | changes (vs the reference row) | clean % | PGD-10 % | Δ clean / Δ PGD vs row | ops ratio | "
              "streams (of 16/32/64) | ops ratio per epoch |", "|---|---|---:|---:|---:|---:|---|---|"]
     for name, r in doc["runs"].items():
-        ref = table.get(r["reference"])
+        ref = table.get(r["reference"]) or doc["runs"].get(r["reference"])
         delta = "–" if ref is None else f"{100 * (r['clean'] - ref['clean']):+.2f} / {100 * (r['pgd10'] - ref['pgd10']):+.2f}"
-        change = ", ".join(f"{k} {v}" for k, v in r["recipe_change"].items()) or f"seed {r['seed']}"
+        change = ", ".join(f"{k} {v}" for k, v in r["recipe_change"].items()) or (
+            f"seed {r['seed']}" if r["seed"] else "rcomp's defaults instead of the bench recipe")
         per_epoch = " → ".join(f"{x:.2f}" for x in r["ops_ratio_per_epoch"]) if r["ops_ratio_per_epoch"] else "–"
         lines.append(f"| {name} | {change} (vs {r['reference']}) | {_pct(r['clean'])} | {_pct(r['pgd10'])} | {delta} | "
                      f"{r['ops_ratio']:.3f} | {'/'.join(map(str, r['stream_widths']))} | {per_epoch} |")
