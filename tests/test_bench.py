@@ -108,16 +108,24 @@ def ablation(tmp_path, monkeypatch):
 def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablation):
     from rcomp.pipeline import load_recipe
 
+    table = ablation.table_intrain_recipe()
+    assert table and load_recipe(str(ablation.INTRAIN_RECIPE)) == table  # the table's in-train rows' recipe
     for name, variant in ablation.VARIANTS.items():
         cmd = ablation.train_command(name, "digits")
         assert cmd[cmd.index("--seed") + 1] == str(variant.seed)
         assert cmd[cmd.index("--method") + 1] == variant.method
-        if variant.recipe:
-            recipe = cmd[cmd.index("--recipe") + 1]
-            assert load_recipe(recipe) == variant.recipe  # unknown keys or bad values would raise
-            assert variant.seed == 0  # a recipe change is compared with the table's seed-0 row
+        full = variant.full_recipe()
+        if full:
+            assert load_recipe(cmd[cmd.index("--recipe") + 1]) == full  # unknown keys or bad values would raise
         else:
-            assert "--recipe" not in cmd and variant.seed != 0
+            assert "--recipe" not in cmd
+        reference = variant.reference()
+        assert reference in ablation.VARIANTS or reference.startswith(("r20-dense", "r20-intrain-"))
+        assert reference != name
+        # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe
+        changes = bool(variant.recipe) + (variant.seed != 0) + (variant.method == "intrain" and variant.base == "defaults"
+                                                               and variant.ref is None)
+        assert changes == 1, name
         assert "--resume" not in cmd  # nothing started yet
 
 

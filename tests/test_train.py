@@ -199,6 +199,20 @@ def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("mask_start, warmup", [(0.34, 0.2), (0.7, 0.05)])  # the epoch-2 checkpoint: after / before
+def test_resume_around_mask_start_replays_exactly(digits, tmp_path, mask_start, warmup):
+    config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, mask_start=mask_start, mask_init="magnitude",
+                         warmup_fraction=warmup, **FAST)
+    whole = train(config, digits, _model(digits), out_dir=tmp_path / "a", log=_quiet)
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    for name in ("ckpt-epoch0002.pt", "ckpt-epoch0002.pt.sha256"):
+        shutil.copy(tmp_path / "a" / "checkpoints" / name, tmp_path / "b" / "checkpoints" / name)
+    resumed = train(config, digits, _model(digits), out_dir=tmp_path / "b", resume=True, log=_quiet)
+    assert resumed.resumed_from == 2 and resumed.budget_status["satisfied"]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_a_different_recipe(digits, tmp_path):
     train(TrainConfig(epochs=1, **FAST), digits, _model(digits), out_dir=tmp_path, log=_quiet)
     with pytest.raises(CheckpointError, match="lr_max"):
