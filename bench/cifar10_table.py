@@ -360,6 +360,7 @@ def collect(names: list[str], args) -> dict:
             "dense_phase_shared": (partial_or_final(name) / "dense-phase-from.txt").exists() or None,
         }
         rows[name]["epoch_seconds"] = [h["seconds"] for h in t["history"]]
+        rows[name]["epochs_log"] = epochs_log(t["history"])
         rows[name]["dense_phase_epoch_seconds"] = [h["seconds"] for h in t.get("dense_history") or []] or None
         provenance = RUNS_DIR / f"{name}.provenance.json"
         if provenance.exists():
@@ -369,6 +370,17 @@ def collect(names: list[str], args) -> dict:
             rows[name]["rl_episodes"] = t["rl_search"]["rl"]["episodes"]
     add_cost_ratios(rows)
     return rows
+
+
+#: Per-epoch fields kept with a row: enough to see catastrophic overfitting (training-batch accuracy
+#: under the training attack above clean accuracy, guard PGD collapsing) and the masks' schedule.
+EPOCH_FIELDS = ("epoch", "train_adv_acc", "val_clean", "val_pgd", "train_fgsm", "train_pgd", "ops_ratio",
+                "masks_flipped", "guard")
+
+
+def epochs_log(history: list[dict]) -> list[dict]:
+    """The epochs of the run's last phase (``val_*`` on the training run's 500-image val subset)."""
+    return [{k: h.get(k) for k in EPOCH_FIELDS} for h in history]
 
 
 def add_cost_ratios(rows: dict) -> None:
