@@ -167,7 +167,7 @@ def _row_provenance(doc: dict) -> list[str]:
                    for n in names for s in doc["runs"][n].get("trained_by") or []}
         line = f"- {', '.join(names)}: collected by `{command}` at commit `{commit}`, {date}"
         line += f"; trained at commit {', '.join(f'`{t}`' for t in sorted(trained))}" if trained else ""
-        lines.append(line + "".join(f" {n}" for n in notes) + ".")
+        lines.append(line + "".join(f"; note: {n}" for n in notes) + ".")
     return lines
 
 
