@@ -32,7 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cifar10_table import DATA, INTRAIN_RECIPE, REPO, _env, commit, machine, record_provenance, run_lock  # noqa: E402
+from cifar10_table import (DATA, INTRAIN_RECIPE, REPO, _env, commit, epochs_log, machine,  # noqa: E402
+                          record_provenance, run_lock)
 from render import _pct, _provenance, replace_section  # noqa: E402
 
 RUNS_DIR = HERE / "runs" / "ablation"
@@ -160,6 +161,7 @@ def collect(name: str) -> dict | None:
         "pgd10": next(val for k, val in acc.items() if k.startswith("pgd-")), "ops_ratio": t["macs"] / t["dense_macs"],
         "ops_ratio_per_epoch": [h["ops_ratio"] for h in t["history"]] if v.method == "intrain" else None,
         "val500_clean_per_epoch": [h["val_clean"] for h in t["history"]],
+        "epochs_log": epochs_log(t["history"]),
         "stream_widths": stream_widths(folder / "model.pt"), "wall_seconds": t["wall_seconds"],
         "trained_by": json.loads(provenance.read_text()) if provenance.exists() else None,
     }
