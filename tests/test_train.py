@@ -69,7 +69,7 @@ def test_masks_wait_dense_until_mask_start_then_start_from_magnitude(digits, mon
     step = trainer._step
 
     def record(*args):
-        seen.append((trainer.global_step, trainer.masks_started, [p.detach().clone() for p in trainer.masks.params]))
+        seen.append((trainer.global_step, trainer._masks_learning(), [p.detach().clone() for p in trainer.masks.params]))
         step(*args)
 
     monkeypatch.setattr(trainer, "_step", record)

@@ -278,7 +278,6 @@ class _Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         self.global_step, self.epoch, self.frozen, self.stopped = 0, 0, False, False
         self.start_step = round(config.mask_start * self.total_steps)
-        self.masks_started = config.mask_start == 0.0
         self.attack = config.attack
         self.history: list[EpochLog] = []
         self.co_events: list[str] = []
@@ -426,11 +425,11 @@ class _Trainer:
         self._check_finite(total, "loss", epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
         self._backward(loss, penalty)
-        if self.masks is not None and not self.masks_started:
+        if self.masks is not None and not self._masks_learning():
             for p in self.masks.params:
                 p.grad = None  # the masks wait, on, for mask_start
         self._clip_and_check(epoch, step)
-        masks_active = self.masks is not None and not self.frozen and self.masks_started
+        masks_active = self.masks is not None and not self.frozen and self._masks_learning()
         before = self.masks.on_states() if masks_active else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -438,7 +437,7 @@ class _Trainer:
             self.masks.limit_switch_off(before, max(1, math.ceil(self.cfg.max_switch_off * self.masks.num_units)))
             self.masks.clip_()
         self.global_step += 1
-        if self.controller is not None and not self.frozen and self.masks_started:
+        if self.controller is not None and not self.frozen and self._masks_learning():
             self.controller.update(self.global_step / self.total_steps)
         _accumulate(totals, lr, loss, penalty, logits, y)
         self._maybe_freeze()
@@ -502,12 +501,17 @@ class _Trainer:
         to differentiate the channels, and torch-pruning's group magnitude (the post-train baseline's
         criterion) then orders the masks; the task-loss gradient refines that order from there on.
         """
-        if self.masks is None or self.masks_started or self.global_step < self.start_step:
+        if self.masks is None or self.global_step != self.start_step:
             return
-        self.masks_started = True
         if self.cfg.mask_init == "magnitude":
             self.masks.init_from_scores(self._magnitude_scores())
+        elif self.start_step == 0:
+            return  # the default: masks learn from the first step, nothing to say
         self.log(f"masks start learning at step {self.global_step}/{self.total_steps} ({self.cfg.mask_init} init)")
+
+    def _masks_learning(self) -> bool:
+        """Whether the step being taken trains the masks (derived from the step: resumes need no flag)."""
+        return self.global_step >= self.start_step
 
     def _magnitude_scores(self) -> list[torch.Tensor]:
         if self.masks.regularity == "channel":
@@ -518,7 +522,7 @@ class _Trainer:
         return self.masks.weight_magnitudes()
 
     def _penalty(self) -> torch.Tensor:
-        if self.controller is None or self.frozen or not self.masks_started:
+        if self.controller is None or self.frozen or not self._masks_learning():
             return torch.zeros((), device=self.device)
         return self.controller.penalty(self.global_step / self.total_steps).to(self.device)
 
@@ -673,8 +677,7 @@ class _Trainer:
             "format": 1, "config": asdict(self.cfg), "epoch": self.epoch, "global_step": self.global_step,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "schedule": {"kind": self.cfg.schedule, "total_steps": self.total_steps, "global_step": self.global_step},
-            "frozen": self.frozen, "stopped": self.stopped, "masks_started": self.masks_started,
-            "attack": self.attack, "projection": self.projection,
+            "frozen": self.frozen, "stopped": self.stopped, "attack": self.attack, "projection": self.projection,
             "guard": self.guard.state_dict(), "co_events": list(self.co_events),
             "history": [asdict(h) for h in self.history], "rng": capture_rng_state(),
             "budget": self.controller.state_dict() if self.controller is not None else None,
@@ -703,7 +706,6 @@ class _Trainer:
     def _restore_progress(self, state: dict) -> None:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.frozen, self.stopped, self.attack = bool(state["frozen"]), bool(state["stopped"]), state["attack"]
-        self.masks_started = bool(state.get("masks_started", self.global_step > self.start_step or self.masks_started))
         self.projection = state["projection"]
         if self.frozen:
             self.masks.freeze()
