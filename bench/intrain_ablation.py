@@ -74,6 +74,10 @@ def table_intrain_recipe() -> dict:
 #: all starting at MASK_INIT, budget gradient scaled by cost ** -0.5): the reference of the older variants.
 FROMSTART = "masks learn from step 0 from a constant init, cost exponent 0.5 (rcomp's defaults, no bench recipe)"
 
+#: The post-train methods fine-tune their final architecture with a learning-rate cycle of their own
+#: over the last third; in-train pruning's single cycle has already decayed when its masks freeze.
+RESTART = "the post-train split: masks freeze at 2/3 of the steps, a new LR cycle (warm restart) over the rest"
+
 VARIANTS = {
     "r20-dense-seed1": Variant("dense", None, "seed noise: dense FastAT, seed 1", seed=1),
     "r20-intrain-0.7-fromstart": Variant("intrain", 0.7, FROMSTART, base="defaults"),
@@ -88,6 +92,8 @@ VARIANTS = {
     "r20-intrain-0.5-seed1-bench": Variant("intrain", 0.5, "seed noise: in-train 0.5 (bench recipe), seed 1", seed=1),
     "r20-intrain-0.3-start0.5": Variant("intrain", 0.3, "more dense training first: masks start at 0.5, warm-up 0.1",
                                         {"mask_start": 0.5, "warmup_fraction": 0.1}),
+    "r20-intrain-0.5-restart": Variant("intrain", 0.5, RESTART, {"freeze_fraction": 0.6667, "lr_restart": True}),
+    "r20-intrain-0.3-restart": Variant("intrain", 0.3, RESTART, {"freeze_fraction": 0.6667, "lr_restart": True}),
 }
 
 

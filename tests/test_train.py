@@ -23,8 +23,10 @@ from rcomp.train import (
     CatastrophicOverfittingGuard,
     TrainConfig,
     _Trainer,
+    freeze_step,
     is_catastrophic_overfitting,
     lr_at,
+    lr_at_step,
     train,
 )
 
@@ -136,6 +138,42 @@ def test_schedules():
     assert lr_at(cosine, 0.0) == pytest.approx(0.2) and lr_at(cosine, 0.5) == pytest.approx(0.1)
 
 
+def test_lr_restart_starts_a_new_cycle_after_the_freeze():
+    plain = TrainConfig(lr_max=0.2, peak_fraction=0.4, target_ops=0.5, regularity="channel", freeze_fraction=0.6)
+    restart = TrainConfig(**{**plain.__dict__, "lr_restart": True})
+    assert freeze_step(restart, 100) == 60 and freeze_step(restart, 7) == 5  # the first step with step/T >= 0.6
+    for step in (1, 40, 60):  # up to the freeze both schedules are the one cycle
+        assert lr_at_step(restart, step, 100) == lr_at_step(plain, step, 100) == lr_at(plain, step / 100)
+    assert lr_at_step(plain, 61, 100) == pytest.approx(0.2 * 39 / 60)
+    assert lr_at_step(restart, 61, 100) == pytest.approx(0.2 * (1 / 40) / 0.4)  # from ~0 again
+    assert lr_at_step(restart, 76, 100) == pytest.approx(0.2)  # a full peak 40 % into the 40 remaining steps
+    assert lr_at_step(restart, 100, 100) == 0.0
+
+
+def test_lr_restart_needs_a_budget(digits):
+    with pytest.raises(ConfigError, match="lr_restart"):
+        train(TrainConfig(lr_restart=True, **FAST), digits, _model(digits), out_dir=None, log=_quiet)
+
+
+@pytest.mark.slow
+def test_lr_restart_restarts_at_the_step_the_masks_freeze(digits, monkeypatch):
+    seen = {}
+
+    def record_lr(self, *args, **kwargs):
+        seen.setdefault(self.global_step, self.optimizer.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    original = _Trainer._maybe_freeze
+    monkeypatch.setattr(_Trainer, "_maybe_freeze", record_lr)
+    lines = []
+    config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, freeze_fraction=0.5, lr_restart=True, **FAST)
+    train(config, digits, _model(digits), out_dir=None, log=lines.append)
+    frozen_at = int(next(line for line in lines if "frozen at step" in line).split("at step ")[1].split("/")[0])
+    total = max(seen)
+    assert frozen_at == freeze_step(config, total)
+    assert seen[frozen_at] > 0.05 and seen[frozen_at + 1] < 0.02  # the step after the freeze starts from ~0
+
+
 def test_budget_without_regularity_is_a_config_error(digits):
     with pytest.raises(ConfigError, match="regularity"):
         train(TrainConfig(target_ops=0.5, **FAST), digits, _model(digits), out_dir=None, log=_quiet)
@@ -186,8 +224,10 @@ def test_guard_restores_the_best_state(digits, tmp_path, monkeypatch, attack, st
 # kill and resume
 
 
-def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path):
-    config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, **FAST)
+@pytest.mark.parametrize("lr_restart", [False, True])
+def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path, lr_restart):
+    config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, lr_restart=lr_restart,
+                         **FAST)
     whole = train(config, digits, _model(digits), out_dir=tmp_path / "a", log=_quiet)
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     for name in ("ckpt-epoch0002.pt", "ckpt-epoch0002.pt.sha256"):  # frozen during epoch 2

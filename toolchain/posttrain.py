@@ -128,7 +128,7 @@ def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phas
     out_dir = Path(out_dir)
     dense_epochs, tune_epochs = split_epochs(config.epochs)
     dense_cfg = dataclasses.replace(config, epochs=dense_epochs, regularity=None, target_ops=None,
-                                    target_params=None, mops=None, params=None)
+                                    target_params=None, mops=None, params=None, lr_restart=False)
     started = time.perf_counter()
     stage = out_dir / f"{method}-pruned.pt"
     if resume and stage.exists():

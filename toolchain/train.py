@@ -87,6 +87,7 @@ class TrainConfig:
     dual_lr: float = 0.05        # Lagrange-multiplier step per optimizer step (see BudgetController)
     warmup_fraction: float = 0.3
     freeze_fraction: float = 0.8
+    lr_restart: bool = False       # a new LR cycle over the steps after the mask freeze (warm restart)
     mask_lr_scale: float = 1.0
     mask_momentum: float | None = None  # None: the weights' momentum
     max_switch_off: float = 0.002  # fraction of mask units that may switch off per step (at least 1)
@@ -125,6 +126,9 @@ class TrainConfig:
             raise ConfigError(f"peak_fraction must be in (0, 1), got {self.peak_fraction}", key="peak_fraction")
         if self.mask_init not in MASK_INITS:
             raise ConfigError(f"unknown mask_init {self.mask_init!r}; expected {' or '.join(MASK_INITS)}", key="mask_init")
+        if self.lr_restart and not self.has_budget:
+            raise ConfigError("lr_restart restarts the learning rate at the mask freeze, which needs a budget",
+                              key="lr_restart")
         if not 0.0 <= self.mask_start < self.freeze_fraction:
             raise ConfigError(f"mask_start must be in [0, freeze_fraction={self.freeze_fraction}), got {self.mask_start}",
                               key="mask_start")
@@ -181,6 +185,28 @@ def lr_at(config: TrainConfig, progress: float) -> float:
         return 0.5 * config.lr_max * (1.0 + math.cos(math.pi * p))
     peak = config.peak_fraction
     return config.lr_max * (p / peak if p <= peak else (1.0 - p) / (1.0 - peak))
+
+
+def freeze_step(config: TrainConfig, total_steps: int) -> int:
+    """The optimizer step after which the masks are projected and frozen (``BudgetController.should_freeze``)."""
+    step = math.ceil(config.freeze_fraction * total_steps)
+    while step > 0 and (step - 1) / total_steps >= config.freeze_fraction:
+        step -= 1
+    return step
+
+
+def lr_at_step(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (1-based) of ``total_steps``.
+
+    With ``lr_restart`` the steps after the mask freeze get a cycle of their own, from zero to
+    ``lr_max`` and back: the warm restart on a fixed architecture that the post-train methods'
+    fine-tuning phase gets for free, so in-train pruning can be compared with and without it.
+    """
+    if config.lr_restart and config.has_budget:
+        restart = freeze_step(config, total_steps)
+        if restart < step <= total_steps:
+            return lr_at(config, (step - restart) / (total_steps - restart))
+    return lr_at(config, step / total_steps)
 
 
 def stream_seed(seed: int, epoch: int, stream: int) -> int:
@@ -412,7 +438,7 @@ class _Trainer:
 
     def _step(self, x, y, epoch: int, step: int, g_att, totals: dict) -> None:
         self._maybe_start_masks()
-        lr = lr_at(self.cfg, (self.global_step + 1) / self.total_steps)
+        lr = lr_at_step(self.cfg, self.global_step + 1, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         attack = ATTACKS[self.attack]
