@@ -44,7 +44,7 @@ EPOCHS, ATTACK, LR = 6, "nfgsm", 0.2  # the CIFAR-10 table's recipe
 
 @dataclass(frozen=True)
 class Variant:
-    method: str  # dense | intrain
+    method: str  # dense | intrain | posttrain
     target_ops: float | None
     question: str
     recipe: dict = field(default_factory=dict)  # TrainConfig keys changed against the reference row's recipe
@@ -56,7 +56,7 @@ class Variant:
         """The row this variant differs from in one thing (a table row or another variant)."""
         if self.ref:
             return self.ref
-        return "r20-dense" if self.method == "dense" else f"r20-intrain-{self.target_ops}"
+        return "r20-dense" if self.method == "dense" else f"r20-{self.method}-{self.target_ops}"
 
     def full_recipe(self) -> dict:
         """Every TrainConfig key this variant's run sets against rcomp's defaults."""
@@ -77,6 +77,7 @@ FROMSTART = "masks learn from step 0 from a constant init, cost exponent 0.5 (rc
 #: The post-train methods fine-tune their final architecture with a learning-rate cycle of their own
 #: over the last third; in-train pruning's single cycle has already decayed when its masks freeze.
 RESTART = "the post-train split: masks freeze at 2/3 of the steps, a new LR cycle (warm restart) over the rest"
+RESTART_RECIPE = {"freeze_fraction": 0.6667, "lr_restart": True}
 
 VARIANTS = {
     "r20-dense-seed1": Variant("dense", None, "seed noise: dense FastAT, seed 1", seed=1),
@@ -92,8 +93,12 @@ VARIANTS = {
     "r20-intrain-0.5-seed1-bench": Variant("intrain", 0.5, "seed noise: in-train 0.5 (bench recipe), seed 1", seed=1),
     "r20-intrain-0.3-start0.5": Variant("intrain", 0.3, "more dense training first: masks start at 0.5, warm-up 0.1",
                                         {"mask_start": 0.5, "warmup_fraction": 0.1}),
-    "r20-intrain-0.5-restart": Variant("intrain", 0.5, RESTART, {"freeze_fraction": 0.6667, "lr_restart": True}),
-    "r20-intrain-0.3-restart": Variant("intrain", 0.3, RESTART, {"freeze_fraction": 0.6667, "lr_restart": True}),
+    "r20-intrain-0.5-restart": Variant("intrain", 0.5, RESTART, RESTART_RECIPE),
+    "r20-intrain-0.3-restart": Variant("intrain", 0.3, RESTART, RESTART_RECIPE),
+    "r20-intrain-0.3-restart-seed1": Variant("intrain", 0.3, "seed noise: in-train 0.3 with the warm restart, seed 1",
+                                             RESTART_RECIPE, seed=1,
+                                             ref="r20-intrain-0.3-restart"),
+    "r20-posttrain-0.3-seed1": Variant("posttrain", 0.3, "seed noise: magnitude post-train 0.3, seed 1", seed=1),
 }
 
 
@@ -208,8 +213,8 @@ def render(doc: dict) -> None:
     for name, r in doc["runs"].items():
         ref = table.get(r["reference"]) or doc["runs"].get(r["reference"])
         delta = "–" if ref is None else f"{100 * (r['clean'] - ref['clean']):+.2f} / {100 * (r['pgd10'] - ref['pgd10']):+.2f}"
-        change = ", ".join(f"{k} {v}" for k, v in r["recipe_change"].items()) or (
-            f"seed {r['seed']}" if r["seed"] else "rcomp's defaults instead of the bench recipe")
+        change = f"seed {r['seed']}" if r["seed"] else (", ".join(f"{k} {v}" for k, v in r["recipe_change"].items())
+                                                        or "rcomp's defaults instead of the bench recipe")
         per_epoch = " → ".join(f"{x:.2f}" for x in r["ops_ratio_per_epoch"]) if r["ops_ratio_per_epoch"] else "–"
         lines.append(f"| {name} | {change} (vs {r['reference']}) | {_pct(r['clean'])} | {_pct(r['pgd10'])} | {delta} | "
                      f"{r['ops_ratio']:.3f} | {'/'.join(map(str, r['stream_widths']))} | {per_epoch} |")

@@ -120,11 +120,13 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
         else:
             assert "--recipe" not in cmd
         reference = variant.reference()
-        assert reference in ablation.VARIANTS or reference.startswith(("r20-dense", "r20-intrain-"))
+        assert reference in ablation.VARIANTS or reference.startswith(("r20-dense", "r20-intrain-", "r20-posttrain-"))
         assert reference != name
-        # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe
-        changes = bool(variant.recipe) + (variant.seed != 0) + (variant.method == "intrain" and variant.base == "defaults"
-                                                               and variant.ref is None)
+        other = ablation.VARIANTS.get(reference)
+        if other is not None:  # one change against that variant: its recipe or its seed, same method
+            changes = (full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
+        else:  # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe
+            changes = bool(variant.recipe) + (variant.seed != 0) + (variant.method == "intrain" and variant.base == "defaults")
         assert changes == 1, name
         assert "--resume" not in cmd  # nothing started yet
 

@@ -185,8 +185,22 @@ def test_budget_without_regularity_is_a_config_error(digits):
 
 def test_detection_needs_pgd_to_collapse_while_fgsm_holds():
     assert is_catastrophic_overfitting(0.10, 0.60, best_pgd=0.45, fgsm_at_best=0.50, co_drop=0.2)
-    assert not is_catastrophic_overfitting(0.30, 0.60, best_pgd=0.45, fgsm_at_best=0.50, co_drop=0.2)  # drop 15 < 20
+    assert not is_catastrophic_overfitting(0.30, 0.32, best_pgd=0.45, fgsm_at_best=0.30, co_drop=0.2)  # drop 15 < 20
     assert not is_catastrophic_overfitting(0.10, 0.15, best_pgd=0.45, fgsm_at_best=0.50, co_drop=0.2)  # both fell
+
+
+@pytest.mark.parametrize("pgd_acc, fgsm_acc, broken", [
+    (0.020, 0.293, True),    # CIFAR-10 ResNet20, first epoch of an in-train run: no best to drop from
+    (0.008, 0.121, True),    # in-train 0.7, epoch 2: best PGD 15.6 %, the drop rule could not fire
+    (0.188, 0.203, False),   # the healthy twin of the first case
+    (0.332, 0.367, False),   # the widest healthy gap seen (3.5 points)
+    (0.125, 0.125, False),   # eval-mode BatchNorm lag after heavy pruning: both low together
+    (0.000, 0.080, False),   # near chance: FGSM barely above PGD
+])
+def test_pgd_far_below_fgsm_is_overfitting_without_a_best(pgd_acc, fgsm_acc, broken):
+    assert is_catastrophic_overfitting(pgd_acc, fgsm_acc, best_pgd=-1.0, fgsm_at_best=0.0) is broken
+    guard = CatastrophicOverfittingGuard()
+    assert guard.observe(1, pgd_acc, fgsm_acc, dict) is broken and (guard.best_state is None) is broken
 
 
 def test_guard_over_a_sequence_remembers_the_best_state():
@@ -205,19 +219,31 @@ def _scripted_guard(monkeypatch, values):
     monkeypatch.setattr(_Trainer, "_guard_accuracies", lambda self, epoch: values[epoch - 1])
 
 
-@pytest.mark.parametrize("attack, stops", [("fgsm-rs", False), ("nfgsm", True)])
-def test_guard_restores_the_best_state(digits, tmp_path, monkeypatch, attack, stops):
+@pytest.mark.parametrize("attack", ["fgsm-rs", "nfgsm"])
+def test_guard_restores_the_best_state_and_steps_down(digits, tmp_path, monkeypatch, attack):
     _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.6, 0.6, 0.50), (0.7, 0.8, 0.10), (0.7, 0.8, 0.45)])
+    monkeypatch.setattr("rcomp.train.lr_at_step", lambda config, step, total: 0.05)  # a flat schedule
     config = TrainConfig(epochs=4, attack=attack, **{**FAST, "eval_pgd_steps": 1, "eval_size": 20})
     result = train(config, digits, _model(digits), out_dir=tmp_path, log=_quiet)
     assert len(result.co_events) == 1 and "epoch 3" in result.co_events[0]
     assert result.history[2].guard is not None and result.best_epoch == 2
-    assert len(result.history) == (3 if stops else 4)
-    if not stops:
-        assert result.history[3].attack == "nfgsm"  # continued with N-FGSM after restoring
+    assert len(result.history) == 4 and result.history[3].attack == "nfgsm"  # continued after restoring
+    halved = attack == "nfgsm"  # already on N-FGSM: the next rung is half the learning rate
+    assert result.history[2].lr == 0.05 and result.history[3].lr == (0.025 if halved else 0.05)
     # epoch 3's checkpoint was written after the restore: it holds epoch 2's state
-    best = torch.load(tmp_path / "checkpoints" / "ckpt-epoch0003.pt", weights_only=True)["model"]
-    assert all(torch.equal(v, best[k]) for k, v in result.model.state_dict().items())
+    state = torch.load(tmp_path / "checkpoints" / "ckpt-epoch0003.pt", weights_only=True)
+    assert all(torch.equal(v, state["model"][k]) for k, v in result.model.state_dict().items())
+    assert state["lr_factor"] == (0.5 if halved else 1.0)  # a resumed run keeps the rung
+
+
+def test_guard_stops_at_the_bottom_of_the_ladder_and_without_a_best_keeps_the_weights(digits, monkeypatch):
+    # epoch 1 overfits with nothing to restore; epoch 3 again, already at half the LR: stop
+    _scripted_guard(monkeypatch, [(0.3, 0.3, 0.02), (0.5, 0.4, 0.38), (0.6, 0.6, 0.05), (0.6, 0.6, 0.5)])
+    config = TrainConfig(epochs=4, attack="nfgsm", **{**FAST, "eval_pgd_steps": 1, "eval_size": 20})
+    result = train(config, digits, _model(digits), out_dir=None, log=_quiet)
+    assert len(result.co_events) == 2 and "no earlier state to restore" in result.co_events[0]
+    assert "half the learning rate" in result.co_events[0] and "stopping" in result.co_events[1]
+    assert len(result.history) == 3 and result.best_epoch == 2
 
 
 # --------------------------------------------------------------------------------------------
