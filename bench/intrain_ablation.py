@@ -213,8 +213,8 @@ def render(doc: dict) -> None:
     for name, r in doc["runs"].items():
         ref = table.get(r["reference"]) or doc["runs"].get(r["reference"])
         delta = "–" if ref is None else f"{100 * (r['clean'] - ref['clean']):+.2f} / {100 * (r['pgd10'] - ref['pgd10']):+.2f}"
-        change = f"seed {r['seed']}" if r["seed"] else (", ".join(f"{k} {v}" for k, v in r["recipe_change"].items())
-                                                        or "rcomp's defaults instead of the bench recipe")
+        recipe_change = ", ".join(f"{k} {v}" for k, v in r["recipe_change"].items())
+        change = f"seed {r['seed']}" if r["seed"] else recipe_change or "rcomp's defaults instead of the bench recipe"
         per_epoch = " → ".join(f"{x:.2f}" for x in r["ops_ratio_per_epoch"]) if r["ops_ratio_per_epoch"] else "–"
         lines.append(f"| {name} | {change} (vs {r['reference']}) | {_pct(r['clean'])} | {_pct(r['pgd10'])} | {delta} | "
                      f"{r['ops_ratio']:.3f} | {'/'.join(map(str, r['stream_widths']))} | {per_epoch} |")

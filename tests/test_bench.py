@@ -126,7 +126,8 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
         if other is not None:  # one change against that variant: its recipe or its seed, same method
             changes = (full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
         else:  # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe
-            changes = bool(variant.recipe) + (variant.seed != 0) + (variant.method == "intrain" and variant.base == "defaults")
+            whole_recipe = variant.method == "intrain" and variant.base == "defaults"
+            changes = bool(variant.recipe) + (variant.seed != 0) + whole_recipe
         assert changes == 1, name
         assert "--resume" not in cmd  # nothing started yet
 

@@ -205,7 +205,7 @@ def lr_at_step(config: TrainConfig, step: int, total_steps: int) -> float:
     ``lr_max`` and back: the warm restart on a fixed architecture that the post-train methods'
     fine-tuning phase gets for free, so in-train pruning can be compared with and without it.
     """
-    if config.lr_restart and config.has_budget:
+    if config.lr_restart:
         restart = freeze_step(config, total_steps)
         if restart < step <= total_steps:
             return lr_at(config, (step - restart) / (total_steps - restart))
@@ -237,7 +237,8 @@ def pgd_broken_under_fgsm(pgd_acc: float, fgsm_acc: float, gap: float = 0.1, rat
     at short schedules catastrophic overfitting struck in the first epoch (guard FGSM 29 %, PGD 2 %)
     and at a best PGD of 16 % (FGSM 12 %, PGD 0.8 %), where it saw nothing. FGSM is one step of the
     PGD attack, so on a model whose loss surface is not distorted the two stay within a few points
-    (at most 3.5 points in the 76 healthy epochs of 13 logged ResNet20 runs); the ``gap`` keeps near-chance models out.
+    (at most 3.5 points in the 76 healthy epochs of 13 logged ResNet20 runs); the ``gap`` keeps
+    near-chance models out.
     """
     return pgd_acc < ratio * fgsm_acc and fgsm_acc - pgd_acc >= gap
 
@@ -689,10 +690,9 @@ class _Trainer:
         if self.attack != "nfgsm":
             action = "continuing with N-FGSM"
         elif self.lr_factor == 1.0:
-            action = "continuing with N-FGSM at half the learning rate"
+            action, self.lr_factor = "continuing with N-FGSM at half the learning rate", 0.5
         else:
-            action = "stopping (Wong et al. early stop)"
-            self.stopped = True
+            action, self.stopped = "stopping (Wong et al. early stop)", True
         if g.best_state is None:
             restored = "no earlier state to restore (kept the weights)"
         else:
@@ -703,8 +703,6 @@ class _Trainer:
         self.log(f"warning: {message}")
         self.co_events.append(message)
         self.optimizer.state.clear()  # momentum points into the collapse
-        if self.attack == "nfgsm" and not self.stopped:
-            self.lr_factor = 0.5
         self.attack = "nfgsm"
         return message
 
