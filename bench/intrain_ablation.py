@@ -95,6 +95,7 @@ VARIANTS = {
                                         {"mask_start": 0.5, "warmup_fraction": 0.1}),
     "r20-intrain-0.5-restart": Variant("intrain", 0.5, RESTART, RESTART_RECIPE),
     "r20-intrain-0.3-restart": Variant("intrain", 0.3, RESTART, RESTART_RECIPE),
+    "r20-intrain-0.3-seed1-bench": Variant("intrain", 0.3, "seed noise: in-train 0.3 (bench recipe), seed 1", seed=1),
     "r20-posttrain-0.3-seed1": Variant("posttrain", 0.3, "seed noise: magnitude post-train 0.3, seed 1", seed=1),
 }
 
