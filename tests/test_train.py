@@ -17,7 +17,7 @@ import torch
 from rcomp.checkpoint import CheckpointManager
 from rcomp.data import load_data
 from rcomp.errors import CheckpointError, ConfigError, NumericalError
-from rcomp.masks import MASK_INIT, MaskedModel
+from rcomp.masks import MASK_INIT, MaskedModel, MaskSet
 from rcomp.models import create_model
 from rcomp.train import (
     CatastrophicOverfittingGuard,
@@ -244,6 +244,20 @@ def test_guard_stops_at_the_bottom_of_the_ladder_and_without_a_best_keeps_the_we
     assert len(result.co_events) == 2 and "no earlier state to restore" in result.co_events[0]
     assert "half the learning rate" in result.co_events[0] and "stopping" in result.co_events[1]
     assert len(result.history) == 3 and result.best_epoch == 2
+
+
+def test_a_state_restored_from_before_mask_start_gets_its_masks_started_again(digits, monkeypatch):
+    # the masks start in epoch 2 (mask_start 0.4 of 3 epochs); epoch 2 overfits; the best is epoch 1
+    _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.6, 0.6, 0.05), (0.6, 0.6, 0.45)])
+    starts = []
+    original = MaskSet.init_from_scores
+    monkeypatch.setattr(MaskSet, "init_from_scores", lambda self, scores: starts.append(scores) or original(self, scores))
+    config = TrainConfig(epochs=3, attack="nfgsm", regularity="channel", target_ops=0.5, mask_start=0.4,
+                         mask_init="magnitude", **{**FAST, "eval_pgd_steps": 1, "eval_size": 20})
+    result = train(config, digits, _model(digits), out_dir=None, log=_quiet)
+    assert len(result.co_events) == 1 and "restored epoch 1" in result.co_events[0]
+    assert len(starts) == 2  # at mask_start, and again from epoch 1's weights after the restore
+    assert result.budget_status["satisfied"]
 
 
 # --------------------------------------------------------------------------------------------

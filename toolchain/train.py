@@ -548,6 +548,10 @@ class _Trainer:
         """
         if self.masks is None or self.global_step != self.start_step:
             return
+        self._init_masks()
+
+    def _init_masks(self) -> None:
+        """Set the masks as ``mask_init`` says, from the weights they start with."""
         if self.cfg.mask_init == "magnitude":
             self.masks.init_from_scores(self._magnitude_scores())
         elif self.start_step == 0:
@@ -698,6 +702,9 @@ class _Trainer:
         else:
             self.model.load_state_dict(g.best_state)
             restored = f"best {g.best_pgd:.1%} at epoch {g.best_epoch}; restored epoch {g.best_epoch}'s weights"
+            masks_never_started = g.best_epoch * self.steps_per_epoch <= self.start_step
+            if self.masks is not None and self._masks_learning() and masks_never_started:
+                self._init_masks()  # start them again from the restored weights, as at mask_start
         message = (f"catastrophic overfitting at epoch {epoch}: guard-batch PGD {pgd_acc:.1%}, FGSM {fgsm_acc:.1%} "
                    f"({restored}), {action}")
         self.log(f"warning: {message}")
