@@ -295,9 +295,19 @@ class TrainOutcome:
 
 
 def _build_model(job: Job, bundle):
+    """The zoo model, its initial weights drawn from ``job.train.seed``.
+
+    torch 2.x seeds its global generator randomly at start-up, and the trainer seeds only after it
+    gets the model, so without this every process started from other weights: two runs of one
+    command differed from their first epoch on, and ``--seed`` decided the data order but not the init.
+    """
+    import torch
+
     from rcomp.models import create_model
 
-    return create_model(job.model_name, bundle.num_classes, bundle.input_shape[0], bundle.mean, bundle.std)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.train.seed)
+        return create_model(job.model_name, bundle.num_classes, bundle.input_shape[0], bundle.mean, bundle.std)
 
 
 def load_job_data(job: Job, log=print):
