@@ -1,6 +1,6 @@
 """``--seed`` decides a run: two processes started with one command train the same weights.
 
-torch seeds its global generator randomly at start-up, so whatever is drawn before the trainer
+torch (2.14 here) seeds its global generator randomly at start-up, so whatever is drawn before the trainer
 seeds it (the model's initial weights) differed between processes until the pipeline seeded it.
 """
 

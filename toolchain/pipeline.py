@@ -297,9 +297,10 @@ class TrainOutcome:
 def _build_model(job: Job, bundle):
     """The zoo model, its initial weights drawn from ``job.train.seed``.
 
-    torch 2.x seeds its global generator randomly at start-up, and the trainer seeds only after it
-    gets the model, so without this every process started from other weights: two runs of one
-    command differed from their first epoch on, and ``--seed`` decided the data order but not the init.
+    torch (2.14 here) seeds its global generator randomly at start-up, and the trainer seeds only
+    after it gets the model, so without this every process started from other weights: two runs of
+    one command differed from their first epoch on, and ``--seed`` decided the data order but not
+    the init.
     """
     import torch
 
