@@ -79,6 +79,12 @@ FROMSTART = "masks learn from step 0 from a constant init, cost exponent 0.5 (rc
 RESTART = "the post-train split: masks freeze at 2/3 of the steps, a new LR cycle (warm restart) over the rest"
 RESTART_RECIPE = {"freeze_fraction": 0.6667, "lr_restart": True}
 
+#: The bench recipe gives every unit the same budget gradient, so the masks rank channels by learned
+#: importance alone, whatever they cost; a stage-3 channel costs a fourth to a fifth of the ops of the
+#: stage-1 channel of the same kind (stream or block-internal: the cost model's gradient on ResNet20),
+#: and in-train pruning's stage-3 stream came out at 22-23 of 64 channels (magnitude pruning: 35).
+COST_AWARE = "cost-aware budget gradient: cost exponent 0.5 (rcomp's default) instead of the bench recipe's 1"
+
 VARIANTS = {
     "r20-dense-seed1": Variant("dense", None, "seed noise: dense FastAT, seed 1", seed=1),
     "r20-intrain-0.7-fromstart": Variant("intrain", 0.7, FROMSTART, base="defaults"),
@@ -97,6 +103,7 @@ VARIANTS = {
     "r20-intrain-0.3-restart": Variant("intrain", 0.3, RESTART, RESTART_RECIPE),
     "r20-intrain-0.3-seed1-bench": Variant("intrain", 0.3, "seed noise: in-train 0.3 (bench recipe), seed 1", seed=1),
     "r20-posttrain-0.3-seed1": Variant("posttrain", 0.3, "seed noise: magnitude post-train 0.3, seed 1", seed=1),
+    "r20-intrain-0.3-cexp0.5": Variant("intrain", 0.3, COST_AWARE, {"cost_exponent": 0.5}),
 }
 
 
