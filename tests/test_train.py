@@ -236,6 +236,41 @@ def test_guard_restores_the_best_state_and_steps_down(digits, tmp_path, monkeypa
     assert state["lr_factor"] == (0.5 if halved else 1.0)  # a resumed run keeps the rung
 
 
+def test_guard_restore_rolls_the_budget_multipliers_back_with_the_masks(digits, tmp_path, monkeypatch):
+    # masks learn from step 0 and freeze at 0.8 of 4 epochs: epoch 3 overfits while they still move
+    _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.6, 0.6, 0.50), (0.7, 0.8, 0.10), (0.7, 0.8, 0.45)])
+    taken, rollbacks = [], []
+    snapshot, restore = _Trainer._snapshot, _Trainer._restore_snapshot
+
+    def taking(self):
+        taken.append(list(self.controller.multipliers))
+        return snapshot(self)
+
+    def restoring(self, state):
+        before = list(self.controller.multipliers)
+        restore(self, state)
+        rollbacks.append((before, list(self.controller.multipliers)))
+
+    monkeypatch.setattr(_Trainer, "_snapshot", taking)
+    monkeypatch.setattr(_Trainer, "_restore_snapshot", restoring)
+    config = TrainConfig(epochs=4, attack="nfgsm", regularity="channel", target_ops=0.5,
+                         **{**FAST, "eval_pgd_steps": 1, "eval_size": 20})
+    train(config, digits, _model(digits), out_dir=None, log=_quiet)
+    at_best = taken[1]  # epochs 1 and 2 were each a new best
+    before, after = rollbacks[0]  # the restore after epoch 3 (the end of the run restores again)
+    assert after == at_best and before != after
+
+
+def test_guard_restores_a_weights_only_best_state_of_an_older_checkpoint(digits):
+    trainer = _Trainer(TrainConfig(epochs=1, regularity="channel", target_ops=0.5, **FAST), digits, _model(digits),
+                       None, _quiet)
+    weights = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in trainer.model.state_dict().items()}
+    trainer.controller.multipliers = [0.3]
+    trainer._restore_snapshot(weights)  # what the guard kept before it kept the multipliers too
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.controller.multipliers == [0.3]
+
+
 def test_guard_stops_at_the_bottom_of_the_ladder_and_without_a_best_keeps_the_weights(digits, monkeypatch):
     # epoch 1 overfits with nothing to restore; epoch 3 again, already at half the LR: stop
     _scripted_guard(monkeypatch, [(0.3, 0.3, 0.02), (0.5, 0.4, 0.38), (0.6, 0.6, 0.05), (0.6, 0.6, 0.5)])

@@ -20,11 +20,11 @@ accuracy are measured on a fixed training batch. Catastrophic overfitting (FGSM-
 shows in two ways: PGD collapsing by more than ``co_drop`` below its best while FGSM holds, or, with
 no good epoch to compare with (it has struck in the first epoch here), PGD far below FGSM on the
 same batch at the same moment (:func:`is_catastrophic_overfitting`). On an event the guard restores
-the best state (weights, BatchNorm statistics and masks), if there is one, and takes one step down
-a ladder of milder training rather than stopping, because stopping before the masks are projected
-would leave a pruned model that was never fine-tuned: FGSM-RS → N-FGSM → N-FGSM at half the
-learning rate; an event at the bottom stops the run like Wong et al. The returned model is then the
-best state since the architecture was last changed.
+the best state (weights, BatchNorm statistics, masks and the budget's multipliers), if there is one,
+and takes one step down a ladder of milder training rather than stopping, because stopping before
+the masks are projected would leave a pruned model that was never fine-tuned: FGSM-RS → N-FGSM →
+N-FGSM at half the learning rate; an event at the bottom stops the run like Wong et al. The
+returned model is then the best state since the architecture was last changed.
 
 Data parallel (``torchrun``, :mod:`rcomp.distributed`): every rank holds the whole MaskedModel and
 takes a strided share of each global batch (``batch_size`` stays the global batch, so a recipe
@@ -686,7 +686,20 @@ class _Trainer:
         return res_p.clean, res_f.adv, res_p.adv
 
     def _snapshot(self) -> dict:
-        return _cpu_state(self.model)
+        """What a guard restore rolls back: the weights (masks included) and the budget multipliers.
+
+        The multipliers belong to the masks they were raised against: restored masks with the
+        multipliers of the collapsed epoch would be pushed by a budget pressure they never saw.
+        """
+        budget = self.controller.state_dict() if self.controller is not None else None
+        return {"model": _cpu_state(self.model), "budget": budget}
+
+    def _restore_snapshot(self, snapshot: dict) -> None:
+        if "budget" not in snapshot:  # checkpoints before the multipliers were kept hold the weights only
+            snapshot = {"model": snapshot, "budget": None}
+        self.model.load_state_dict(snapshot["model"])
+        if self.controller is not None and snapshot["budget"] is not None:
+            self.controller.load_state_dict(snapshot["budget"])
 
     def _on_overfitting(self, epoch: int, pgd_acc: float, fgsm_acc: float) -> str:
         """Restore the best state (if any) and take one rung down: N-FGSM, then half the LR, then stop."""
@@ -700,7 +713,7 @@ class _Trainer:
         if g.best_state is None:
             restored = "no earlier state to restore (kept the weights)"
         else:
-            self.model.load_state_dict(g.best_state)
+            self._restore_snapshot(g.best_state)
             restored = f"best {g.best_pgd:.1%} at epoch {g.best_epoch}; restored epoch {g.best_epoch}'s weights"
             masks_never_started = g.best_epoch * self.steps_per_epoch <= self.start_step
             if self.masks is not None and self._masks_learning() and masks_never_started:
@@ -720,7 +733,7 @@ class _Trainer:
             self.model.to(memory_format=torch.contiguous_format)
         self.returned_epoch = self.epoch
         if self.co_events and self.guard.best_state is not None:
-            self.model.load_state_dict(self.guard.best_state)
+            self._restore_snapshot(self.guard.best_state)
             self.returned_epoch = self.guard.best_epoch
         if self.controller is not None and (not self.frozen or not self.controller.satisfied()):
             was = self.controller.satisfied()
