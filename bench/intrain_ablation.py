@@ -84,12 +84,6 @@ RESTART_RECIPE = {"freeze_fraction": 0.6667, "lr_restart": True}
 #: re-run differs from it in its one change only (same init, data order and attack noise).
 RERUN = "the row again, trained after the seed fix: the same initial weights as every later seed-0 variant"
 
-#: The bench recipe gives every unit the same budget gradient, so the masks rank channels by learned
-#: importance alone, whatever they cost; a stage-3 channel costs a fourth to a fifth of the ops of the
-#: stage-1 channel of the same kind (stream or block-internal: the cost model's gradient on ResNet20),
-#: and in-train pruning's stage-3 stream came out at 22-23 of 64 channels (magnitude pruning: 35).
-COST_AWARE = "cost-aware budget gradient: cost exponent 0.5 (rcomp's default) instead of the bench recipe's 1"
-
 VARIANTS = {
     "r20-dense-seed1": Variant("dense", None, "seed noise: dense FastAT, seed 1", seed=1),
     "r20-intrain-0.7-fromstart": Variant("intrain", 0.7, FROMSTART, base="defaults"),
@@ -109,7 +103,6 @@ VARIANTS = {
     "r20-intrain-0.3-seed1-bench": Variant("intrain", 0.3, "seed noise: in-train 0.3 (bench recipe), seed 1", seed=1),
     "r20-posttrain-0.3-seed1": Variant("posttrain", 0.3, "seed noise: magnitude post-train 0.3, seed 1", seed=1),
     "r20-intrain-0.3-rerun": Variant("intrain", 0.3, RERUN),
-    "r20-intrain-0.3-cexp0.5": Variant("intrain", 0.3, COST_AWARE, {"cost_exponent": 0.5}, ref="r20-intrain-0.3-rerun"),
 }
 
 

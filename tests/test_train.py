@@ -16,7 +16,7 @@ import torch
 
 from rcomp.checkpoint import CheckpointManager
 from rcomp.data import load_data
-from rcomp.errors import CheckpointError, ConfigError, NumericalError
+from rcomp.errors import CheckpointError, ConfigError, NumericalError, TrainingCollapse
 from rcomp.masks import MASK_INIT, MaskedModel, MaskSet
 from rcomp.models import create_model
 from rcomp.train import (
@@ -279,6 +279,38 @@ def test_guard_stops_at_the_bottom_of_the_ladder_and_without_a_best_keeps_the_we
     assert len(result.co_events) == 2 and "no earlier state to restore" in result.co_events[0]
     assert "half the learning rate" in result.co_events[0] and "stopping" in result.co_events[1]
     assert len(result.history) == 3 and result.best_epoch == 2
+
+
+def test_a_second_collapse_before_the_masks_froze_fails_the_run_instead_of_returning_an_untrained_shape(
+        digits, tmp_path, monkeypatch):
+    # N-FGSM: epoch 2 overfits (half the LR), epoch 3 again, the masks freeze only at 0.8 of 4 epochs
+    _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.6, 0.6, 0.05), (0.6, 0.6, 0.05), (0.6, 0.6, 0.45)])
+    config = TrainConfig(epochs=4, attack="nfgsm", regularity="channel", target_ops=0.5,
+                         **{**FAST, "eval_pgd_steps": 1, "eval_size": 20})
+    with pytest.raises(TrainingCollapse, match="epoch 3 .* before the masks froze.*last checkpoint: epoch 2"):
+        train(config, digits, _model(digits), out_dir=tmp_path, log=_quiet)
+
+
+def test_a_second_collapse_without_a_healthy_epoch_fails_the_run(digits, monkeypatch):
+    _scripted_guard(monkeypatch, [(0.3, 0.3, 0.02), (0.3, 0.3, 0.02), (0.6, 0.6, 0.5)])
+    config = TrainConfig(epochs=3, attack="nfgsm", **{**FAST, "eval_pgd_steps": 1, "eval_size": 20})
+    with pytest.raises(TrainingCollapse, match="no healthy epoch to return"):
+        train(config, digits, _model(digits), out_dir=None, log=_quiet)
+
+
+def test_rcomp_train_exits_3_on_a_collapse_and_publishes_no_model(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from rcomp.cli import cli
+
+    _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.6, 0.6, 0.05), (0.6, 0.6, 0.05), (0.6, 0.6, 0.45)])
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--model", "tiny_cnn", "--data", "digits", "--epochs", "4",
+                                      "--attack", "nfgsm", "--target-ops", "0.5", "--batch-size", "64",
+                                      "--no-progress", "--out", str(out)])
+    assert result.exit_code == 3, result.output
+    assert "error: catastrophic overfitting again at epoch 3" in result.output
+    assert not out.exists() and any(out.with_name("run.partial").glob("checkpoints/ckpt-epoch0002.pt"))
 
 
 def test_a_state_restored_from_before_mask_start_gets_its_masks_started_again(digits, monkeypatch):

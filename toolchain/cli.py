@@ -2,7 +2,8 @@
 
 Torch-using stages are imported inside the commands, so ``rcomp check`` and ``rcomp profiles``
 work with the light ``runtime`` install (onnxruntime + numpy + pyyaml) on a target board.
-Exit codes: 0 ok, 1 a budget or floor failed, 2 bad input, 3 numerical fault in training.
+Exit codes: 0 ok, 1 a budget or floor failed, 2 bad input, 3 training failed (a non-finite loss, or
+catastrophic overfitting the guard could not recover from).
 """
 
 from __future__ import annotations

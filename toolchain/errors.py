@@ -39,3 +39,10 @@ class NumericalError(RuntimeError):
     """A non-finite loss or gradient during training (exit code 3, the run is stopped)."""
 
     exit_code = 3
+
+
+class TrainingCollapse(NumericalError):
+    """Catastrophic overfitting the guard could not recover from, with no usable model to return.
+
+    Exit code 3 like a non-finite loss: the run stopped and wrote no model; its checkpoints stay.
+    """
