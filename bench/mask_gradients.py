@@ -1,0 +1,150 @@
+"""Which way the task loss pushes the channel masks at the moment they start: stream vs block-internal.
+
+In-train pruning left the stage-3 residual stream thinner than magnitude pruning did (ResNet20: 22-23
+of 64 channels against 35; ResNet56: 13 of 64, the min_keep floor), although the budget gradient of
+the bench recipe is the same for every channel. This measures the other force on a mask: the
+gradient of the training loss (cross-entropy on FGSM examples, eps 8/255, and on clean images) with
+respect to every mask, the straight-through estimate the masks learn from, on a trained dense model
+with the masks set from group magnitude as the bench recipe sets them at ``mask_start``. A positive
+gradient means the loss itself would shrink the channel (its mask moves towards zero).
+
+Per stage and kind (a residual stream's channels, fed by the stem or a shortcut conv and feeding
+every block of the stage; or the channels inside one block), it reports the mean signed gradient,
+the share of channels with a positive one and the mean magnitude, with BatchNorm in eval mode
+(running statistics) and in train mode (batch statistics, as during training).
+
+    python bench/mask_gradients.py                       # ResNet20 and ResNet56 dense rows of the table
+    python bench/mask_gradients.py --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cifar10_table import DATA, REPO, commit, machine  # noqa: E402
+from render import _provenance, replace_section  # noqa: E402
+
+RESULTS = HERE / "results" / "mask_gradients.json"
+MODELS = ("bench/models/r20-dense.pt", "bench/models/r56-dense.pt")
+EPS = 8 / 255
+
+
+def group_kind(name: str) -> tuple[int, str]:
+    """(stage, "stream" | "block") of a channel group, from its root layer's name."""
+    if name == "net.conv1":
+        return 1, "stream"
+    stage = int(re.search(r"layer(\d)", name).group(1))
+    return stage, "stream" if "shortcut" in name else "block"
+
+
+def training_images(root: str, n: int, seed: int):
+    """A seeded sample of the training folder as pixels in [0, 1] (the models normalize themselves)."""
+    import torch
+    from torchvision import datasets, transforms
+
+    folder = datasets.ImageFolder(str(Path(root) / "train"), transform=transforms.ToTensor())
+    picks = random.Random(seed).sample(range(len(folder)), n)
+    return torch.stack([folder[i][0] for i in picks]), torch.tensor([folder[i][1] for i in picks])
+
+
+def mask_gradients(model_file: str, x, y, train_mode: bool, batch: int) -> dict[str, list]:
+    """Mean loss gradient per mask (clean and FGSM), over the batches of ``x``."""
+    import torch
+    import torch.nn.functional as F
+
+    from rcomp.attacks import fgsm
+    from rcomp.masks import attach_masks
+    from rcomp.posttrain import magnitude_scores
+    from rcomp.surgery import load_pruned
+
+    model = load_pruned(REPO / model_file)[0].eval()
+    example = torch.zeros(1, *x.shape[1:])
+    masked = attach_masks(model, "channel", example)
+    masked.masks.init_from_scores(magnitude_scores(masked.model, masked.masks, example))
+    params = list(masked.masks.params)
+    sums = {loss: [torch.zeros_like(p) for p in params] for loss in ("clean", "fgsm")}
+    batches = range(0, len(x), batch)
+    for start in batches:
+        xb, yb = x[start:start + batch], y[start:start + batch]
+        masked.train(train_mode)
+        inputs = {"clean": xb, "fgsm": fgsm(masked, xb, yb, eps=EPS).detach()}
+        for loss, xin in inputs.items():
+            grads = torch.autograd.grad(F.cross_entropy(masked(xin), yb), params)
+            for total, g in zip(sums[loss], grads):
+                total += g.detach() / len(batches)
+    names = [g.name for g in masked.masks.groups]
+    return {loss: list(zip(names, grads)) for loss, grads in sums.items()}
+
+
+def summarize(per_mask: list) -> list[dict]:
+    """Pool the masks by (stage, kind)."""
+    import torch
+
+    pools: dict[tuple[int, str], list] = {}
+    for name, g in per_mask:
+        pools.setdefault(group_kind(name), []).append(g.flatten())
+    rows = []
+    for (stage, kind), gs in sorted(pools.items()):
+        g = torch.cat(gs)
+        rows.append({"stage": stage, "kind": kind, "channels": g.numel(), "signed_mean": float(g.mean()),
+                     "share_positive": float((g > 0).float().mean()), "mean_abs": float(g.abs().mean())})
+    return rows
+
+
+def render(doc: dict) -> None:
+    lines = ["| model | BatchNorm | loss | stage | channels of | n | mean gradient | share > 0 (loss shrinks it) | mean \\|gradient\\| |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for model, modes in doc["models"].items():
+        for mode, losses in modes.items():
+            for loss, rows in losses.items():
+                for r in rows:
+                    lines.append(f"| {Path(model).stem} | {mode} | {loss} | {r['stage']} | {r['kind']} | {r['channels']} | "
+                                 f"{r['signed_mean']:+.1e} | {r['share_positive']:.2f} | {r['mean_abs']:.1e} |")
+    body = "\n".join(lines) + "\n\n" + _provenance(doc, RESULTS) + (
+        f" {doc['images']} training images (seed {doc['seed']}), batches of {doc['batch']}; masks set from group "
+        "magnitude on the dense row's final weights.")
+    replace_section("mask_gradients", body)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated dense model files (bench/models/...)")
+    p.add_argument("--data", default=DATA, help="imagefolder:ROOT whose train/ folder is sampled")
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", action="store_true", help="only re-render the README table from the results file")
+    args = p.parse_args()
+    if args.render:
+        render(json.loads(RESULTS.read_text()))
+        return
+    import torch
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    x, y = training_images(args.data.removeprefix("imagefolder:"), args.images, args.seed)
+    doc = {"command": "python bench/mask_gradients.py " + " ".join(sys.argv[1:]), "commit": commit(),
+           "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "images": args.images, "batch": args.batch, "seed": args.seed, "eps": EPS, "models": {}}
+    for model_file in args.models.split(","):
+        doc["models"][model_file] = {}
+        for mode, train_mode in (("eval", False), ("train", True)):
+            grads = mask_gradients(model_file, x, y, train_mode, args.batch)
+            doc["models"][model_file][mode] = {loss: summarize(g) for loss, g in grads.items()}
+            print(f"{model_file} BN {mode}: done", flush=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(RESULTS)
+    render(doc)
+
+
+if __name__ == "__main__":
+    main()
