@@ -51,6 +51,7 @@ class Variant:
     seed: int = 0
     base: str = "table"  # the recipe changed: "table" = the table's in-train recipe, "defaults" = rcomp's defaults
     ref: str | None = None  # the row compared against, when it is not the table's row of the same target
+    repeat: bool = False  # changes nothing: the reference's command again, to see what the code gives now
 
     def reference(self) -> str:
         """The row this variant differs from in one thing (a table row or another variant)."""
@@ -102,7 +103,7 @@ VARIANTS = {
     "r20-intrain-0.3-restart": Variant("intrain", 0.3, RESTART, RESTART_RECIPE),
     "r20-intrain-0.3-seed1-bench": Variant("intrain", 0.3, "seed noise: in-train 0.3 (bench recipe), seed 1", seed=1),
     "r20-posttrain-0.3-seed1": Variant("posttrain", 0.3, "seed noise: magnitude post-train 0.3, seed 1", seed=1),
-    "r20-intrain-0.3-rerun": Variant("intrain", 0.3, RERUN),
+    "r20-intrain-0.3-rerun": Variant("intrain", 0.3, RERUN, repeat=True),
 }
 
 
