@@ -76,6 +76,15 @@ def test_parity_error_carries_the_numbers(exported):
         parity(other, path, torch.rand((4,) + SHAPE[1:]))
 
 
+def test_parity_scales_its_tolerance_with_the_logits(tmp_path):
+    # random weights, BatchNorm at its initial statistics: logits in the thousands, float32 rounding ~1e-3
+    model = create_model("resnet56").eval()
+    with torch.no_grad():
+        scale = float(model(torch.rand((4,) + SHAPE[1:])).abs().max())
+    result = export_onnx(model, SHAPE, tmp_path / "r56.onnx", opset=17, metadata={})  # raised at 1e-4 absolute here
+    assert scale > 1000 and result.max_abs_diff_vs_torch <= 1e-4 + 1e-5 * scale
+
+
 def test_failed_export_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     model = create_model("tiny_cnn")
     dest = tmp_path / "model.onnx"
