@@ -407,13 +407,16 @@ def add_cost_ratios(rows: dict) -> None:
 def method_seconds(t: dict) -> float:
     """The whole method's wall time: dense + prune/search + fine-tune for the post-train methods.
 
-    Their ``phase_seconds`` charge a resumed (or shared) dense phase its recorded epoch times;
-    ``wall_seconds`` would only hold the last process's share.
+    Their ``phase_seconds`` charge a resumed (or shared) dense phase its recorded epoch times. For
+    the others ``wall_seconds`` does the same since rcomp wrote ``process_seconds`` beside it; in an
+    older ``train.json`` it is the last process's share, so a resumed run adds its logged epochs.
     """
     phases = t.get("phase_seconds") or {}
-    if not phases:
+    if phases:
+        return phases.get("total", sum(phases.values()))
+    if "process_seconds" in t or not t.get("resumed_from"):
         return t["wall_seconds"]
-    return phases.get("total", sum(phases.values()))
+    return sum(h["seconds"] for h in t["history"][: t["resumed_from"]]) + t["wall_seconds"]
 
 
 def partial_or_final(name: str) -> Path:

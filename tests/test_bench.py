@@ -37,6 +37,15 @@ def _finished_dense_phase(folder: Path, method: str, epochs=(3, 4)) -> None:
     (folder / f"{method}-pruned.pt").write_bytes(b"stage")
 
 
+def test_a_resumed_runs_method_time_counts_its_epochs_before_the_resume(table):
+    history = [{"seconds": 100.0}, {"seconds": 100.0}, {"seconds": 50.0}]
+    older = {"wall_seconds": 60.0, "resumed_from": 2, "history": history}  # the last process's share only
+    assert table.method_seconds(older) == 260.0
+    newer = {**older, "wall_seconds": 260.0, "process_seconds": 60.0}  # rcomp already added them
+    assert table.method_seconds(newer) == 260.0
+    assert table.method_seconds({"wall_seconds": 250.0, "resumed_from": None, "history": history}) == 250.0
+
+
 def test_a_held_lock_is_refused_and_a_dead_holders_lock_is_taken_over(table):
     with table.run_lock("r20-rl-0.3") as first:
         with table.run_lock("r20-rl-0.3") as second:

@@ -168,3 +168,22 @@ def test_eval_n_takes_a_fixed_random_subset_not_the_first_class():
     again = eval_subset(dataset, 50)
     assert classes == [int(again[i][1]) for i in range(len(again))]  # every model sees the same images
     assert eval_subset(dataset, None) is dataset and eval_subset(dataset, 5000) is dataset
+
+
+def test_a_resumed_train_charges_its_wall_time_the_epochs_before_the_resume(tmp_path):
+    import torch
+
+    from rcomp.checkpoint import CheckpointManager
+
+    args = ["train", "--model", "tiny_cnn", "--data", "digits", "--epochs", "2", "--batch-size", "64", "--no-progress"]
+    code, output = run(*args, "--out", tmp_path / "a")
+    assert code == 0, output
+    # an interrupted run: epoch 1's checkpoint alone, its epoch logged as 1,000 s by the process that trained it
+    state = torch.load(tmp_path / "a" / "checkpoints" / "ckpt-epoch0001.pt", weights_only=False)
+    state["history"][0]["seconds"] = 1000.0
+    CheckpointManager(tmp_path / "b.partial" / "checkpoints").save(state, 1)
+    code, output = run(*args, "--out", tmp_path / "b", "--resume")
+    assert code == 0, output
+    t = json.loads((tmp_path / "b" / "train.json").read_text())
+    assert t["resumed_from"] == 1 and t["wall_seconds"] > 1000.0
+

@@ -346,10 +346,12 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
         result = train_rl(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
                           out_dir=staged.partial, resume=job.resume, log=log, rl=rl)
     else:
-        from rcomp.train import train
+        from rcomp.train import train, train_seconds
 
         result = train(job.train, bundle, model, out_dir=staged.partial, resume=job.resume, log=log)
-    wall = time.perf_counter() - started
+    process_seconds = wall = time.perf_counter() - started
+    if job.method not in ("posttrain", "rl"):  # those charge a resumed phase its logged epochs themselves
+        wall = train_seconds(result, wall)
     if not staged.owner:
         return None  # torchrun: the other ranks hold rank 0's weights; rank 0 writes the outputs
     trained = result.model.cpu().eval()
@@ -367,7 +369,8 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
     extra = {
         "model": job.model_name, "method": job.method, "data": job.data_spec, "recipe": _plain(dataclasses.asdict(job.train)),
         "recipe_hash": recipe_hash(job.train), "dense_macs": dense_cost.macs, "dense_params": dense_cost.params,
-        "macs": cost.macs, "params": cost.params, "wall_seconds": wall, "classes": list(bundle.classes),
+        "macs": cost.macs, "params": cost.params, "wall_seconds": wall, "process_seconds": process_seconds,
+        "classes": list(bundle.classes),
         "rcomp_version": __version__,
     }
     checkpoint = staged.path("model.pt")

@@ -29,6 +29,7 @@ from torch import nn
 from rcomp.budget import BudgetController, CostModel, constraints_from_targets
 from rcomp.masks import attach_masks, build_dependency_graph
 from rcomp.surgery import PrunedModel, load_pruned, remove_channels, save_pruned
+from rcomp.train import train_seconds
 
 #: Share of the epochs spent on dense training; the rest fine-tunes the pruned model.
 DENSE_FRACTION = 2 / 3
@@ -160,12 +161,6 @@ def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phas
         pruned_channels=pruned.pruned_channels, phase_seconds=phases, dense_history=meta["history"],
     )
     return result, meta
-
-
-def train_seconds(result, wall: float) -> float:
-    """Wall time of a training phase across resumes: logged epochs before the resume plus this run."""
-    before = result.history[: result.resumed_from] if result.resumed_from else []
-    return sum(h.seconds for h in before) + wall
 
 
 def _train(config, bundle, model, out_dir: Path, resume: bool, log):

@@ -177,6 +177,16 @@ class TrainResult:
     resumed_from: int | None
 
 
+def train_seconds(result: TrainResult, wall: float) -> float:
+    """Wall time of a training run across resumes: its logged epochs before the resume plus ``wall``.
+
+    ``wall`` is this process's share; a resumed run's earlier epochs were timed by the processes
+    that trained them and kept in the checkpoint's history.
+    """
+    before = result.history[: result.resumed_from] if result.resumed_from else []
+    return sum(h.seconds for h in before) + wall
+
+
 # --------------------------------------------------------------------------------------------
 # pure helpers
 
