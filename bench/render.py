@@ -46,7 +46,7 @@ def cifar10_table(doc: dict) -> str:
             f"| {name} | {r['method']} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
             f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
             f"{r['wall_seconds'] / 60:.0f} min | {_cost(r)} | {_search(r)} | "
-            f"{'–' if lat is None else f'{lat:.2f}'} | {'–' if ref is None else f'{ref[0]} / {ref[1]}'} |"
+            f"{'–' if lat is None else f'{lat:.2f}'} | {_poster(ref)} |"
         )
     return "\n".join(rows)
 
@@ -78,7 +78,7 @@ def methods_side_by_side(doc: dict, model: str = "resnet20") -> str:
 
 
 def _poster(ref) -> str:
-    return "–" if ref is None else f"{ref[0]} / {ref[1]}"
+    return "–" if ref is None else f"{ref[0]:.2f} / {ref[1]:.2f}"
 
 
 def _in_table_order(runs: dict) -> list[tuple[str, dict]]:
