@@ -131,7 +131,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     x, y = training_images(args.data.removeprefix("imagefolder:"), args.images, args.seed)
-    doc = {"command": "python bench/mask_gradients.py " + " ".join(sys.argv[1:]), "commit": commit(),
+    doc = {"command": " ".join(["python bench/mask_gradients.py", *sys.argv[1:]]), "commit": commit(),
            "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "images": args.images, "batch": args.batch, "seed": args.seed, "eps": EPS, "models": {}}
     for model_file in args.models.split(","):
