@@ -24,7 +24,9 @@ the best state (weights, BatchNorm statistics, masks and the budget's multiplier
 and takes one step down a ladder of milder training rather than stopping, because stopping before
 the masks are projected would leave a pruned model that was never fine-tuned: FGSM-RS → N-FGSM →
 N-FGSM at half the learning rate; an event at the bottom stops the run like Wong et al. The
-returned model is then the best state since the architecture was last changed.
+returned model is then the best state since the architecture was last changed; if there is none, or
+the masks have not frozen yet, there is no finished model to return and the run fails
+(:class:`~rcomp.errors.TrainingCollapse`, exit 3).
 
 Data parallel (``torchrun``, :mod:`rcomp.distributed`): every rank holds the whole MaskedModel and
 takes a strided share of each global batch (``batch_size`` stays the global batch, so a recipe
