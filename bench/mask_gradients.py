@@ -1,4 +1,4 @@
-"""Which way the task loss pushes the channel masks at the moment they start: stream vs block-internal.
+"""Which way the task loss pushes the channel masks, as the bench recipe starts them: stream vs block.
 
 In-train pruning left the stage-3 residual stream thinner than magnitude pruning did (ResNet20: 22-23
 of 64 channels against 35; ResNet56: 13 of 64, the min_keep floor), although the budget gradient of
@@ -72,9 +72,9 @@ def mask_gradients(model_file: str, x, y, train_mode: bool, batch: int) -> dict[
     params = list(masked.masks.params)
     sums = {loss: [torch.zeros_like(p) for p in params] for loss in ("clean", "fgsm")}
     batches = range(0, len(x), batch)
+    masked.train(train_mode)
     for start in batches:
         xb, yb = x[start:start + batch], y[start:start + batch]
-        masked.train(train_mode)
         inputs = {"clean": xb, "fgsm": fgsm(masked, xb, yb, eps=EPS).detach()}
         for loss, xin in inputs.items():
             grads = torch.autograd.grad(F.cross_entropy(masked(xin), yb), params)
@@ -128,6 +128,8 @@ def main() -> None:
         return
     import torch
 
+    from rcomp.reports import write_json_atomic
+
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     x, y = training_images(args.data.removeprefix("imagefolder:"), args.images, args.seed)
@@ -140,9 +142,7 @@ def main() -> None:
             grads = mask_gradients(model_file, x, y, train_mode, args.batch)
             doc["models"][model_file][mode] = {loss: summarize(g) for loss, g in grads.items()}
             print(f"{model_file} BN {mode}: done", flush=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(RESULTS)
+    write_json_atomic(RESULTS, doc)
     render(doc)
 
 
