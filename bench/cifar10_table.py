@@ -43,6 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+from rcomp.reports import write_json_atomic
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results" / "cifar10_table.json"
@@ -79,7 +81,9 @@ POSTER = {  # clean / PGD from the poster (Fast AT + In-train, Fast AT + RLPrune
 NOTES = [
     "Accuracies are on the 5,000-image validation split carved (seed 0) from the CIFAR-10 training folder; "
     "PGD-10 (eps 8/255, step 2/255) on all of it, PGD-50 with restarts on a fixed random subset of pgd50_n of its "
-    "images, the same for every row (the PGD-10 figure in brackets is on those same images, for the ordering).",
+    "images, the same for every row (the PGD-10 figure in brackets is on those same images, for the ordering; "
+    "'worst', where given, counts an image of that subset only if clean, PGD-10 and PGD-50 with restarts all leave it "
+    "correct: rcomp eval's worst-case row).",
     "The poster's figures come from full-length GPU schedules; these runs are as long as the CPU budget allowed "
     "(epochs column), so absolute accuracies are far lower; compare the rows with each other.",
     "Wall time: the runs of one invocation train at the same time, one thread each, so their ratio is fair. "
@@ -295,7 +299,7 @@ def evaluate_one(name: str, args) -> dict | None:
                                   stdout=log, stderr=log)
         merged = {"pgd10": json.loads(Path(str(out) + ".pgd10").read_text()),
                   "pgd50": json.loads(Path(str(out) + ".pgd50").read_text())}
-        out.write_text(json.dumps(merged, indent=2))
+        write_json_atomic(out, merged)
     return json.loads(out.read_text())
 
 
@@ -351,6 +355,7 @@ def collect(names: list[str], args) -> dict:
             "clean": acc10["clean"], "pgd10": next(v for k, v in acc10.items() if k.startswith("pgd-")),
             "pgd50": next(v for k, v in acc50.items() if k.startswith("pgd-50")), "pgd50_n": ev["pgd50"]["n"], "pgd50_subset": ev["pgd50"].get("subset"),
             "pgd10_same_n": next(v for k, v in acc50.items() if k.startswith("pgd-") and not k.startswith("pgd-50")),
+            "pgd_worst": acc50.get("worst-case"),  # per image: clean, PGD-10 and PGD-50xr all failed to fool it
             "val_n": ev["pgd10"]["n"], "ops_ratio": t["macs"] / t["dense_macs"], "params_ratio": t["params"] / t["dense_params"],
             "macs": t["macs"], "params": t["params"], "wall_seconds": method_seconds(t),
             "co_events": t["co_events"], "recipe": t["recipe"],
@@ -486,7 +491,7 @@ def main() -> None:
                         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         bench_seconds=time.time() - started, poster=POSTER, data=args.data, notes=NOTES)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
+        write_json_atomic(RESULTS, previous)
     if args.workdir is None:
         from render import render_cifar10  # noqa: E402  (bench/render.py)
 

@@ -36,6 +36,8 @@ from cifar10_table import (DATA, INTRAIN_RECIPE, REPO, _env, commit, epochs_log,
                           record_provenance, run_lock)
 from render import _pct, _provenance, replace_section  # noqa: E402
 
+from rcomp.reports import write_json_atomic  # noqa: E402
+
 RUNS_DIR = HERE / "runs" / "ablation"
 RESULTS = HERE / "results" / "intrain_ablation.json"
 TABLE = HERE / "results" / "cifar10_table.json"
@@ -264,7 +266,7 @@ def main() -> None:
                    date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), data=args.data,
                    bench_seconds=time.time() - started)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json_atomic(RESULTS, doc)
     if RESULTS.exists():
         render(json.loads(RESULTS.read_text()))
 

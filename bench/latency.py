@@ -34,6 +34,7 @@ from rcomp.export.runtime import compare_latency, make_session  # noqa: E402
 from rcomp.masks import attach_masks  # noqa: E402
 from rcomp.models import create_model  # noqa: E402
 from rcomp.posttrain import magnitude_scores  # noqa: E402
+from rcomp.reports import write_json_atomic  # noqa: E402
 from rcomp.surgery import load_pruned, remove_channels  # noqa: E402
 
 SHAPE = (1, 3, 32, 32)
@@ -90,7 +91,7 @@ def main() -> None:
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "runs": args.runs,
            "shape": list(SHAPE), "models": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    write_json_atomic(RESULTS, doc)
     render(doc)
 
 

@@ -10,6 +10,8 @@ import re
 import sys
 from pathlib import Path
 
+from rcomp.reports import write_text_atomic
+
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 
@@ -20,7 +22,7 @@ def replace_section(marker: str, body: str, readme: Path = README) -> None:
     pattern = re.compile(rf"(<!-- bench:{marker} -->\n).*?(<!-- /bench:{marker} -->)", re.S)
     if not pattern.search(text):
         raise SystemExit(f"README has no <!-- bench:{marker} --> section")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text))
+    write_text_atomic(readme, pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text))
 
 
 def _pct(v) -> str:
@@ -34,6 +36,11 @@ def _provenance(doc: dict, path: Path) -> str:
             f"{m.get('cpus', '?')} CPUs ({m.get('processor', '?')}), {doc.get('date', '?')}._")
 
 
+def _worst(row: dict) -> str:
+    """The per-image worst case over the row's attacks, for rows evaluated since rcomp eval reports it."""
+    return "" if row.get("pgd_worst") is None else f"; worst {_pct(row['pgd_worst'])}"
+
+
 def cifar10_table(doc: dict) -> str:
     poster = doc.get("poster", {})
     rows = ["| run | method | target ops | epochs | clean % | PGD-10 % | PGD-50×r % (PGD-10, same n) | ops ratio | "
@@ -44,7 +51,7 @@ def cifar10_table(doc: dict) -> str:
         ref = poster.get(name)
         rows.append(
             f"| {name} | {r['method']} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
-            f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
+            f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}{_worst(r)}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
             f"{r['wall_seconds'] / 60:.0f} min | {_cost(r)} | {_search(r)} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {_poster(ref)} |"
         )

@@ -91,6 +91,42 @@ def test_eval_reevaluates_a_saved_model_on_any_split(job, tmp_path):
     assert acc["clean"] >= acc["pgd-3"]
 
 
+def test_eval_worst_case_counts_an_image_only_if_every_attack_failed_on_it(job, tmp_path, monkeypatch):
+    """Two fake attacks that fool different images: the worst case is their per-image AND, not the lower figure."""
+    import torch
+
+    import rcomp.attacks
+    from rcomp.data import load_data
+    from rcomp.pipeline import eval_subset
+    from rcomp.surgery import load_pruned
+
+    out, _, _ = job
+    model, meta = load_pruned(out / "model.pt")
+    dataset = eval_subset(load_data("digits", tuple(meta["input_shape"]), splits=["val"]).split("val"), 40)
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+
+    def neighbour_pgd(net, xb, yb, steps, **kw):
+        """Each image swapped for the one 1 (PGD-3) or 2 (PGD-50) places before it in the batch."""
+        return torch.roll(xb, 1 if steps == 3 else 2, dims=0)
+
+    with torch.no_grad():
+        ok = {shift: model.eval()(torch.roll(x, shift, dims=0)).argmax(1) == y for shift in (0, 1, 2)}
+    assert not torch.equal(ok[1], ok[2]), "the two fake attacks must spare different images"
+    monkeypatch.setattr(rcomp.attacks, "pgd", neighbour_pgd)
+    code, text = run("eval", out / "model.pt", "--data", "digits", "--split", "val", "--n", 40, "--pgd-steps", 3,
+                     "--pgd50", "--restarts", 1, "--batch-size", 40, "--json", tmp_path / "e.json")
+    assert code == 0, text
+    acc = json.loads((tmp_path / "e.json").read_text())["accuracy"]
+    n = len(y)
+    assert acc["clean"] == pytest.approx(float(ok[0].sum()) / n)
+    assert acc["pgd-3"] == pytest.approx(float(ok[1].sum()) / n)
+    assert acc["pgd-50x1"] == pytest.approx(float(ok[2].sum()) / n)
+    assert acc["worst-case"] == pytest.approx(float((ok[0] & ok[1] & ok[2]).sum()) / n)
+    assert acc["worst-case"] < min(acc["pgd-3"], acc["pgd-50x1"])
+    assert "worst-case" in text
+
+
 def test_count_and_export_of_the_checkpoint(job, tmp_path):
     out, _, _ = job
     code, text = run("count", out / "model.pt", "--profile", LENIENT)

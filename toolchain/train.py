@@ -757,7 +757,8 @@ class _Trainer:
         raise TrainingCollapse(
             f"catastrophic overfitting again at epoch {epoch} (guard-batch PGD {pgd_acc:.1%}, FGSM {fgsm_acc:.1%}), "
             f"already on N-FGSM at half the learning rate: the run stops {why}; no model written{last}. "
-            "Try a lower lr_max, a longer schedule or a later mask_start (another seed draws another init).")
+            "Try a lower lr_max, a longer schedule or a later mask_start (another seed draws another init), "
+            "in a fresh run: --resume would replay the same collapse, and refuses a changed recipe.")
 
     # ---------------------------------------------------------------- end of run
     def _finish(self) -> None:
