@@ -68,6 +68,7 @@ RUNS = {
     "r20-rl-0.3": ("resnet20", "rl", 0.3),
     "r56-dense": ("resnet56", "dense", None),
     "r56-intrain-0.3": ("resnet56", "intrain", 0.3),
+    "r56-posttrain-0.3": ("resnet56", "posttrain", 0.3),
     "vgg16-intrain-0.3": ("vgg16", "intrain", 0.3),
 }
 
