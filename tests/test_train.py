@@ -203,6 +203,31 @@ def test_pgd_far_below_fgsm_is_overfitting_without_a_best(pgd_acc, fgsm_acc, bro
     assert guard.observe(1, pgd_acc, fgsm_acc, dict) is broken and (guard.best_state is None) is broken
 
 
+@pytest.mark.parametrize("pgd_acc, fgsm_acc, train_adv_acc, broken", [
+    (0.000, 0.098, 0.420, True),   # CIFAR-10 ResNet20 seed 0, dense N-FGSM at peak LR 0.15, epoch 2: both FGSM rules missed it
+    (0.039, 0.246, 0.397, True),   # the in-train twin at peak LR 0.2 (the FGSM rule caught this one too)
+    (0.016, 0.195, 0.509, True),   # in-train 0.7 of the table, epoch 3 (validation PGD 0.4 %), trained before both rules
+    (0.180, 0.242, 0.161, False),  # the healthy epoch before both
+    (0.285, 0.305, 0.305, False),  # the widest healthy gap logged (2.4 points)
+    (0.109, 0.273, 0.257, True),   # ambiguous (pruning damage or CO): left to the FGSM rule, which fires
+    (0.109, 0.150, 0.257, False),  # the same without the FGSM signal: pruning epochs end below their running mean
+    (0.000, 0.050, 0.120, False),  # near chance: too small a gap to mean anything
+])
+def test_pgd_far_below_the_training_attack_is_overfitting(pgd_acc, fgsm_acc, train_adv_acc, broken):
+    assert is_catastrophic_overfitting(pgd_acc, fgsm_acc, best_pgd=0.18, fgsm_at_best=0.242,
+                                       train_adv_acc=train_adv_acc) is broken
+
+
+def test_guard_passes_the_epochs_training_attack_accuracy(digits, tmp_path, monkeypatch):
+    """Epoch 2: PGD and FGSM both near zero ("both fell" to the FGSM rules) while training learns."""
+    _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.5, 0.09, 0.0), (0.6, 0.6, 0.45)])
+    config = TrainConfig(epochs=3, attack="nfgsm", **{**FAST, "eval_pgd_steps": 1, "eval_size": 20})
+    assert not is_catastrophic_overfitting(0.0, 0.09, best_pgd=0.40, fgsm_at_best=0.5)
+    result = train(config, digits, _model(digits), out_dir=None, log=_quiet)
+    assert result.history[1].train_adv_acc >= 0.15  # the premise: the training attack is resisted
+    assert len(result.co_events) == 1 and "epoch 2" in result.co_events[0]
+
+
 def test_guard_over_a_sequence_remembers_the_best_state():
     # (pgd, fgsm) per epoch, FastAT-like: robustness climbs, then PGD collapses while FGSM soars
     sequence = [(0.20, 0.25), (0.35, 0.40), (0.41, 0.47), (0.38, 0.46), (0.12, 0.71), (0.05, 0.85)]
