@@ -110,6 +110,8 @@ def train_command(name: str, args) -> list[str]:
            "--method", method, "--no-progress"]
     if target is not None:
         cmd += ["--target-ops", str(target)]
+    if args.attack_labels is not None:
+        cmd += ["--attack-labels", args.attack_labels]
     if method == "intrain":
         cmd += ["--recipe", str(INTRAIN_RECIPE.relative_to(REPO))]
     if method == "rl" and args.rl_episodes is not None:
@@ -450,6 +452,8 @@ def main() -> None:
     p.add_argument("--data", default=DATA)
     p.add_argument("--attack", default="fgsm-rs")
     p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--attack-labels", choices=["true", "predicted"], default=None,
+                   help="label the training attack ascends, for every row [rcomp's default: true]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pgd50-n", type=int, default=1000)
     p.add_argument("--rl-episodes", type=int, default=None, help="AMC search episodes of the rl runs [rcomp's default]")

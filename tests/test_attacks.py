@@ -95,3 +95,42 @@ def test_evaluate_counts_batches_and_caps_examples(trained):
     full = evaluate(model, batches, fgsm, eps=EPS)
     assert full.n == 200 and full.adv == evaluate(model, (x, y), fgsm, eps=EPS).adv
     assert evaluate(model, batches, max_examples=100).n == 100
+
+
+class _Stubborn(torch.nn.Module):
+    """Predicts class 3 whatever the input, with an input-dependent loss (so gradients are not zero)."""
+
+    def __init__(self, features: int, classes: int = 10):
+        super().__init__()
+        self.linear = torch.nn.Linear(features, classes)
+        self.bias = torch.zeros(classes)
+        self.bias[3] = 1e3
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) + self.bias
+
+
+def test_predicted_label_attacks_ascend_the_models_prediction_not_the_truth(trained):
+    _, x, y = trained
+    model = _Stubborn(x[0].numel())
+    assert bool((y != 3).any())  # on those images the two choices of label give different directions
+    three = torch.full_like(y, 3)
+    for attack in (fgsm_rs, nfgsm):
+        predicted = attack(model, x, y, EPS, generator=_gen(), predicted_labels=True)
+        assert torch.equal(predicted, attack(model, x, three, EPS, generator=_gen())), attack.__name__
+        assert not torch.equal(predicted, attack(model, x, y, EPS, generator=_gen())), attack.__name__
+
+
+def test_attack_labels_is_a_recipe_key_and_a_cli_option():
+    import pytest
+
+    from rcomp.errors import ConfigError
+    from rcomp.pipeline import build_job
+    from rcomp.train import TrainConfig
+
+    job = build_job({"model_name": "tiny_cnn", "data_spec": "synthetic:64", "attack_labels": "predicted"},
+                    profile=None, out=None, method="dense")
+    assert job.train.attack_labels == "predicted"
+    assert TrainConfig().attack_labels == "true"
+    with pytest.raises(ConfigError, match="attack_labels"):
+        TrainConfig(attack_labels="guessed").validate()

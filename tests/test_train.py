@@ -432,3 +432,20 @@ def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path):
     b = torch.load(broken / "final.pt", weights_only=True)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_the_trainer_builds_its_attack_from_the_configured_labels(digits, monkeypatch):
+    import rcomp.attacks
+
+    seen = []
+
+    def recording(model, x, y, **kw):
+        seen.append(kw["predicted_labels"])
+        return rcomp.attacks.nfgsm(model, x, y, **kw)
+
+    monkeypatch.setitem(rcomp.train.ATTACKS, "nfgsm", recording)
+    for labels in ("predicted", "true"):
+        seen.clear()
+        config = TrainConfig(epochs=1, attack="nfgsm", attack_labels=labels, co_guard=False, **FAST)
+        train(config, digits, _model(digits), out_dir=None, log=_quiet)
+        assert seen and set(seen) == {labels == "predicted"}

@@ -49,11 +49,18 @@ def preserved_buffers(model: nn.Module):
                 buf.copy_(value)
 
 
-def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """d CE(model(x + delta), y) / d delta, without touching any parameter's ``.grad``."""
+def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                predicted_labels: bool = False) -> torch.Tensor:
+    """d CE(model(x + delta), y) / d delta, without touching any parameter's ``.grad``.
+
+    With ``predicted_labels`` the loss is taken against the model's own prediction at
+    ``x + delta`` instead of ``y`` (Kurakin et al. 2017), from the same forward pass.
+    """
     delta = delta.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+        logits = model(x + delta)
+        target = logits.argmax(1).detach() if predicted_labels else y
+        loss = F.cross_entropy(logits, target, reduction="sum")
         (grad,) = torch.autograd.grad(loss, delta)
     return grad
 
@@ -88,7 +95,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = DEFAUL
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = DEFAULT_EPS,
-            alpha: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+            alpha: float | None = None, generator: torch.Generator | None = None,
+            predicted_labels: bool = False) -> torch.Tensor:
     """FastAT (Wong et al. 2020): uniform start in the eps-ball, one step of alpha, project back.
 
     ``alpha`` defaults to Wong et al.'s 1.25 * eps (10/255 at eps = 8/255), so a smaller eps
@@ -98,24 +106,25 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = DEF
     x, y = _prepare(x, y)
     delta = _project(x, _uniform(x.shape, -eps, eps, x, generator), eps)
     with preserved_buffers(model):
-        grad = _input_grad(model, x, y, delta)
+        grad = _input_grad(model, x, y, delta, predicted_labels)
     return (x + _project(x, delta + alpha * grad.sign(), eps)).detach()
 
 
 def nfgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = DEFAULT_EPS,
           noise: float | None = None, alpha: float | None = None,
-          generator: torch.Generator | None = None) -> torch.Tensor:
+          generator: torch.Generator | None = None, predicted_labels: bool = False) -> torch.Tensor:
     """N-FGSM (de Jorge et al. 2022): noise in [-2eps, 2eps], step eps, NO projection to the ball.
 
     Skipping the projection is the point: the larger effective perturbation is what keeps
     single-step training away from catastrophic overfitting. Only [0, 1] is enforced.
+    ``predicted_labels``: see :data:`ATTACK_LABELS`.
     """
     noise = 2 * eps if noise is None else noise
     alpha = eps if alpha is None else alpha
     x, y = _prepare(x, y)
     delta = _uniform(x.shape, -noise, noise, x, generator)
     with preserved_buffers(model):
-        grad = _input_grad(model, x, y, delta)
+        grad = _input_grad(model, x, y, delta, predicted_labels)
     return (x + delta + alpha * grad.sign()).clamp(0.0, 1.0).detach()
 
 
@@ -160,6 +169,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = DEFAULT
 
 #: Training attacks by the name ``TrainConfig.attack`` uses; ``None`` = plain (non-robust) training.
 ATTACKS: dict[str, Callable | None] = {"fgsm-rs": fgsm_rs, "nfgsm": nfgsm, "none": None}
+
+#: Which label a training attack ascends the loss of. ``true``: the ground truth, as FastAT and
+#: N-FGSM do. ``predicted``: the model's own prediction at the noisy start (Kurakin et al. 2017,
+#: against label leaking): a one-step perturbation built from the true label encodes that label in
+#: its sign pattern, and a weak network can learn to read it. Measured here (CIFAR-10 ResNet20,
+#: seed 0, epoch 2 of a collapsed N-FGSM run): 49.8 % accuracy on N-FGSM examples built from the
+#: true label, 21.7 % from the predicted label, 15.6 % on the clean images, 0.0 % under PGD-10.
+ATTACK_LABELS = ("true", "predicted")
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ def _training_options(fn):
         click.option("--lr", "lr_max", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate."),
         click.option("--schedule", type=click.Choice(["cyclic", "cosine"]), default=None),
         click.option("--attack", type=click.Choice(["fgsm-rs", "nfgsm", "none"]), default=None, help="Training attack: FastAT (fgsm-rs), N-FGSM, or none."),
+        click.option("--attack-labels", type=click.Choice(["true", "predicted"]), default=None,
+                     help="Label the training attack ascends: the ground truth [default] or the model's prediction (against label leaking)."),
         click.option("--eps", type=str, default=None, help="Training eps in pixel units, e.g. 8/255."),
         click.option("--regularity", type=click.Choice(["channel", "weight", "none"]), default=None, help="Pruning regularity (none = dense)."),
         click.option("--target-ops", type=click.FloatRange(0, 1, min_open=True), default=None, help="Ops budget as a fraction of the dense model."),

@@ -116,7 +116,8 @@ def load_recipe(path: str) -> dict:
 
 
 _CLI_TO_CONFIG = (
-    "epochs", "batch_size", "lr_max", "schedule", "attack", "regularity", "target_ops", "target_params", "seed",
+    "epochs", "batch_size", "lr_max", "schedule", "attack", "attack_labels", "regularity", "target_ops", "target_params",
+    "seed",
 )
 
 

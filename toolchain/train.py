@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcomp import distributed
-from rcomp.attacks import ATTACKS, AccuracyResult, evaluate, fgsm, pgd
+from rcomp.attacks import ATTACK_LABELS, ATTACKS, AccuracyResult, evaluate, fgsm, pgd
 from rcomp.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from rcomp.errors import CheckpointError, ConfigError, NumericalError, RcompError, TrainingCollapse
 
@@ -84,6 +84,7 @@ class TrainConfig:
     attack: str = "fgsm-rs"  # fgsm-rs | nfgsm | none
     eps: float = 8 / 255
     alpha: float | None = None  # None: 1.25*eps for fgsm-rs (10/255 at 8/255), eps for nfgsm
+    attack_labels: str = "true"  # true | predicted: the label the training attack ascends (rcomp.attacks.ATTACK_LABELS)
     regularity: str | None = None  # None (dense) | channel | weight
     target_ops: float | None = None
     target_params: float | None = None
@@ -120,6 +121,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.attack not in ATTACKS:
             raise ConfigError(f"unknown attack {self.attack!r}; expected one of {', '.join(ATTACKS)}", key="attack")
+        if self.attack_labels not in ATTACK_LABELS:
+            raise ConfigError(f"unknown attack_labels {self.attack_labels!r}; expected {' or '.join(ATTACK_LABELS)}",
+                              key="attack_labels")
         if self.schedule not in ("cyclic", "cosine"):
             raise ConfigError(f"unknown schedule {self.schedule!r}; expected cyclic or cosine", key="schedule")
         if self.regularity not in (None, "channel", "weight"):
@@ -495,7 +499,8 @@ class _Trainer:
             group["lr"] = lr * group["lr_scale"]
         attack = ATTACKS[self.attack]
         with self._autocast():
-            x_in = attack(self.model, x, y, eps=self.cfg.eps, alpha=self._alpha(), generator=g_att) if attack else x
+            x_in = attack(self.model, x, y, eps=self.cfg.eps, alpha=self._alpha(), generator=g_att,
+                          predicted_labels=self.cfg.attack_labels == "predicted") if attack else x
             logits = self.net(x_in)  # through DDP: this backward all-reduces the gradients
             loss = F.cross_entropy(logits, y)
         penalty = self._penalty()
