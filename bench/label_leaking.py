@@ -1,0 +1,84 @@
+"""Is a collapsed N-FGSM run label leaking? Accuracy of saved weights on one-step training attacks
+built from the true label and from the model's own prediction, next to clean, noise and PGD-10.
+
+Label leaking (Kurakin et al. 2017): a one-step perturbation that ascends the true label's loss
+carries that label in its sign pattern, and a network can learn to read it; it then classifies
+attacked images better than clean ones while PGD breaks it. Building the attack from the
+predicted label removes the signal (``rcomp train --attack-labels predicted``).
+
+Usage::
+
+    python bench/label_leaking.py CKPT [CKPT ...] [--n 512]
+
+Each CKPT is an ``rcomp train`` epoch checkpoint (``OUT.partial/checkpoints/ckpt-epochNNNN.pt``) of a
+CIFAR-10 ResNet20. Results go to ``bench/results/label_leaking.json`` with the command, commit,
+machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cifar10_table import DATA, commit, machine  # noqa: E402
+
+from rcomp.attacks import nfgsm, pgd, preserved_buffers  # noqa: E402
+from rcomp.data import fixed_subset, load_data  # noqa: E402
+from rcomp.models import create_model  # noqa: E402
+from rcomp.reports import write_json_atomic  # noqa: E402
+
+RESULTS = HERE / "results" / "label_leaking.json"
+
+
+def accuracies(model, x, y) -> dict[str, float]:
+    """Clean, noise-only, N-FGSM from the true and from the predicted label (BN in eval and in
+    train mode, as in training), and PGD-10; every attack seeded the same."""
+
+    def acc(inputs) -> float:
+        with torch.no_grad():
+            return (model.eval()(inputs).argmax(1) == y).float().mean().item()
+
+    out = {"clean": acc(x)}
+    noise = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) * 4 - 2) * 8 / 255).clamp(0, 1)
+    out["noise_2eps"] = acc(noise)
+    for mode in ("eval", "train"):
+        for labels in ("true", "predicted"):
+            model.train(mode == "train")
+            with preserved_buffers(model):
+                adv = nfgsm(model, x, y, generator=torch.Generator().manual_seed(1), predicted_labels=labels == "predicted")
+            out[f"nfgsm_{labels}_label_bn_{mode}"] = acc(adv)
+    out["pgd10"] = acc(pgd(model.eval(), x, y, steps=10, generator=torch.Generator().manual_seed(0)))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--n", type=int, default=512, help="validation images (a fixed random subset, seed 0)")
+    p.add_argument("--data", default=DATA)
+    args = p.parse_args()
+    bundle = load_data(args.data, (3, 32, 32), splits=["val"], progress=False)
+    val = fixed_subset(bundle.split("val"), args.n, 0)
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.tensor([val[i][1] for i in range(len(val))])
+    rows = {}
+    for ckpt in args.checkpoints:
+        model = create_model("resnet20", bundle.num_classes, 3, bundle.mean, bundle.std)
+        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+        rows[str(ckpt)] = accuracies(model, x, y)
+        print(ckpt, {k: round(v, 3) for k, v in rows[str(ckpt)].items()}, flush=True)
+    doc = {"command": " ".join(["python"] + sys.argv), "commit": commit(), "machine": machine(),
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "n": len(val), "data": args.data,
+           "checkpoints": rows}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(RESULTS, doc)
+
+
+if __name__ == "__main__":
+    main()
