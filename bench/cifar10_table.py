@@ -47,7 +47,8 @@ from rcomp.reports import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RESULTS = HERE / "results" / "cifar10_table.json"
+TABLE = "cifar10_table"  # the main table's name: its results file and README section
+RESULTS = HERE / "results" / f"{TABLE}.json"
 RUNS_DIR = HERE / "runs"  # training folders, logs, locks (not committed)
 MODELS = HERE / "models"  # finished models, committed: re-evaluable on a held-out split
 SHARED = HERE / "shared"  # finished dense phases of the post-train methods, committed
@@ -212,7 +213,9 @@ def _alive(lock: Path) -> bool:
 def _phase_key(name: str, args) -> str:
     """What makes two runs' dense phases identical: model, recipe and the epoch split."""
     model = RUNS[name][0]
-    return f"{model}-e{args.epochs}-{args.attack}-lr{args.lr:g}-seed{args.seed}"
+    labels = getattr(args, "attack_labels", None)  # phases trained before the option have no suffix
+    suffix = f"-labels-{labels}" if labels not in (None, "true") else ""
+    return f"{model}-e{args.epochs}-{args.attack}-lr{args.lr:g}-seed{args.seed}{suffix}"
 
 
 def share_dense_phase(name: str, args) -> str | None:
@@ -461,13 +464,18 @@ def main() -> None:
     p.add_argument("--latency-runs", type=int, default=300)
     p.add_argument("--note", action="append", default=[], help="a provenance note stored with the results (repeatable)")
     p.add_argument("--render", action="store_true", help="only re-render README tables from the results file")
+    p.add_argument("--table", default=TABLE, metavar="NAME",
+                   help="a separate table (another recipe): results/NAME.json, runs/NAME/, models/NAME/ and the "
+                        "README sections NAME and NAME_methods [the main table]")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep runs, models, shared phases and results here instead of bench/ (smoke tests; no README)")
     args = p.parse_args()
+    global RUNS_DIR, MODELS, SHARED, RESULTS
+    if args.table != TABLE:
+        RUNS_DIR, MODELS, RESULTS = RUNS_DIR / args.table, MODELS / args.table, HERE / "results" / f"{args.table}.json"
     if args.workdir is not None:
-        global RUNS_DIR, MODELS, SHARED, RESULTS
         RUNS_DIR, MODELS, SHARED = args.workdir / "runs", args.workdir / "models", args.workdir / "shared"
-        RESULTS = args.workdir / "results" / "cifar10_table.json"
+        RESULTS = args.workdir / "results" / f"{args.table}.json"
     names = [n for n in args.only.split(",") if n] or [n for n in RUNS if n.startswith("r20-")]
     unknown = [n for n in names if n not in RUNS]
     if unknown:
@@ -500,7 +508,7 @@ def main() -> None:
     if args.workdir is None:
         from render import render_cifar10  # noqa: E402  (bench/render.py)
 
-        render_cifar10(RESULTS)
+        render_cifar10(RESULTS, args.table)
 
 
 if __name__ == "__main__":

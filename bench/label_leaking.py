@@ -9,6 +9,7 @@ predicted label removes the signal (``rcomp train --attack-labels predicted``).
 Usage::
 
     python bench/label_leaking.py CKPT [CKPT ...] [--n 512]
+    python bench/label_leaking.py --render     # only the README section
 
 Each CKPT is an ``rcomp train`` epoch checkpoint (``OUT.partial/checkpoints/ckpt-epochNNNN.pt``) of a
 CIFAR-10 ResNet20. Results go to ``bench/results/label_leaking.json`` with the command, commit,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cifar10_table import DATA, commit, machine  # noqa: E402
+from render import _pct, _provenance, replace_section  # noqa: E402
 
 from rcomp.attacks import nfgsm, pgd, preserved_buffers  # noqa: E402
 from rcomp.data import fixed_subset, load_data  # noqa: E402
@@ -34,6 +37,8 @@ from rcomp.models import create_model  # noqa: E402
 from rcomp.reports import write_json_atomic  # noqa: E402
 
 RESULTS = HERE / "results" / "label_leaking.json"
+COLUMNS = {"clean": "clean", "noise_2eps": "noise only (±2 eps)", "nfgsm_true_label_bn_train": "N-FGSM, true label",
+           "nfgsm_predicted_label_bn_train": "N-FGSM, predicted label", "pgd10": "PGD-10"}
 
 
 def accuracies(model, x, y) -> dict[str, float]:
@@ -57,12 +62,26 @@ def accuracies(model, x, y) -> dict[str, float]:
     return out
 
 
+def render(doc: dict) -> None:
+    """Accuracy per checkpoint (N-FGSM with BatchNorm in train mode, as in training) into the README."""
+    rows = ["| checkpoint | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for ckpt, acc in doc["checkpoints"].items():
+        short = "/".join(Path(ckpt).parts[-5:])
+        rows.append(f"| `{short}` | " + " | ".join(_pct(acc[k]) for k in COLUMNS) + " |")
+    rows += ["", f"% of {doc['n']} validation images. " + _provenance(doc, RESULTS)]
+    replace_section("label_leaking", "\n".join(rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("checkpoints", nargs="*", type=Path)
     p.add_argument("--n", type=int, default=512, help="validation images (a fixed random subset, seed 0)")
     p.add_argument("--data", default=DATA)
+    p.add_argument("--render", action="store_true", help="only re-render the README section from the results file")
     args = p.parse_args()
+    if args.render:
+        render(json.loads(RESULTS.read_text()))
+        return
     bundle = load_data(args.data, (3, 32, 32), splits=["val"], progress=False)
     val = fixed_subset(bundle.split("val"), args.n, 0)
     x = torch.stack([val[i][0] for i in range(len(val))])
@@ -78,6 +97,7 @@ def main() -> None:
            "checkpoints": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS, doc)
+    render(doc)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,9 @@ def plot_cifar10(doc: dict, out: Path) -> bool:
     return True
 
 
-def render_cifar10(path: Path) -> None:
+def render_cifar10(path: Path, table: str = "cifar10_table") -> None:
+    """The table, plot and notes into README section ``table``, the methods side by side into
+    ``cifar10_methods`` (the main table) or ``<table>_methods``."""
     if not path.exists():
         return
     doc = json.loads(path.read_text())
@@ -156,8 +158,8 @@ def render_cifar10(path: Path) -> None:
     if notes:
         body += [""] + [f"- {n}" for n in notes]
     body += [""] + _row_provenance(doc)
-    replace_section("cifar10_table", "\n".join(body))
-    replace_section("cifar10_methods", methods_side_by_side(doc))
+    replace_section(table, "\n".join(body))
+    replace_section("cifar10_methods" if table == "cifar10_table" else f"{table}_methods", methods_side_by_side(doc))
 
 
 def _row_provenance(doc: dict) -> list[str]:
@@ -180,3 +182,5 @@ def _row_provenance(doc: dict) -> list[str]:
 
 if __name__ == "__main__":
     render_cifar10(HERE / "results" / "cifar10_table.json")
+    for extra in sorted((HERE / "results").glob("cifar10_table_*.json")):  # tables of other recipes
+        render_cifar10(extra, extra.stem)

@@ -155,3 +155,11 @@ def test_an_ablation_another_process_trains_is_skipped_not_started_twice(ablatio
     monkeypatch.setattr(ablation.subprocess, "call", lambda *a, **k: started.append(a))
     ablation.run(name, "digits")
     assert started == [] and not (ablation.RUNS_DIR / f"{name}.provenance.json").exists()
+
+
+def test_dense_phases_trained_from_other_attack_labels_are_not_shared(table):
+    true_labels = table._phase_key("r20-posttrain-0.3", ARGS)
+    assert true_labels == "resnet20-e6-nfgsm-lr0.2-seed0"  # the phases already in bench/shared keep their names
+    assert table._phase_key("r20-posttrain-0.3", SimpleNamespace(**vars(ARGS), attack_labels="true")) == true_labels
+    predicted = table._phase_key("r20-rl-0.5", SimpleNamespace(**vars(ARGS), attack_labels="predicted"))
+    assert predicted == true_labels + "-labels-predicted"

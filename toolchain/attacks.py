@@ -174,8 +174,8 @@ ATTACKS: dict[str, Callable | None] = {"fgsm-rs": fgsm_rs, "nfgsm": nfgsm, "none
 #: N-FGSM do. ``predicted``: the model's own prediction at the noisy start (Kurakin et al. 2017,
 #: against label leaking): a one-step perturbation built from the true label encodes that label in
 #: its sign pattern, and a weak network can learn to read it. Measured (``bench/label_leaking.py``,
-#: CIFAR-10 ResNet20, seed 0, epoch 2 of a collapsed N-FGSM run, 512 validation images): 49.8 %
-#: accuracy on N-FGSM examples built from the true label, 27.7 % from the predicted label, 23.6 %
+#: CIFAR-10 ResNet20, seed 0, epoch 2 of a collapsed N-FGSM run, 512 validation images): 45.1 %
+#: accuracy on N-FGSM examples built from the true label, 26.8 % from the predicted label, 23.6 %
 #: under the noise alone, 15.6 % clean, 0.0 % under PGD-10.
 ATTACK_LABELS = ("true", "predicted")
 
