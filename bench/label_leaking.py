@@ -8,7 +8,7 @@ predicted label removes the signal (``rcomp train --attack-labels predicted``).
 
 Usage::
 
-    python bench/label_leaking.py CKPT [CKPT ...] [--n 512]
+    python bench/label_leaking.py CKPT [CKPT ...] [--n 512] [--runs RUN_DIR ...]
     python bench/label_leaking.py --render     # only the README section
 
 Each CKPT is an ``rcomp train`` epoch checkpoint (``OUT.partial/checkpoints/ckpt-epochNNNN.pt``) of a
@@ -28,7 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cifar10_table import DATA, commit, machine  # noqa: E402
+from cifar10_table import DATA, commit, epochs_log, machine  # noqa: E402
 from render import _pct, _provenance, replace_section  # noqa: E402
 
 from rcomp.attacks import nfgsm, pgd, preserved_buffers  # noqa: E402
@@ -62,6 +62,18 @@ def accuracies(model, x, y) -> dict[str, float]:
     return out
 
 
+def run_record(folder: Path) -> dict:
+    """A (possibly interrupted) bench run's command and epoch log: the collapse as it was logged."""
+    if (folder / "train.json").exists():
+        history = json.loads((folder / "train.json").read_text())["history"]
+    else:
+        latest = sorted((folder.with_name(folder.name + ".partial") / "checkpoints").glob("ckpt-epoch*.pt"))[-1]
+        history = torch.load(latest, map_location="cpu", weights_only=False)["history"]
+    provenance = folder.with_name(folder.name + ".provenance.json")
+    starts = json.loads(provenance.read_text()) if provenance.exists() else []
+    return {"trained_by": starts, "epochs_log": epochs_log([dict(h) if isinstance(h, dict) else vars(h) for h in history])}
+
+
 def render(doc: dict) -> None:
     """Accuracy per checkpoint (N-FGSM with BatchNorm in train mode, as in training) into the README."""
     rows = ["| checkpoint | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---:|" * len(COLUMNS)]
@@ -77,6 +89,8 @@ def main() -> None:
     p.add_argument("checkpoints", nargs="*", type=Path)
     p.add_argument("--n", type=int, default=512, help="validation images (a fixed random subset, seed 0)")
     p.add_argument("--data", default=DATA)
+    p.add_argument("--runs", nargs="*", type=Path, default=[],
+                   help="bench run folders (OUT, finished or with OUT.partial) whose epoch logs to record")
     p.add_argument("--render", action="store_true", help="only re-render the README section from the results file")
     args = p.parse_args()
     if args.render:
@@ -94,7 +108,7 @@ def main() -> None:
         print(ckpt, {k: round(v, 3) for k, v in rows[str(ckpt)].items()}, flush=True)
     doc = {"command": " ".join(["python"] + sys.argv), "commit": commit(), "machine": machine(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "n": len(val), "data": args.data,
-           "checkpoints": rows}
+           "checkpoints": rows, "runs": {str(r): run_record(r) for r in args.runs}}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS, doc)
     render(doc)
