@@ -95,8 +95,8 @@ NOTES = [
     "Post-train and RL rows share one dense phase (same recipe and seed, so the same network); each row is "
     "charged its recorded time. Their wall time is the whole method: dense training + pruning or search + "
     "fine-tuning.",
-    "Every model of a row is in bench/models/<run>.pt: `rcomp eval bench/models/<run>.pt --data "
-    "imagefolder:ROOT --split test` re-evaluates it on another split.",
+    "Every model of a row is in bench/models/<run>.pt (bench/models/<table>/<run>.pt for a table of another "
+    "recipe): `rcomp eval bench/models/<run>.pt --data imagefolder:ROOT --split test` re-evaluates it on another split.",
 ]
 
 
