@@ -42,8 +42,9 @@ COLUMNS = {"clean": "clean", "noise_2eps": "noise only (±2 eps)", "nfgsm_true_l
 
 
 def accuracies(model, x, y) -> dict[str, float]:
-    """Clean, noise-only, N-FGSM from the true and from the predicted label (BN in eval and in
-    train mode, as in training), and PGD-10; every attack seeded the same."""
+    """Clean; the noise alone (the very draw N-FGSM starts from: same generator seed); N-FGSM from
+    the true and from the predicted label, its gradient taken with BatchNorm in eval mode and in
+    train mode (as in training); and PGD-10. Accuracy always in eval mode."""
 
     def acc(inputs) -> float:
         with torch.no_grad():
