@@ -212,6 +212,7 @@ def test_pgd_far_below_fgsm_is_overfitting_without_a_best(pgd_acc, fgsm_acc, bro
     (0.109, 0.273, 0.257, True),   # ambiguous (pruning damage or CO): left to the FGSM rule, which fires
     (0.109, 0.150, 0.257, False),  # the same without the FGSM signal: pruning epochs end below their running mean
     (0.000, 0.050, 0.120, False),  # near chance: too small a gap to mean anything
+    (0.164, 0.164, 0.833, False),  # the main job (digits), an epoch that pruned ops 0.81 -> 0.41: broken as a whole
 ])
 def test_pgd_far_below_the_training_attack_is_overfitting(pgd_acc, fgsm_acc, train_adv_acc, broken):
     assert is_catastrophic_overfitting(pgd_acc, fgsm_acc, best_pgd=0.18, fgsm_at_best=0.242,
