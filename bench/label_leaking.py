@@ -72,7 +72,7 @@ def run_record(folder: Path) -> dict:
         history = torch.load(latest, map_location="cpu", weights_only=False)["history"]
     provenance = folder.with_name(folder.name + ".provenance.json")
     starts = json.loads(provenance.read_text()) if provenance.exists() else []
-    return {"trained_by": starts, "epochs_log": epochs_log([dict(h) if isinstance(h, dict) else vars(h) for h in history])}
+    return {"trained_by": starts, "epochs_log": epochs_log(history)}
 
 
 def render(doc: dict) -> None:
