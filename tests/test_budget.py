@@ -220,3 +220,86 @@ def test_penalty_pushes_masks_down_only_through_the_budget_term():
     ctl.penalty(1.0).backward()
     grads = torch.cat([p.grad.flatten() for p in masked.masks.params])
     assert bool((grads >= 0).all()) and bool((grads > 0).any())  # gradient descent lowers M: fewer ops
+
+
+def _widths(masked):
+    return [int(h.sum()) for h in masked.masks.hard()]
+
+
+def test_allowed_widths_are_multiples_above_the_floor_plus_the_whole_group():
+    masks = _masked("resnet20").masks
+    masks.min_keep_fraction = 0.2
+    sizes = [g.size for g in masks.groups]
+    masks.channel_multiple = 8
+    for i, size in enumerate(sizes):
+        widths = masks.allowed_widths(i)
+        assert widths == sorted(widths) and widths[-1] == size
+        assert all(w % 8 == 0 for w in widths) and widths[0] >= masks.min_channels(i)
+    masks.channel_multiple = 1
+    assert masks.allowed_widths(0) == list(range(masks.min_channels(0), sizes[0] + 1))
+
+
+def _odd_groups():
+    """A conv net whose group widths (12, 20) are not multiples of 8: the whole group is allowed too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                        nn.Conv2d(12, 20, 3, padding=1), nn.BatchNorm2d(20), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(20, 10))
+    return attach_masks(net, "channel", X)
+
+
+@pytest.mark.parametrize("target", [0.9, 0.6, 0.35])
+def test_odd_group_widths_project_to_multiples_or_the_whole_group(target):
+    masked = _odd_groups()
+    masked.masks.channel_multiple = 8
+    cost = CostModel.build(masked, X)
+    BudgetController(cost, constraints_from_targets(cost, target_ops=target)).project()
+    assert float(cost.ops().detach()) <= target * cost.dense_ops
+    for width, group in zip(_widths(masked), masked.masks.groups):
+        assert width % 8 == 0 or width == group.size
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_project_to_channel_multiples_is_within_budget_and_maximal(seed, target):
+    masked = _masked("resnet20")
+    masked.masks.min_keep_fraction = 0.2
+    masked.masks.channel_multiple = 8
+    _randomize(masked, seed, low=-0.2, high=1.0)
+    cost = CostModel.build(masked, X)
+    limit = target * cost.dense_ops
+    BudgetController(cost, constraints_from_targets(cost, target_ops=target)).project()
+    widths = _widths(masked)
+    assert float(cost.ops().detach()) <= limit
+    assert all(w in masked.masks.allowed_widths(i) for i, w in enumerate(widths))
+    # maximal: no group can take its next width without breaking the budget
+    scores = [s.detach().clone() for s in masked.masks.scores()]
+    for i, w in enumerate(widths):
+        allowed = masked.masks.allowed_widths(i)
+        if w == allowed[-1]:
+            continue
+        keep = torch.zeros(len(scores[i]), dtype=torch.bool)
+        keep[torch.argsort(scores[i], descending=True)[: allowed[allowed.index(w) + 1]]] = True
+        before = masked.masks.hard()[i].bool()
+        masked.masks.set_hard(i, keep)
+        assert float(cost.ops().detach()) > limit, f"group {i} could have kept {allowed[allowed.index(w) + 1]}"
+        masked.masks.set_hard(i, before)
+
+
+def test_project_to_channel_multiples_keeps_the_best_scoring_channels():
+    masked = _masked("resnet20")
+    masked.masks.channel_multiple = 8
+    _randomize(masked, 7)
+    cost = CostModel.build(masked, X)
+    BudgetController(cost, constraints_from_targets(cost, target_ops=0.5)).project()
+    for score, keep in zip(masked.masks.scores(), masked.masks.hard()):
+        kept, dropped = score[keep.bool()], score[~keep.bool()]
+        assert dropped.numel() == 0 or kept.min() >= dropped.max()
+
+
+def test_channel_multiple_that_cannot_meet_the_budget_is_reported():
+    masked = _masked("resnet20")
+    masked.masks.channel_multiple = 16  # every ResNet20 group at 16 channels or more
+    cost = CostModel.build(masked, X)
+    with pytest.raises(RcompError, match="multiples of 16"):
+        BudgetController(cost, constraints_from_targets(cost, target_ops=0.3)).project()

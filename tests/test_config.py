@@ -120,14 +120,14 @@ def test_every_key_parses(tmp_path):
         ("latency_p90_ms", 1000.0),
     ]
     assert profile.robustness.pgd_steps == 2 and profile.robustness.pgd_step_size == pytest.approx(4 / 255)
-    assert profile.chw == (3, 32, 32)
+    assert profile.chw == (3, 32, 32) and profile.target.channel_multiple == 8
     round_trip = parse_profile(profile.to_dict(), "round-trip")
     assert round_trip == profile
 
 
 def test_defaults(tmp_path):
     profile = load_profile(write(tmp_path, GOOD))
-    assert profile.description == "" and profile.target.arch == ""
+    assert profile.description == "" and profile.target.arch == "" and profile.target.channel_multiple == 1
     assert profile.robustness.pgd_steps == 10
     assert profile.robustness.pgd_step_size == pytest.approx(2 / 255)  # eps / 4
     assert profile.source == str(tmp_path / "x.yaml")
@@ -200,6 +200,7 @@ def test_list_profiles_reports_bad_files_without_raising(tmp_path):
         ({"robustness__pgd_steps": 0}, "robustness.pgd_steps", "an integer >= 1"),
         ({"target__threads": 0}, "target.threads", "expected an integer >= 1, got 0"),
         ({"target__threads": 2.5}, "target.threads", "an integer"),
+        ({"target__channel_multiple": 0}, "target.channel_multiple", "expected an integer >= 1, got 0"),
         ({"target__runtime": "tflite"}, "target.runtime", "one of onnxruntime"),
         ({"target__graph_optimization": "max"}, "target.graph_optimization", "disable, basic, extended, all"),
         ({"target__execution_provider": "CPU"}, "target.execution_provider", "ExecutionProvider"),

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -50,6 +51,35 @@ def test_the_shipped_model_meets_the_budget_and_learned(job):
     t = json.loads((out / "train.json").read_text())
     assert t["macs"] <= 0.5 * t["dense_macs"]
     assert t["history"][-1]["val_clean"] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_the_shipped_model_keeps_the_profiles_channel_multiple(job):
+    """The lenient profile asks for multiples of 8: every pruned conv keeps 8, 16, 24 ... channels (or all)."""
+    from rcomp.models import create_model
+    from rcomp.surgery import load_pruned
+
+    out, _, _ = job
+    assert json.loads((out / "train.json").read_text())["recipe"]["channel_multiple"] == 8
+    pruned = [m.out_channels for m in load_pruned(out / "model.pt")[0].modules() if isinstance(m, torch.nn.Conv2d)]
+    dense = [m.out_channels for m in create_model("tiny_cnn", 10, 1).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert pruned != dense
+    assert all(p % 8 == 0 or p == d for p, d in zip(pruned, dense)), pruned
+
+
+@pytest.mark.parametrize("opts, regularity, expected", [
+    ({}, None, 8),                            # the profile's
+    ({"channel_multiple": 1}, None, 1),       # the command line wins
+    ({}, "weight", 1),                        # weight masks have no widths to round
+])
+def test_the_profiles_channel_multiple_reaches_the_recipe(opts, regularity, expected):
+    from rcomp.config import load_profile
+    from rcomp.pipeline import build_job
+
+    values = {"model_name": "tiny_cnn", "data_spec": "synthetic:64", "target_ops": 0.5, **opts}
+    if regularity:
+        values["regularity"] = regularity
+    job = build_job(values, profile=load_profile(LENIENT), out="unused", method=None)
+    assert job.train.channel_multiple == expected
 
 
 def test_check_gate_exit_codes(job, tmp_path):

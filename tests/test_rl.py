@@ -18,8 +18,9 @@ from rcomp.rl import (DDPGAgent, RLConfig, build_env, kl_divergence, recalibrate
 LENIENT = Path(__file__).resolve().parent / "data" / "profiles" / "test-lenient.yaml"
 
 
-def _config(target_ops, min_keep=0.2, target_params=None):
-    return SimpleNamespace(min_keep=min_keep, target_ops=target_ops, target_params=target_params, mops=None, params=None)
+def _config(target_ops, min_keep=0.2, target_params=None, channel_multiple=1):
+    return SimpleNamespace(min_keep=min_keep, target_ops=target_ops, target_params=target_params, mops=None, params=None,
+                           channel_multiple=channel_multiple)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,24 @@ def test_clipping_keeps_the_ops_target_reachable_for_any_actions(resnet20, targe
             if removed > wanted:  # raised: one channel less would have made the target unreachable
                 assert not env.fits(committed[:-1] + [committed[-1] + 1] + env.min_keeps()[t + 1:])
         assert env.values(committed)["ops"] <= target * env.cost.dense_ops + 1e-6
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
+def test_clipping_to_channel_multiples_keeps_allowed_widths_and_the_target(resnet20, target):
+    """With ``channel_multiple`` 8 every executed width is a multiple of 8 (or the whole group), the
+    budget stays reachable, and a raised action is raised only as far as the next allowed width."""
+    env = build_env(resnet20, _config(target, channel_multiple=8), torch.rand(1, 3, 32, 32))
+    rng = random.Random(7)
+    for trial in range(6):
+        committed = []
+        for t, spec in enumerate(env.specs):
+            removed, _ = env.clip(t, committed, rng.random() if trial % 3 else float(trial % 2))
+            width = spec.size - removed
+            assert width in env.widths[t] and (width % 8 == 0 or width == spec.size)
+            committed.append(width)
+            assert env.fits(committed + env.min_keeps()[t + 1:])
+        assert env.values(committed)["ops"] <= target * env.cost.dense_ops + 1e-6
+    assert [s.min_keep for s in env.specs] == [w[0] for w in env.widths]
 
 
 def test_clipping_holds_every_budget_and_groups_walk_in_network_order(resnet20):

@@ -651,80 +651,13 @@ class BudgetController:
         }
 
     def _project_channel(self) -> dict:
-        cost = self.cost
-        masks = cost.masked.masks
-        limits = self._limits()
-        units, coefs = cost._linear_structure()
-        offsets = cost._unit_offsets
-        group_of = []
-        for gi in range(len(masks)):
-            group_of += [gi] * (offsets[gi + 1] - offsets[gi])
-        scores = torch.cat([s.reshape(-1) for s in masks.scores()]).double().tolist()
-        with torch.no_grad():
-            u = cost._unit_vector()
-            out_t, in_t = cost._active(u)
-        state = [bool(x) for x in u.tolist()]
-        initial = list(state)
-        out, inn = out_t.tolist(), in_t.tolist()
-        value = {m: 0.0 for m in METRICS}
-        for m in METRICS:
-            a, b = coefs[m]
-            value[m] = sum(a[i] * out[i] * inn[i] + b[i] * out[i] for i in range(len(out)))
-        value["params"] += cost._const_params
-        on_count = [0] * len(masks)
-        for k, s in enumerate(state):
-            on_count[group_of[k]] += int(s)
-
-        def delta(k: int, sign: float) -> dict[str, float]:
-            d = {}
-            for m in limits:
-                a, b = coefs[m]
-                t = 0.0
-                for li, ao, ai in units[k]:
-                    ao_s, ai_s = sign * ao, sign * ai
-                    t += a[li] * (ao_s * inn[li] + ai_s * out[li] + ao_s * ai_s) + b[li] * ao_s
-                d[m] = t
-            return d
-
-        def flip(k: int, sign: float, d: dict[str, float]) -> None:
-            for li, ao, ai in units[k]:
-                out[li] += sign * ao
-                inn[li] += sign * ai
-            for m, dv in d.items():
-                value[m] += dv
-            state[k] = sign > 0
-            on_count[group_of[k]] += 1 if sign > 0 else -1
-
-        def ok(extra: dict[str, float] | None = None) -> bool:
-            tol = 1e-6
-            return all(value[m] + (extra or {}).get(m, 0.0) <= lim + tol for m, lim in limits.items())
-
-        # phase 1: switch off the lowest-scoring units until every constraint holds
-        if not ok():
-            for k in sorted((k for k in range(len(state)) if state[k]), key=lambda k: scores[k]):
-                if on_count[group_of[k]] <= masks.min_channels(group_of[k]):
-                    continue
-                flip(k, -1.0, delta(k, -1.0))
-                if ok():
-                    break
-            if not ok():
-                raise RcompError(
-                    "budget cannot be met with the fewest channels every group keeps: minimum "
-                    + ", ".join(f"{m} {value[m]:,.0f} > limit {lim:,.0f}" for m, lim in limits.items() if value[m] > lim)
-                )
-        # phase 2: switch back on the highest-scoring off units that still fit
-        for k in sorted((k for k in range(len(state)) if not state[k]), key=lambda k: -scores[k]):
-            d = delta(k, 1.0)
-            if ok(d):
-                flip(k, 1.0, d)
-
-        for gi in range(len(masks)):
-            keep = torch.tensor(state[offsets[gi] : offsets[gi + 1]], dtype=torch.bool)
-            masks.set_hard(gi, keep)
-        return {
-            "on": sum(1 for a, b in zip(initial, state) if b and not a),
-            "off": sum(1 for a, b in zip(initial, state) if a and not b),
-        }
+        masks = self.cost.masked.masks
+        projection = _ChannelProjection(self.cost, self._limits())
+        projection.meet_limits()
+        projection.refill()
+        if masks.channel_multiple > 1:
+            projection.snap_to_multiples()
+        return projection.write_masks()
 
     def _project_weight(self) -> dict:
         cost = self.cost
@@ -763,3 +696,148 @@ class BudgetController:
             masks.set_hard(i, keep[start : start + n].view_as(masks.params[i]))
             start += n
         return {"on": int((keep & ~initial).sum()), "off": int((~keep & initial).sum())}
+
+
+class _ChannelProjection:
+    """The channel projection's state: which units are on, and the running cost of that network.
+
+    Flipping one unit updates every metric incrementally (exact: costs are bilinear in the active
+    in / out channels of each layer), so the greedy phases cost a few list operations per flip
+    instead of a forward pass through the cost model.
+    """
+
+    def __init__(self, cost: CostModel, limits: dict[str, float]):
+        self.masks = cost.masked.masks
+        self.limits = limits
+        self.units, self.coefs = cost._linear_structure()
+        self.offsets = cost._unit_offsets
+        self.group_of = []
+        for gi in range(len(self.masks)):
+            self.group_of += [gi] * (self.offsets[gi + 1] - self.offsets[gi])
+        self.scores = torch.cat([s.reshape(-1) for s in self.masks.scores()]).double().tolist()
+        with torch.no_grad():
+            u = cost._unit_vector()
+            out_t, in_t = cost._active(u)
+        self.state = [bool(x) for x in u.tolist()]
+        self.initial = list(self.state)
+        self.out, self.inn = out_t.tolist(), in_t.tolist()
+        self.value = {}
+        for m in METRICS:
+            a, b = self.coefs[m]
+            self.value[m] = sum(a[i] * self.out[i] * self.inn[i] + b[i] * self.out[i] for i in range(len(self.out)))
+        self.value["params"] += cost._const_params
+        self.on_count = [0] * len(self.masks)
+        for k, on in enumerate(self.state):
+            self.on_count[self.group_of[k]] += int(on)
+
+    def delta(self, k: int, sign: float) -> dict[str, float]:
+        d = {}
+        for m in self.limits:
+            a, b = self.coefs[m]
+            t = 0.0
+            for li, ao, ai in self.units[k]:
+                ao_s, ai_s = sign * ao, sign * ai
+                t += a[li] * (ao_s * self.inn[li] + ai_s * self.out[li] + ao_s * ai_s) + b[li] * ao_s
+            d[m] = t
+        return d
+
+    def flip(self, k: int, sign: float, d: dict[str, float] | None = None) -> None:
+        d = self.delta(k, sign) if d is None else d
+        for li, ao, ai in self.units[k]:
+            self.out[li] += sign * ao
+            self.inn[li] += sign * ai
+        for m, dv in d.items():
+            self.value[m] += dv
+        self.state[k] = sign > 0
+        self.on_count[self.group_of[k]] += 1 if sign > 0 else -1
+
+    def ok(self, extra: dict[str, float] | None = None) -> bool:
+        tol = 1e-6
+        return all(self.value[m] + (extra or {}).get(m, 0.0) <= lim + tol for m, lim in self.limits.items())
+
+    def _raise_over_budget(self, fewest: str) -> None:
+        raise RcompError(
+            f"budget cannot be met with the fewest channels every group keeps{fewest}: minimum "
+            + ", ".join(f"{m} {self.value[m]:,.0f} > limit {lim:,.0f}" for m, lim in self.limits.items()
+                        if self.value[m] > lim)
+        )
+
+    def meet_limits(self) -> None:
+        """Phase 1: switch off the lowest-scoring units until every constraint holds."""
+        if self.ok():
+            return
+        for k in sorted((k for k in range(len(self.state)) if self.state[k]), key=lambda k: self.scores[k]):
+            if self.on_count[self.group_of[k]] <= self.masks.min_channels(self.group_of[k]):
+                continue
+            self.flip(k, -1.0)
+            if self.ok():
+                return
+        self._raise_over_budget("")
+
+    def refill(self) -> None:
+        """Phase 2: switch back on the highest-scoring off units that still fit."""
+        for k in sorted((k for k in range(len(self.state)) if not self.state[k]), key=lambda k: -self.scores[k]):
+            d = self.delta(k, 1.0)
+            if self.ok(d):
+                self.flip(k, 1.0, d)
+
+    # ---------------------------------------------------------------- phase 3: channel multiples
+    def _ranked(self, gi: int) -> list[int]:
+        """Group ``gi``'s units, best score first: a group of width w keeps its w best channels."""
+        return sorted(range(self.offsets[gi], self.offsets[gi + 1]), key=lambda k: -self.scores[k])
+
+    def _set_width(self, gi: int, width: int) -> None:
+        for rank, k in enumerate(self._ranked(gi)):
+            if self.state[k] != (rank < width):
+                self.flip(k, 1.0 if rank < width else -1.0)
+
+    def _step_score(self, gi: int, lo: int, hi: int) -> float:
+        """Mean score of the channels between widths ``lo`` and ``hi``: what that step keeps or drops."""
+        ranked = self._ranked(gi)[lo:hi]
+        return sum(self.scores[k] for k in ranked) / len(ranked)
+
+    def snap_to_multiples(self) -> None:
+        """Phase 3: every group's width becomes one of ``masks.allowed_widths`` (multiples of
+        ``masks.channel_multiple``, or the full group), still within every limit.
+
+        Each group is rounded down to the nearest allowed width (up to its smallest, if below it);
+        while a limit is exceeded, the group whose last step holds the lowest mean score steps
+        down; then, as in phase 2, the best-scoring step up that still fits is taken until none
+        fits. Width steps replace single channels, so the result lands a step below the limit.
+        """
+        allowed = [self.masks.allowed_widths(gi) for gi in range(len(self.masks))]
+        level = []
+        for gi, widths in enumerate(allowed):
+            below = [i for i, w in enumerate(widths) if w <= self.on_count[gi]]
+            level.append(below[-1] if below else 0)
+            self._set_width(gi, widths[level[gi]])
+        while not self.ok():
+            down = [(self._step_score(gi, allowed[gi][lv - 1], allowed[gi][lv]), gi) for gi, lv in enumerate(level) if lv > 0]
+            if not down:
+                self._raise_over_budget(f" at widths in multiples of {self.masks.channel_multiple}")
+            gi = min(down)[1]
+            level[gi] -= 1
+            self._set_width(gi, allowed[gi][level[gi]])
+        blocked: set[int] = set()
+        while True:
+            up = [(-self._step_score(gi, allowed[gi][lv], allowed[gi][lv + 1]), gi)
+                  for gi, lv in enumerate(level) if lv + 1 < len(allowed[gi]) and gi not in blocked]
+            if not up:
+                return
+            gi = min(up)[1]
+            self._set_width(gi, allowed[gi][level[gi] + 1])
+            if self.ok():
+                level[gi] += 1
+            else:
+                self._set_width(gi, allowed[gi][level[gi]])
+                blocked.add(gi)
+
+    def write_masks(self) -> dict:
+        """Set the hard masks to the projected state; the counts of units switched on and off."""
+        for gi in range(len(self.masks)):
+            keep = torch.tensor(self.state[self.offsets[gi] : self.offsets[gi + 1]], dtype=torch.bool)
+            self.masks.set_hard(gi, keep)
+        return {
+            "on": sum(1 for a, b in zip(self.initial, self.state) if b and not a),
+            "off": sum(1 for a, b in zip(self.initial, self.state) if a and not b),
+        }

@@ -34,6 +34,8 @@ def _training_options(fn):
         click.option("--regularity", type=click.Choice(["channel", "weight", "none"]), default=None, help="Pruning regularity (none = dense)."),
         click.option("--target-ops", type=click.FloatRange(0, 1, min_open=True), default=None, help="Ops budget as a fraction of the dense model."),
         click.option("--target-params", type=click.FloatRange(0, 1, min_open=True), default=None, help="Params budget as a fraction of the dense model."),
+        click.option("--channel-multiple", type=click.IntRange(min=1), default=None,
+                     help="Pruned channel groups keep a multiple of N channels (or all) [1; the profile's target.channel_multiple]."),
         click.option("--recipe", type=click.Path(dir_okay=False), default=None, help="Training recipe YAML (keys of TrainConfig)."),
         click.option("--seed", type=int, default=None),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),

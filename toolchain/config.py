@@ -14,6 +14,7 @@ Schema (every key is checked; unknown keys are rejected with a "did you mean" hi
       threads: 4                      # required; intra-op threads, >= 1
       graph_optimization: all         # required; disable | basic | extended | all
       arch: "aarch64 Cortex-A78AE"    # optional free text
+      channel_multiple: 8             # optional, >= 1 (default 1); pruned widths are multiples of it
       notes: "..."                    # optional free text
     input_shape: [1, 3, 32, 32]       # required; [N, C, H, W] with N == 1 (batch-1 deployment)
     opset: 17                         # required; ONNX opset, 7..21
@@ -333,6 +334,7 @@ class Target:
     graph_optimization: str
     arch: str = ""
     notes: str = ""
+    channel_multiple: int = 1
 
 
 @dataclass(frozen=True)
@@ -420,6 +422,7 @@ PROFILE_SCHEMA: dict[str, Field | Section] = {
             "threads": Field(integer(ge=1), required=True),
             "graph_optimization": Field(text(choices=GRAPH_OPTIMIZATIONS), required=True),
             "arch": Field(text(), default=""),
+            "channel_multiple": Field(integer(ge=1), default=1),
             "notes": Field(text(), default=""),
         },
         required=True,

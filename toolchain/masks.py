@@ -198,6 +198,18 @@ class ChannelMasks(MaskSet):
         """How many channels group ``i`` keeps at least: never fewer than one, so no layer is emptied."""
         return max(1, math.ceil(self.min_keep_fraction * self.groups[i].size))
 
+    #: Widths the final projection may give a group: multiples of this (or the whole group).
+    #: onnxruntime's CPU convolutions run blocked kernels on channel counts in multiples of 8 and a
+    #: slower path on the rest (``bench/latency.py``), so a profile can ask for them.
+    channel_multiple: int = 1
+
+    def allowed_widths(self, i: int) -> list[int]:
+        """The widths group ``i`` may be projected to, ascending: multiples of
+        :attr:`channel_multiple` from :meth:`min_channels` up, and the full group."""
+        size, step, least = self.groups[i].size, self.channel_multiple, self.min_channels(i)
+        widths = [w for w in range(step, size + 1, step) if w >= least]
+        return widths if widths and widths[-1] == size else widths + [size]
+
     def binary(self, i: int) -> torch.Tensor:
         """Group ``i``'s 0/1 mask; when fewer than :meth:`min_channels` are on, the best-scoring ones stay on."""
         mb = super().binary(i)

@@ -117,6 +117,7 @@ def load_recipe(path: str) -> dict:
 
 _CLI_TO_CONFIG = (
     "epochs", "batch_size", "lr_max", "schedule", "attack", "attack_labels", "regularity", "target_ops", "target_params",
+    "channel_multiple",
     "seed",
 )
 
@@ -139,6 +140,7 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
     if values.get("regularity") == "none":
         values["regularity"] = None
     _merge_profile_budget(values, profile)
+    _merge_profile_channel_multiple(values, profile)
     has_budget = any(values.get(k) is not None for k in ("target_ops", "target_params", "mops", "params"))
     method = method or ("intrain" if has_budget else "dense")
     _check_method(method, values, has_budget)
@@ -182,6 +184,12 @@ def _merge_profile_budget(values: dict, profile) -> None:
         values["mops"] = b.mops
     if b.params is not None:
         values["params"] = b.params
+
+
+def _merge_profile_channel_multiple(values: dict, profile) -> None:
+    """The target's preferred channel multiple, unless the CLI or the recipe set one (weight masks have no widths)."""
+    if profile is not None and profile.target.channel_multiple > 1 and values.get("regularity") != "weight":
+        values.setdefault("channel_multiple", profile.target.channel_multiple)
 
 
 def _check_method(method: str, values: dict, has_budget: bool) -> None:

@@ -82,6 +82,7 @@ def budgeted_masks(model: nn.Module, config, example_input: torch.Tensor, source
     """
     masked = attach_masks(model, "channel", example_input)
     masked.masks.min_keep_fraction = config.min_keep
+    masked.masks.channel_multiple = config.channel_multiple
     cost = CostModel.build(masked, example_input)
     constraints = constraints_from_targets(cost, target_ops=config.target_ops, target_params=config.target_params,
                                            mops=config.mops, params=config.params, source=source)

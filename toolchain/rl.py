@@ -7,8 +7,9 @@ reward is made robustness-aware with a KL score, and the chosen network is FastA
 1. **Dense.** FastAT-train the dense model (the same epoch split as ``rcomp.posttrain``).
 2. **Search.** A DDPG agent walks the prunable channel groups (``ChannelMasks.groups``, in network
    order) one by one. State = AMC's layer embedding (:data:`STATE_FEATURES`), each feature in
-   [0, 1]. Action = the group's pruning ratio in [0, 1 - min_keep]; the group's lowest
-   group-magnitude channels (``rcomp.posttrain.magnitude_scores``) are switched off with
+   [0, 1]. Action = the group's pruning ratio in [0, 1 - min_keep], rounded to the nearest width
+   the masks allow (``ChannelMasks.allowed_widths``: every width, or multiples of the config's
+   ``channel_multiple``); the group's lowest group-magnitude channels (``rcomp.posttrain.magnitude_scores``) are switched off with
    ``masks.set_hard`` — no surgery during the search. AMC's resource-constrained rule raises each
    action to the least pruning that keeps every budget reachable when all later groups prune as
    much as they may (:meth:`PruningEnv.clip`), so *every* episode meets the target, exactly as
@@ -214,6 +215,7 @@ class PruningEnv:
         self.masked, self.cost, self.constraints = masked, cost, list(constraints)
         self.max_ratio = float(max_ratio)
         self.specs = _group_specs(masked)
+        self.widths = [masked.masks.allowed_widths(s.index) for s in self.specs]
         self.ranks = [torch.argsort(scores[s.index], descending=True, stable=True) for s in self.specs]
         self.group_ops = [self._prunable_ops(t) for t in range(len(self))]
         self.static = _minmax_columns(torch.tensor(
@@ -276,19 +278,21 @@ class PruningEnv:
 
         if fits(spec.size):
             return 0
-        lo, hi = spec.min_keep, spec.size
-        if not fits(lo):
+        widths = self.widths[t]
+        lo, hi = 0, len(widths) - 1  # indices into the allowed widths: lo fits, hi does not
+        if not fits(widths[lo]):
             raise RcompError(f"budget unreachable at group {spec.name}: earlier groups kept too many channels")
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return spec.size - lo
+            lo, hi = (mid, hi) if fits(widths[mid]) else (lo, mid)
+        return spec.size - widths[lo]
 
     def clip(self, t: int, committed: list[int], action: float) -> tuple[int, float]:
         """(channels removed, executed action in [0, 1]) for the agent's normalised ``action``."""
         spec = self.specs[t]
         wanted = round(min(max(float(action), 0.0), 1.0) * self.max_ratio * spec.size)
-        removed = min(max(wanted, self.required_pruning(t, committed)), spec.size - spec.min_keep)
+        keep = min(self.widths[t], key=lambda w: (abs(w - (spec.size - wanted)), w))  # nearest allowed width
+        removed = min(max(spec.size - keep, self.required_pruning(t, committed)), spec.size - spec.min_keep)
         return removed, self.normalised(t, removed)
 
     def normalised(self, t: int, removed: int) -> float:
@@ -316,7 +320,7 @@ def _group_specs(masked) -> list[GroupSpec]:
     for i, group in enumerate(masks.groups):
         root = lookup[group.name]
         conv = isinstance(root, nn.Conv2d)
-        specs.append(GroupSpec(i, group.name, group.size, masks.min_channels(i),
+        specs.append(GroupSpec(i, group.name, group.size, masks.allowed_widths(i)[0],
                                root.in_channels if conv else root.in_features,
                                root.stride[0] if conv else 1, root.kernel_size[0] if conv else 1))
     return sorted(specs, key=lambda s: position[s.name])

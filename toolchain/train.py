@@ -99,6 +99,7 @@ class TrainConfig:
     mask_momentum: float | None = None  # None: the weights' momentum
     max_switch_off: float = 0.002  # fraction of mask units that may switch off per step (at least 1)
     min_keep: float = 0.2          # fraction of every channel group that stays (torch-pruning's 1 - max_pruning_ratio)
+    channel_multiple: int = 1      # projected group widths are multiples of this (or the whole group)
     cost_exponent: float = 0.5     # budget gradient of a unit scaled by (its cost / mean cost) ** -cost_exponent
     mask_start: float = 0.0        # fraction of the steps trained dense before the masks and the budget start
     mask_init: str = "constant"    # constant | magnitude: masks set from group magnitude when they start
@@ -136,6 +137,10 @@ class TrainConfig:
             raise ConfigError(f"peak_fraction must be in (0, 1), got {self.peak_fraction}", key="peak_fraction")
         if self.mask_init not in MASK_INITS:
             raise ConfigError(f"unknown mask_init {self.mask_init!r}; expected {' or '.join(MASK_INITS)}", key="mask_init")
+        if self.channel_multiple < 1:
+            raise ConfigError(f"channel_multiple must be at least 1, got {self.channel_multiple}", key="channel_multiple")
+        if self.channel_multiple > 1 and self.regularity == "weight":
+            raise ConfigError("channel_multiple rounds channel widths; weight masks have none", key="channel_multiple")
         if self.lr_restart and not self.has_budget:
             raise ConfigError("lr_restart restarts the learning rate at the mask freeze, which needs a budget",
                               key="lr_restart")
@@ -353,6 +358,7 @@ class _Trainer:
         self.cost, self.controller = self._budget()
         if self.masks is not None and self.masks.regularity == "channel":
             self.masks.min_keep_fraction = config.min_keep
+            self.masks.channel_multiple = config.channel_multiple
         self.budget_scale = self._budget_gradient_scale()
         self.optimizer = self._optimizer()
         self.guard = CatastrophicOverfittingGuard(config.co_drop)
