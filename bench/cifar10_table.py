@@ -62,6 +62,7 @@ RUNS = {
     "r20-intrain-0.7": ("resnet20", "intrain", 0.7),
     "r20-intrain-0.5": ("resnet20", "intrain", 0.5),
     "r20-intrain-0.3": ("resnet20", "intrain", 0.3),
+    "r20-intrain-0.5-x8": ("resnet20", "intrain", 0.5),
     "r20-posttrain-0.5": ("resnet20", "posttrain", 0.5),
     "r20-posttrain-0.3": ("resnet20", "posttrain", 0.3),
     "r20-rl-0.7": ("resnet20", "rl", 0.7),
@@ -72,6 +73,11 @@ RUNS = {
     "r56-posttrain-0.3": ("resnet56", "posttrain", 0.3),
     "vgg16-intrain-0.3": ("vgg16", "intrain", 0.3),
 }
+
+# rcomp train options of a variant row: its name's base run with one thing changed. ×8: every
+# channel group keeps a multiple of 8 channels (or all), the widths onnxruntime's blocked CPU
+# convolutions need (bench/latency.py); the pair with r20-intrain-0.5 prices that in accuracy.
+VARIANT_OPTIONS = {"r20-intrain-0.5-x8": ["--channel-multiple", "8"]}
 
 POSTER = {  # clean / PGD from the poster (Fast AT + In-train, Fast AT + RLPrune), for the README
     "r20-dense": (81.52, 40.65), "r20-intrain-0.7": (80.63, 39.27), "r20-intrain-0.5": (80.32, 40.14),
@@ -117,6 +123,7 @@ def train_command(name: str, args) -> list[str]:
         cmd += ["--recipe", str(INTRAIN_RECIPE.relative_to(REPO))]
     if method == "rl" and args.rl_episodes is not None:
         cmd += ["--rl-episodes", str(args.rl_episodes)]
+    cmd += VARIANT_OPTIONS.get(name, [])
     if partial_dir(name).exists():
         cmd.append("--resume")
     return cmd
@@ -365,6 +372,7 @@ def collect(names: list[str], args) -> dict:
             "val_n": ev["pgd10"]["n"], "ops_ratio": t["macs"] / t["dense_macs"], "params_ratio": t["params"] / t["dense_params"],
             "macs": t["macs"], "params": t["params"], "wall_seconds": method_seconds(t),
             "co_events": t["co_events"], "recipe": t["recipe"],
+            "channel_multiple": t["recipe"].get("channel_multiple", 1),
             # in-train only: the history of a post-train method is its fine-tuning, already pruned
             "ops_ratio_per_epoch": [h["ops_ratio"] for h in t["history"]] if method == "intrain" else None,
             "projection_units_changed": (t.get("projection") or {}).get("units_changed"), "phase_seconds": t.get("phase_seconds") or None,

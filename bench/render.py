@@ -50,7 +50,7 @@ def cifar10_table(doc: dict) -> str:
         lat = r.get("latency_ratio_p50")
         ref = poster.get(name)
         rows.append(
-            f"| {name} | {r['method']} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
+            f"| {name} | {_method(r)} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
             f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}{_worst(r)}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
             f"{r['wall_seconds'] / 60:.0f} min | {_cost(r)} | {_search(r)} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {_poster(ref)} |"
@@ -60,7 +60,7 @@ def cifar10_table(doc: dict) -> str:
 
 def methods_side_by_side(doc: dict, model: str = "resnet20") -> str:
     """One line per ops target: every method's clean / PGD-10 and cost, next to the poster's."""
-    runs = [r for r in doc["runs"].values() if r["model"] == model]
+    runs = [r for r in doc["runs"].values() if r["model"] == model and not _variant(r)]
     poster = doc.get("poster", {})
     prefix = model.replace("resnet", "r")
     targets = sorted({r["target_ops"] for r in runs if r["target_ops"]}, reverse=True)
@@ -84,6 +84,15 @@ def methods_side_by_side(doc: dict, model: str = "resnet20") -> str:
     return "\n".join(lines)
 
 
+def _variant(r: dict) -> bool:
+    """A row that changes its method's projection (channel widths in multiples of N): not the method's own row."""
+    return (r.get("channel_multiple") or 1) > 1
+
+
+def _method(r: dict) -> str:
+    return f"{r['method']}, widths ×{r['channel_multiple']}" if _variant(r) else r["method"]
+
+
 def _poster(ref) -> str:
     return "–" if ref is None else f"{ref[0]:.2f} / {ref[1]:.2f}"
 
@@ -94,7 +103,7 @@ def _in_table_order(runs: dict) -> list[tuple[str, dict]]:
     def key(item):
         r = item[1]
         rank = methods.index(r["method"]) if r["method"] in methods else len(methods)
-        return (r["model"] != "resnet20", r["model"], rank, -(r["target_ops"] or 1.0))
+        return (r["model"] != "resnet20", r["model"], rank, -(r["target_ops"] or 1.0), _variant(r))
     return sorted(runs.items(), key=key)
 
 
@@ -124,9 +133,12 @@ def plot_cifar10(doc: dict, out: Path) -> bool:
     for ax, key, title in ((axes[0], "clean", "clean accuracy"), (axes[1], "pgd10", "PGD-10 accuracy")):
         for method, marker in (("dense", "*"), ("intrain", "o"), ("posttrain", "s"), ("rl", "^")):
             pts = sorted((r["ops_ratio"], 100 * r[key]) for r in doc["runs"].values()
-                         if r["method"] == method and r["model"] == "resnet20")
+                         if r["method"] == method and r["model"] == "resnet20" and not _variant(r))
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=f"rcomp {method}")
+        variants = [r for r in doc["runs"].values() if r["model"] == "resnet20" and _variant(r)]
+        for r in variants:
+            ax.plot(r["ops_ratio"], 100 * r[key], marker="D", linestyle="none", label=f"rcomp {_method(r)}")
         poster = doc.get("poster", {})
         for prefix, marker, label in (("r20-intrain", "x", "poster in-train"), ("r20-rl", "+", "poster RL post-train")):
             pts = sorted((float(n.rsplit("-", 1)[1]), v[0 if key == "clean" else 1]) for n, v in poster.items() if n.startswith(prefix))

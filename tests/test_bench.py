@@ -163,3 +163,25 @@ def test_dense_phases_trained_from_other_attack_labels_are_not_shared(table):
     assert table._phase_key("r20-posttrain-0.3", SimpleNamespace(**vars(ARGS), attack_labels="true")) == true_labels
     predicted = table._phase_key("r20-rl-0.5", SimpleNamespace(**vars(ARGS), attack_labels="predicted"))
     assert predicted == true_labels + "-labels-predicted"
+
+
+def test_a_width_variant_trains_with_its_option_and_renders_beside_its_base_row(table, monkeypatch):
+    """r20-intrain-0.5-x8 is r20-intrain-0.5 with --channel-multiple 8; the table names it, the method summary skips it."""
+    args = SimpleNamespace(**vars(ARGS), data="imagefolder:x", attack_labels=None, rl_episodes=None)
+    base, variant = table.train_command("r20-intrain-0.5", args), table.train_command("r20-intrain-0.5-x8", args)
+    assert "--channel-multiple" not in base
+    assert variant[variant.index("--channel-multiple") + 1] == "8"
+    assert [a for a in variant if a not in ("--channel-multiple", "8")] == [a.replace("r20-intrain-0.5", "r20-intrain-0.5-x8") for a in base]
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("render_under_test", BENCH / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    row = dict(model="resnet20", method="intrain", target_ops=0.5, epochs=6, clean=0.66, pgd10=0.27, pgd50=0.28,
+               pgd50_n=500, ops_ratio=0.5, params_ratio=0.6, wall_seconds=600.0)
+    doc = {"runs": {"r20-intrain-0.5-x8": dict(row, clean=0.65, channel_multiple=8), "r20-intrain-0.5": row}}
+    lines = render.cifar10_table(doc).splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in lines] == [["| r20-intrain-0.5", "intrain"],
+                                                         ["| r20-intrain-0.5-x8", "intrain, widths ×8"]]
+    summary = render.methods_side_by_side(doc)
+    assert "66.00 / 27.00" in summary and "65.00" not in summary
