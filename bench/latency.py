@@ -29,35 +29,27 @@ sys.path.insert(0, str(HERE))
 from cifar10_table import commit, machine  # noqa: E402
 from render import replace_section  # noqa: E402
 
-from rcomp.budget import BudgetController, CostModel, constraints_from_targets  # noqa: E402
 from rcomp.count import count_model  # noqa: E402
 from rcomp.export.onnx_export import export_onnx  # noqa: E402
 from rcomp.export.runtime import compare_latency, make_session  # noqa: E402
-from rcomp.masks import attach_masks  # noqa: E402
 from rcomp.models import create_model  # noqa: E402
-from rcomp.posttrain import magnitude_scores  # noqa: E402
+from rcomp.posttrain import prune_by_magnitude  # noqa: E402
 from rcomp.reports import write_json_atomic  # noqa: E402
-from rcomp.surgery import load_pruned, remove_channels  # noqa: E402
+from rcomp.surgery import load_pruned  # noqa: E402
+from rcomp.train import TrainConfig  # noqa: E402
 
 SHAPE = (1, 3, 32, 32)
 RESULTS = HERE / "results" / "latency.json"
 
 
 def pruned_resnet20(target: float | None, channel_multiple: int = 1) -> torch.nn.Module:
+    """ResNet20 (seeded random weights) magnitude-pruned to ``target`` of the ops: ``--method posttrain``'s prune step."""
     torch.manual_seed(0)
     model = create_model("resnet20").eval()
     if target is None:
         return model
-    x = torch.rand(SHAPE)
-    masked = attach_masks(model, "channel", x)
-    masked.masks.min_keep_fraction = 0.2
-    masked.masks.channel_multiple = channel_multiple
-    cost = CostModel.build(masked, x)
-    for i, s in enumerate(magnitude_scores(model, masked.masks, x)):
-        with torch.no_grad():
-            masked.masks.params[i].copy_(s.clamp_min(1e-6))
-    BudgetController(cost, constraints_from_targets(cost, target_ops=target)).project()
-    return remove_channels(masked, x).model.eval()
+    config = TrainConfig(target_ops=target, channel_multiple=channel_multiple)
+    return prune_by_magnitude(model, config, torch.rand(SHAPE))[0].model.eval()
 
 
 def models_to_measure() -> dict[str, torch.nn.Module]:
