@@ -409,10 +409,13 @@ def add_cost_ratios(rows: dict) -> None:
     dense FastAT epoch of *this* collection: the dense row's epochs if it is here, else the shared
     dense phase of the post-train runs (the same recipe, trained alongside the in-train runs). A
     collection should hold rows trained side by side; when it cannot, say so with ``--note`` (each
-    row's ``trained_by`` says when it trained).
+    row's ``trained_by`` says when it trained). A dense phase a row took over from an earlier sweep
+    (``dense_phase_shared``) carries that sweep's epoch times, so it is no reference: without a dense
+    epoch timed in this collection the rows get no ratio rather than one against another load.
     """
     dense = [r["epoch_seconds"] for r in rows.values() if r["method"] == "dense"]
-    phase = [r["dense_phase_epoch_seconds"] for r in rows.values() if r.get("dense_phase_epoch_seconds")]
+    phase = [r["dense_phase_epoch_seconds"] for r in rows.values()
+             if r.get("dense_phase_epoch_seconds") and not r.get("dense_phase_shared")]
     epochs = dense[0] if dense else (phase[0] if phase else None)
     if not epochs:
         return

@@ -102,6 +102,21 @@ def test_cost_ratio_uses_a_dense_epoch_of_the_same_sweep(table):
     assert "dense row" in rows["r20-intrain-0.3"]["cost_reference"]
 
 
+def test_a_dense_phase_taken_over_from_another_sweep_is_no_cost_reference(table):
+    """Its epoch times were measured under another sweep's load: no ratio beats a wrong one."""
+    rows = {
+        "r20-intrain-0.5-x8": {"method": "intrain", "epochs": 6, "wall_seconds": 540.0 * 6, "epoch_seconds": [540.0] * 6},
+        "r20-rl-0.5": {"method": "rl", "epochs": 6, "wall_seconds": 4000.0, "epoch_seconds": [350.0] * 2,
+                       "dense_phase_epoch_seconds": [635.0] * 4, "dense_phase_shared": True},
+    }
+    table.add_cost_ratios(rows)
+    assert all("cost_vs_dense" not in r for r in rows.values())
+    rows["r20-posttrain-0.5"] = {"method": "posttrain", "epochs": 6, "wall_seconds": 3000.0, "epoch_seconds": [300.0] * 2,
+                                 "dense_phase_epoch_seconds": [600.0] * 4, "dense_phase_shared": None}
+    table.add_cost_ratios(rows)  # a sibling that trained its dense phase in this sweep is one
+    assert rows["r20-intrain-0.5-x8"]["cost_vs_dense"] == pytest.approx(0.9)
+
+
 @pytest.fixture
 def ablation(tmp_path, monkeypatch):
     """bench/intrain_ablation.py with its run folder moved into tmp_path."""
