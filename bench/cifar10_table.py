@@ -302,7 +302,7 @@ def evaluate_one(name: str, args) -> dict | None:
         out.unlink()  # PGD-50 of an older rcomp eval ran on the first images of the split (one class)
         Path(str(out) + ".pgd50").unlink(missing_ok=True)
     if not out.exists():
-        base = [sys.executable, "-m", "rcomp", "eval", str(ckpt), "--data", args.data, "--split", "val"]
+        base = [sys.executable, "-m", "rcomp", "eval", str(ckpt), "--data", args.data, "--split", "val", "--no-progress"]
         with open(RUNS_DIR / f"{name}.log", "a") as log:
             if not Path(str(out) + ".pgd10").exists():
                 subprocess.check_call(base + ["--json", str(out) + ".pgd10"], env=_env(args.threads), cwd=REPO,

@@ -152,7 +152,7 @@ def run(name: str, data: str) -> None:
     if (folder / "model.pt").exists() and not out.exists():
         with open(log, "a") as fh:
             subprocess.check_call([sys.executable, "-m", "rcomp", "eval", str(folder / "model.pt"), "--data", data,
-                                   "--split", "val", "--json", str(out)], stdout=fh, stderr=subprocess.STDOUT,
+                                   "--split", "val", "--json", str(out), "--no-progress"], stdout=fh, stderr=subprocess.STDOUT,
                                   env=_env(1), cwd=REPO)
 
 

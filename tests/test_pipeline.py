@@ -121,6 +121,15 @@ def test_eval_reevaluates_a_saved_model_on_any_split(job, tmp_path):
     assert acc["clean"] >= acc["pgd-3"]
 
 
+def test_eval_no_progress_keeps_bars_out_of_logs(job, tmp_path):
+    out, _, _ = job
+    args = ["eval", str(out / "model.pt"), "--data", "digits", "--split", "val", "--n", "8", "--pgd-steps", "1"]
+    with_bars, quiet = CliRunner().invoke(cli, args), CliRunner().invoke(cli, args + ["--no-progress"])
+    assert with_bars.exit_code == quiet.exit_code == 0, quiet.output
+    assert "eval val" in with_bars.stderr and "eval val" not in quiet.stderr
+    assert quiet.stdout == with_bars.stdout  # the same table either way
+
+
 def test_eval_worst_case_counts_an_image_only_if_every_attack_failed_on_it(job, tmp_path, monkeypatch):
     """Two fake attacks that fool different images: the worst case is their per-image AND, not the lower figure."""
     import torch

@@ -232,7 +232,9 @@ def check(onnx_path, profile_ref, attack_set, square_queries, square_n, dense_on
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, batch_size, device, json_out):
+@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, batch_size, device, json_out,
+             no_progress):
     """Clean and PGD accuracy of a saved model on any split of any dataset.
 
     \b
@@ -243,7 +245,8 @@ def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size,
     """
     from rcomp.pipeline import eval_command
 
-    click.echo(eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, batch_size, device, json_out))
+    click.echo(eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, batch_size, device, json_out,
+                            progress=not no_progress))
 
 
 @cli.group()

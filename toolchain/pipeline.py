@@ -664,7 +664,7 @@ WORST_CASE = "worst-case"
 
 
 def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity,
-                 batch_size, device, json_out) -> str:
+                 batch_size, device, json_out, progress: bool = True) -> str:
     import torch
 
     from rcomp.attacks import pgd
@@ -676,7 +676,7 @@ def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_s
     model, meta = load_pruned(checkpoint)
     dev = _device(device)
     model = model.to(dev).eval()
-    bundle = load_data(data_spec, tuple(meta["input_shape"]), progress=True, splits=[split])
+    bundle = load_data(data_spec, tuple(meta["input_shape"]), progress=progress, splits=[split])
     full = bundle.split(split)
     dataset = eval_subset(full, limit)
     n = len(dataset)
@@ -686,7 +686,7 @@ def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_s
     counts = dict.fromkeys(["clean", *attacks, WORST_CASE], 0)
     from tqdm import tqdm
 
-    for start in tqdm(range(0, n, batch_size), desc=f"eval {split}", unit="batch"):
+    for start in tqdm(range(0, n, batch_size), desc=f"eval {split}", unit="batch", disable=not progress):
         idx = range(start, min(start + batch_size, n))
         x = torch.stack([dataset[i][0] for i in idx]).to(dev)
         y = torch.tensor([dataset[i][1] for i in idx]).to(dev)
