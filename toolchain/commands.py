@@ -243,10 +243,10 @@ def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size,
       rcomp eval runs/r20/model.pt --data imagefolder:/data/cifar10-test --split test --pgd50 --restarts 5
       rcomp eval runs/r20/model.pt --data digits --sanity
     """
-    from rcomp.pipeline import eval_command
+    from rcomp.pipeline import EvalRequest, eval_command
 
-    click.echo(eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, batch_size, device, json_out,
-                            progress=not no_progress))
+    click.echo(eval_command(EvalRequest(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50,
+                                        sanity, batch_size, device, json_out, progress=not no_progress)))
 
 
 @cli.group()

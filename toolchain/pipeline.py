@@ -663,48 +663,82 @@ def eval_subset(dataset, limit: int | None):
 WORST_CASE = "worst-case"
 
 
-def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity,
-                 batch_size, device, json_out, progress: bool = True) -> str:
+@dataclass
+class EvalRequest:
+    """What ``rcomp eval`` measures: one saved model, one split, PGD-``pgd_steps`` and optionally PGD-50."""
+
+    checkpoint: str
+    data_spec: str = "digits"
+    split: str = "val"
+    limit: int | None = None          # a fixed random subset of this many images (see eval_subset)
+    eps: str = "8/255"
+    pgd_steps: int = 10
+    pgd_step_size: str = "2/255"
+    restarts: int = 1                 # of the PGD-50 attack
+    pgd50: bool = False
+    sanity: bool = False
+    batch_size: int = 256
+    device: str = "cpu"
+    json_out: str | None = None
+    progress: bool = True
+
+    def attacks(self) -> dict[str, dict]:
+        attacks = {f"pgd-{self.pgd_steps}": dict(steps=self.pgd_steps, restarts=1)}
+        if self.pgd50:
+            attacks[f"pgd-50x{self.restarts}"] = dict(steps=50, restarts=self.restarts)
+        return attacks
+
+
+def count_correct(model, dataset, attacks: dict[str, dict], eps: float, alpha: float, batch_size: int, device,
+                  progress: bool = True, desc: str = "eval") -> dict[str, int]:
+    """Images classified correctly clean, under each attack, and under all of them at once (WORST_CASE)."""
     import torch
-
-    from rcomp.attacks import pgd
-    from rcomp.data import load_data
-    from rcomp.reports import render_table, write_json_atomic
-    from rcomp.surgery import load_pruned
-
-    eps_v, step_v = parse_eps(eps), parse_eps(pgd_step_size, "--pgd-step-size")
-    model, meta = load_pruned(checkpoint)
-    dev = _device(device)
-    model = model.to(dev).eval()
-    bundle = load_data(data_spec, tuple(meta["input_shape"]), progress=progress, splits=[split])
-    full = bundle.split(split)
-    dataset = eval_subset(full, limit)
-    n = len(dataset)
-    attacks = {f"pgd-{pgd_steps}": dict(steps=pgd_steps, restarts=1)}
-    if pgd50:
-        attacks[f"pgd-50x{restarts}"] = dict(steps=50, restarts=restarts)
-    counts = dict.fromkeys(["clean", *attacks, WORST_CASE], 0)
     from tqdm import tqdm
 
-    for start in tqdm(range(0, n, batch_size), desc=f"eval {split}", unit="batch", disable=not progress):
+    from rcomp.attacks import pgd
+
+    n = len(dataset)
+    counts = dict.fromkeys(["clean", *attacks, WORST_CASE], 0)
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         idx = range(start, min(start + batch_size, n))
-        x = torch.stack([dataset[i][0] for i in idx]).to(dev)
-        y = torch.tensor([dataset[i][1] for i in idx]).to(dev)
+        x = torch.stack([dataset[i][0] for i in idx]).to(device)
+        y = torch.tensor([dataset[i][1] for i in idx]).to(device)
         with torch.no_grad():
             correct = {"clean": model(x).argmax(1) == y}
         for name, kw in attacks.items():
-            x_adv = pgd(model, x, y, eps=eps_v, alpha=step_v, **kw)
+            x_adv = pgd(model, x, y, eps=eps, alpha=alpha, **kw)
             with torch.no_grad():
                 correct[name] = model(x_adv).argmax(1) == y
         correct[WORST_CASE] = torch.stack(list(correct.values())).all(0)
         for name, hits in correct.items():
             counts[name] += int(hits.sum())
-    result = {"checkpoint": checkpoint, "data": data_spec, "split": split, "n": n, "eps": eps_v,
+    return counts
+
+
+def eval_command(req: EvalRequest) -> str:
+    """Evaluate ``req.checkpoint``; the table as text, the figures also as JSON when ``req.json_out`` is set."""
+    import torch
+
+    from rcomp.data import load_data
+    from rcomp.reports import render_table, write_json_atomic
+    from rcomp.surgery import load_pruned
+
+    eps_v, step_v = parse_eps(req.eps), parse_eps(req.pgd_step_size, "--pgd-step-size")
+    model, meta = load_pruned(req.checkpoint)
+    dev = _device(req.device)
+    model = model.to(dev).eval()
+    bundle = load_data(req.data_spec, tuple(meta["input_shape"]), progress=req.progress, splits=[req.split])
+    full = bundle.split(req.split)
+    dataset = eval_subset(full, req.limit)
+    n = len(dataset)
+    counts = count_correct(model, dataset, req.attacks(), eps_v, step_v, req.batch_size, dev, req.progress,
+                           desc=f"eval {req.split}")
+    result = {"checkpoint": req.checkpoint, "data": req.data_spec, "split": req.split, "n": n, "eps": eps_v,
               "subset": None if dataset is full else {"n": n, "of": len(full), "seed": EVAL_SUBSET_SEED},
               "accuracy": {k: v / n for k, v in counts.items()}}
     rows = [[k, f"{v / n:.2%}", f"{v}/{n}"] for k, v in counts.items()]
     text = render_table(rows, ["attack", "accuracy", "correct"])
-    if sanity:
+    if req.sanity:
         from rcomp.sanity import run_sanity
 
         probe = eval_subset(dataset, 256)
@@ -713,6 +747,6 @@ def eval_command(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_s
         report = run_sanity(model, x, y, eps=eps_v)
         result["sanity"] = report.to_dict()
         text += "\n\nattack sanity checks:\n" + report.to_text()
-    if json_out:
-        write_json_atomic(json_out, result)
+    if req.json_out:
+        write_json_atomic(req.json_out, result)
     return text
