@@ -121,7 +121,7 @@ def test_eval_reevaluates_a_saved_model_on_any_split(job, tmp_path):
     assert acc["clean"] >= acc["pgd-3"]
 
 
-def test_eval_no_progress_keeps_bars_out_of_logs(job, tmp_path):
+def test_eval_no_progress_keeps_bars_out_of_logs(job):
     out, _, _ = job
     args = ["eval", str(out / "model.pt"), "--data", "digits", "--split", "val", "--n", "8", "--pgd-steps", "1"]
     with_bars, quiet = CliRunner().invoke(cli, args), CliRunner().invoke(cli, args + ["--no-progress"])

@@ -245,8 +245,10 @@ def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size,
     """
     from rcomp.pipeline import EvalRequest, eval_command
 
-    click.echo(eval_command(EvalRequest(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50,
-                                        sanity, batch_size, device, json_out, progress=not no_progress)))
+    request = EvalRequest(checkpoint=checkpoint, data_spec=data_spec, split=split, limit=limit, eps=eps, pgd_steps=pgd_steps,
+                          pgd_step_size=pgd_step_size, restarts=restarts, pgd50=pgd50, sanity=sanity, batch_size=batch_size,
+                          device=device, json_out=json_out, progress=not no_progress)
+    click.echo(eval_command(request))
 
 
 @cli.group()
