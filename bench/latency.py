@@ -92,7 +92,8 @@ def main() -> None:
         for name, model in models.items():
             paths[name] = Path(tmp) / f"{name.replace(':', '_')}.onnx"
             export_onnx(model, SHAPE, paths[name], opset=17, metadata={})
-            rows[name] = {"macs": count_model(model, SHAPE).macs, "ops_ratio": count_model(model, SHAPE).macs / dense_macs,
+            macs = count_model(model, SHAPE).macs
+            rows[name] = {"macs": macs, "ops_ratio": macs / dense_macs,
                           "conv_widths": [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]}
         for threads in (int(t) for t in args.threads.split(",")):
             sessions = {n: make_session(str(pth), threads=threads, graph_optimization="all") for n, pth in paths.items()}

@@ -715,6 +715,7 @@ class _ChannelProjection:
         for gi in range(len(self.masks)):
             self.group_of += [gi] * (self.offsets[gi + 1] - self.offsets[gi])
         self.scores = torch.cat([s.reshape(-1) for s in self.masks.scores()]).double().tolist()
+        self._rankings: dict[int, list[int]] = {}
         with torch.no_grad():
             u = cost._unit_vector()
             out_t, in_t = cost._active(u)
@@ -783,8 +784,14 @@ class _ChannelProjection:
 
     # ---------------------------------------------------------------- phase 3: channel multiples
     def _ranked(self, gi: int) -> list[int]:
-        """Group ``gi``'s units, best score first: a group of width w keeps its w best channels."""
-        return sorted(range(self.offsets[gi], self.offsets[gi + 1]), key=lambda k: -self.scores[k])
+        """Group ``gi``'s units, best score first: a group of width w keeps its w best channels.
+
+        Sorted once per group: the scores do not change during a projection, and phase 3 asks for
+        a group's ranking at every width step it tries.
+        """
+        if gi not in self._rankings:
+            self._rankings[gi] = sorted(range(self.offsets[gi], self.offsets[gi + 1]), key=lambda k: -self.scores[k])
+        return self._rankings[gi]
 
     def _set_width(self, gi: int, width: int) -> None:
         for rank, k in enumerate(self._ranked(gi)):
