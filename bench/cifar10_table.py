@@ -17,7 +17,10 @@ The post-train methods (``posttrain``, ``rl``) of one model all begin with the s
 (same recipe, seed and epoch split, hence bit-identical): the first one trains it, the others copy
 its ``dense/`` checkpoint and resume from it, and ``phase_seconds`` still charges each of them the
 recorded time of that phase. The finished dense phase is also kept in ``bench/shared/`` (committed),
-so a later session continues the sweep without retraining it. Every finished model is copied to
+so a later session continues the sweep without retraining it. The ``-natural`` post-train rows run
+on the method's own schedule instead of the in-train run's epochs: the dense row's whole training
+is their dense phase (copied from it when it is finished), then as many fine-tuning epochs as the
+split rows get. Every finished model is copied to
 ``bench/models/<run>.pt`` (committed), so any figure can be re-checked on another split:
 ``rcomp eval bench/models/<run>.pt --data imagefolder:ROOT --split test``.
 
@@ -65,6 +68,8 @@ RUNS = {
     "r20-intrain-0.5-x8": ("resnet20", "intrain", 0.5),
     "r20-posttrain-0.5": ("resnet20", "posttrain", 0.5),
     "r20-posttrain-0.3": ("resnet20", "posttrain", 0.3),
+    "r20-posttrain-0.5-natural": ("resnet20", "posttrain", 0.5),
+    "r20-posttrain-0.3-natural": ("resnet20", "posttrain", 0.3),
     "r20-rl-0.7": ("resnet20", "rl", 0.7),
     "r20-rl-0.5": ("resnet20", "rl", 0.5),
     "r20-rl-0.3": ("resnet20", "rl", 0.3),
@@ -78,6 +83,11 @@ RUNS = {
 # channel group keeps a multiple of 8 channels (or all), the widths onnxruntime's blocked CPU
 # convolutions need (bench/latency.py); the pair with r20-intrain-0.5 prices that in accuracy.
 VARIANT_OPTIONS = {"r20-intrain-0.5-x8": ["--channel-multiple", "8"]}
+
+# Post-train rows on the method's own schedule (rcomp train --finetune-epochs): a fully trained
+# dense model, the dense row itself, then the split rows' fine-tuning epochs on top; the issue asks
+# for the baseline "with its own natural schedule" beside the one held to the in-train run's epochs.
+OWN_SCHEDULE = ("r20-posttrain-0.5-natural", "r20-posttrain-0.3-natural")
 
 POSTER = {  # clean / PGD from the poster (Fast AT + In-train, Fast AT + RLPrune), for the README
     "r20-dense": (81.52, 40.65), "r20-intrain-0.7": (80.63, 39.27), "r20-intrain-0.5": (80.32, 40.14),
@@ -124,6 +134,10 @@ def train_command(name: str, args) -> list[str]:
     if method == "rl" and args.rl_episodes is not None:
         cmd += ["--rl-episodes", str(args.rl_episodes)]
     cmd += VARIANT_OPTIONS.get(name, [])
+    if name in OWN_SCHEDULE:
+        from rcomp.posttrain import split_epochs
+
+        cmd += ["--finetune-epochs", str(split_epochs(args.epochs)[1])]
     if partial_dir(name).exists():
         cmd.append("--resume")
     return cmd
@@ -231,16 +245,11 @@ def share_dense_phase(name: str, args) -> str | None:
     A sibling trained with other settings (another ``--epochs``, say) is refused by the trainer's
     configuration check on resume, so a wrong donor fails loudly instead of training on.
     """
-    model, method, _ = RUNS[name]
+    _, method, _ = RUNS[name]
     target = partial_dir(name) / "dense" / "checkpoints"
     if method not in POST_METHODS or target.exists():
         return None
-    shared = SHARED / _phase_key(name, args)
-    sources = [(str(shared.relative_to(REPO)) if shared.is_relative_to(REPO) else str(shared), shared)]
-    sources += [(other, folder / "dense" / "checkpoints") for other, (m, meth, _) in RUNS.items()
-                if other != name and m == model and meth in POST_METHODS
-                for folder in (run_dir(other), partial_dir(other)) if (folder / f"{meth}-pruned.pt").exists()]
-    for donor, checkpoints in sources:
+    for donor, checkpoints in _dense_phase_donors(name, args):
         latest = _latest_checkpoint(checkpoints)
         if latest is not None:
             _copy_checkpoint(latest, target)
@@ -249,11 +258,28 @@ def share_dense_phase(name: str, args) -> str | None:
     return None
 
 
+def _dense_phase_donors(name: str, args) -> list[tuple[str, Path]]:
+    """Where a finished dense phase identical to ``name``'s may be: (donor's name, its checkpoints).
+
+    An own-schedule row's dense phase is the dense row's whole training; the split rows' is 2/3 of
+    the epochs, kept in bench/shared or by a split sibling that has pruned.
+    """
+    model = RUNS[name][0]
+    if name in OWN_SCHEDULE:
+        dense = next(n for n, (m, meth, _) in RUNS.items() if m == model and meth == "dense")
+        return [(dense, run_dir(dense) / "checkpoints")] if (run_dir(dense) / "model.pt").exists() else []
+    shared = SHARED / _phase_key(name, args)
+    sources = [(str(shared.relative_to(REPO)) if shared.is_relative_to(REPO) else str(shared), shared)]
+    return sources + [(other, folder / "dense" / "checkpoints") for other, (m, meth, _) in RUNS.items()
+                      if other != name and other not in OWN_SCHEDULE and m == model and meth in POST_METHODS
+                      for folder in (run_dir(other), partial_dir(other)) if (folder / f"{meth}-pruned.pt").exists()]
+
+
 def keep_dense_phase(name: str, args) -> None:
     """Keep the finished dense phase of a post-train run in bench/shared/ (latest checkpoint only)."""
     model, method, _ = RUNS[name]
     dest = SHARED / _phase_key(name, args)
-    if method not in POST_METHODS or dest.exists():
+    if method not in POST_METHODS or name in OWN_SCHEDULE or dest.exists():  # theirs is the dense row's
         return
     for folder in (run_dir(name), partial_dir(name)):
         latest = _latest_checkpoint(folder / "dense" / "checkpoints")
@@ -373,6 +399,7 @@ def collect(names: list[str], args) -> dict:
             "macs": t["macs"], "params": t["params"], "wall_seconds": method_seconds(t),
             "co_events": t["co_events"], "recipe": t["recipe"],
             "channel_multiple": t["recipe"].get("channel_multiple", 1),
+            "finetune_epochs": t["recipe"].get("finetune_epochs"),  # own schedule: epochs dense + these
             # in-train only: the history of a post-train method is its fine-tuning, already pruned
             "ops_ratio_per_epoch": [h["ops_ratio"] for h in t["history"]] if method == "intrain" else None,
             "projection_units_changed": (t.get("projection") or {}).get("units_changed"), "phase_seconds": t.get("phase_seconds") or None,

@@ -50,7 +50,7 @@ def cifar10_table(doc: dict) -> str:
         lat = r.get("latency_ratio_p50")
         ref = poster.get(name)
         rows.append(
-            f"| {name} | {_method(r)} | {r['target_ops'] or 1.0} | {r['epochs']} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
+            f"| {name} | {_method(r)} | {r['target_ops'] or 1.0} | {_epochs(r)} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
             f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}{_worst(r)}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
             f"{r['wall_seconds'] / 60:.0f} min | {_cost(r)} | {_search(r)} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {_poster(ref)} |"
@@ -85,12 +85,20 @@ def methods_side_by_side(doc: dict, model: str = "resnet20") -> str:
 
 
 def _variant(r: dict) -> bool:
-    """A row that changes its method's projection (channel widths in multiples of N): not the method's own row."""
-    return (r.get("channel_multiple") or 1) > 1
+    """A row that changes one thing of its method (widths in multiples of N, the method's own
+    schedule): listed after the method's row, not in the method summary."""
+    return (r.get("channel_multiple") or 1) > 1 or bool(r.get("finetune_epochs"))
 
 
 def _method(r: dict) -> str:
+    if r.get("finetune_epochs"):
+        return f"{r['method']}, own schedule"
     return f"{r['method']}, widths ×{r['channel_multiple']}" if _variant(r) else r["method"]
+
+
+def _epochs(r: dict) -> str:
+    """An own-schedule row trains ``epochs`` dense, then fine-tunes: both counts."""
+    return f"{r['epochs']} + {r['finetune_epochs']}" if r.get("finetune_epochs") else str(r["epochs"])
 
 
 def _poster(ref) -> str:

@@ -25,6 +25,15 @@ def table(tmp_path, monkeypatch):
     return module
 
 
+@pytest.fixture
+def render():
+    """bench/render.py, loaded from its file (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location("render_under_test", BENCH / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 ARGS = SimpleNamespace(epochs=6, attack="nfgsm", lr=0.2, seed=0)
 
 
@@ -180,7 +189,7 @@ def test_dense_phases_trained_from_other_attack_labels_are_not_shared(table):
     assert predicted == true_labels + "-labels-predicted"
 
 
-def test_a_width_variant_trains_with_its_option_and_renders_beside_its_base_row(table, monkeypatch):
+def test_a_width_variant_trains_with_its_option_and_renders_beside_its_base_row(table, render):
     """r20-intrain-0.5-x8 is r20-intrain-0.5 with --channel-multiple 8; the table names it, the method summary skips it."""
     args = SimpleNamespace(**vars(ARGS), data="imagefolder:x", attack_labels=None, rl_episodes=None)
     base, variant = table.train_command("r20-intrain-0.5", args), table.train_command("r20-intrain-0.5-x8", args)
@@ -188,10 +197,6 @@ def test_a_width_variant_trains_with_its_option_and_renders_beside_its_base_row(
     assert variant[variant.index("--channel-multiple") + 1] == "8"
     assert [a for a in variant if a not in ("--channel-multiple", "8")] == [a.replace("r20-intrain-0.5", "r20-intrain-0.5-x8") for a in base]
 
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("render_under_test", BENCH / "render.py")
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
     row = dict(model="resnet20", method="intrain", target_ops=0.5, epochs=6, clean=0.66, pgd10=0.27, pgd50=0.28,
                pgd50_n=500, ops_ratio=0.5, params_ratio=0.6, wall_seconds=600.0)
     doc = {"runs": {"r20-intrain-0.5-x8": dict(row, clean=0.65, channel_multiple=8), "r20-intrain-0.5": row}}
@@ -200,3 +205,37 @@ def test_a_width_variant_trains_with_its_option_and_renders_beside_its_base_row(
                                                          ["| r20-intrain-0.5-x8", "intrain, widths ×8"]]
     summary = render.methods_side_by_side(doc)
     assert "66.00 / 27.00" in summary and "65.00" not in summary
+
+
+def test_an_own_schedule_row_fine_tunes_the_dense_row_and_never_lends_its_longer_phase(table):
+    """r20-posttrain-0.3-natural: the dense row's whole training is its dense phase, then the split rows' 2 epochs."""
+    args = SimpleNamespace(**vars(ARGS), data="imagefolder:x", attack_labels=None, rl_episodes=None)
+    cmd = table.train_command("r20-posttrain-0.3-natural", args)
+    assert cmd[cmd.index("--finetune-epochs") + 1] == "2" and cmd[cmd.index("--epochs") + 1] == "6"
+    assert "--finetune-epochs" not in table.train_command("r20-posttrain-0.3", args)
+
+    assert table.share_dense_phase("r20-posttrain-0.3-natural", ARGS) is None  # the dense row is not finished
+    dense = table.run_dir("r20-dense")
+    _finished_dense_phase(dense, "posttrain", epochs=(5, 6))
+    shutil.move(dense / "dense" / "checkpoints", dense / "checkpoints")
+    (dense / "model.pt").write_bytes(b"dense model")
+    _finished_dense_phase(table.run_dir("r20-posttrain-0.5"), "posttrain")  # a split sibling: 4 epochs, not 6
+    assert table.share_dense_phase("r20-posttrain-0.3-natural", ARGS) == "r20-dense"
+    copied = table.partial_dir("r20-posttrain-0.3-natural") / "dense" / "checkpoints"
+    assert (copied / "ckpt-epoch0006.pt").read_bytes() == b"weights 6"
+
+    _finished_dense_phase(table.run_dir("r20-posttrain-0.5-natural"), "posttrain", epochs=(6,))
+    shutil.rmtree(table.run_dir("r20-posttrain-0.5"))
+    assert table.share_dense_phase("r20-rl-0.3", ARGS) is None  # a natural row's 6-epoch phase is no donor
+    table.keep_dense_phase("r20-posttrain-0.5-natural", ARGS)
+    assert not table.SHARED.exists()  # nor is it kept as the split rows' shared phase
+
+
+def test_an_own_schedule_row_renders_as_a_variant_with_both_epoch_counts(render):
+    row = dict(model="resnet20", method="posttrain", target_ops=0.3, epochs=6, clean=0.63, pgd10=0.26, pgd50=0.26,
+               pgd50_n=500, ops_ratio=0.3, params_ratio=0.34, wall_seconds=600.0)
+    doc = {"runs": {"r20-posttrain-0.3-natural": dict(row, clean=0.64, finetune_epochs=2), "r20-posttrain-0.3": row}}
+    lines = render.cifar10_table(doc).splitlines()[2:]
+    assert [line.split(" | ")[:4] for line in lines] == [["| r20-posttrain-0.3", "posttrain", "0.3", "6"],
+                                                         ["| r20-posttrain-0.3-natural", "posttrain, own schedule", "0.3", "6 + 2"]]
+    assert "64.00" not in render.methods_side_by_side(doc)

@@ -85,6 +85,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "two", "1.5"])
+def test_recipe_finetune_epochs_must_be_a_positive_integer(tmp_path, value):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"finetune_epochs: {value}\n")
+    code, out = run("train", "--model", "tiny_cnn", "--method", "posttrain", "--target-ops", "0.5",
+                    "--recipe", str(recipe), "--out", str(tmp_path / "o"))
+    assert code == 2 and "finetune_epochs" in out and "an integer" in out, out
+    assert not (tmp_path / "o").exists()
+
+
 def test_recipe_with_unknown_key_names_file_and_key(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("epochs: 2\nlr_maxx: 0.1\n")

@@ -229,6 +229,33 @@ def test_posttrain_reusing_a_finished_dense_phase_is_charged_its_recorded_time(t
     assert t2["macs"] <= 0.3 * t2["dense_macs"]
 
 
+def test_posttrain_on_its_own_schedule_prunes_the_dense_baseline_then_fine_tunes(tmp_path):
+    """--finetune-epochs: the dense phase is all of --epochs, so a dense run's checkpoints are that phase."""
+    common = ["--model", "tiny_cnn", "--data", "digits", "--epochs", "2", "--batch-size", "64", "--no-progress"]
+    dense = tmp_path / "dense"
+    code, output = run("train", "--method", "dense", "--out", dense, *common)
+    assert code == 0, output
+    post = tmp_path / "post"
+    shutil.copytree(dense / "checkpoints", post.with_name("post.partial") / "dense" / "checkpoints")
+    code, output = run("train", "--method", "posttrain", "--target-ops", "0.5", "--finetune-epochs", "3",
+                       "--out", post, "--resume", *common)
+    assert code == 0, output
+    assert "dense robust training for 2 epochs" in output and "fine-tuning for 3 epochs" in output
+    td, tp = (json.loads((d / "train.json").read_text()) for d in (dense, post))
+    assert tp["dense_history"] == td["history"]  # the dense baseline itself, resumed, not retrained
+    assert len(tp["history"]) == 3 and tp["recipe"]["finetune_epochs"] == 3
+    assert tp["macs"] <= 0.5 * tp["dense_macs"]
+
+
+@pytest.mark.parametrize("method", ["intrain", "dense"])
+def test_finetune_epochs_is_refused_where_nothing_is_fine_tuned(tmp_path, method):
+    budget = ["--target-ops", "0.5"] if method == "intrain" else []
+    code, output = run("train", "--method", method, *budget, "--finetune-epochs", "2", "--out", tmp_path / "x",
+                       "--model", "tiny_cnn", "--data", "digits", "--epochs", "1", "--no-progress")
+    assert code == 2 and "--finetune-epochs applies to the post-train methods" in output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
 def test_eval_n_takes_a_fixed_random_subset_not_the_first_class():
     """Image folders list a split class by class: a prefix of 50 would be one class here."""
     import torch

@@ -36,6 +36,9 @@ def _training_options(fn):
         click.option("--target-params", type=click.FloatRange(0, 1, min_open=True), default=None, help="Params budget as a fraction of the dense model."),
         click.option("--channel-multiple", type=click.IntRange(min=1), default=None,
                      help="Pruned channel groups keep a multiple of N channels (or all) [1; the profile's target.channel_multiple]."),
+        click.option("--finetune-epochs", type=click.IntRange(min=1), default=None,
+                     help="--method posttrain/rl: train dense for all --epochs, then fine-tune N more "
+                          "(the method's own schedule) [split --epochs 2:1, the in-train run's cost]."),
         click.option("--recipe", type=click.Path(dir_okay=False), default=None, help="Training recipe YAML (keys of TrainConfig)."),
         click.option("--seed", type=int, default=None),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rcomp import __version__
-from rcomp.config import Field, Invalid, number, read_yaml, validate
+from rcomp.config import Field, Invalid, integer, number, read_yaml, validate
 from rcomp.errors import RcompError
 
 
@@ -85,6 +85,8 @@ def _checker_for(name: str, default: Any):
             except (RcompError, TypeError, ValueError):
                 raise Invalid("a number in (0, 1] such as 8/255") from None
         return check_eps
+    if name == "finetune_epochs":
+        return integer(ge=1)
     if isinstance(default, bool):
         def check_bool(value):
             if not isinstance(value, bool):
@@ -117,7 +119,7 @@ def load_recipe(path: str) -> dict:
 
 _CLI_TO_CONFIG = (
     "epochs", "batch_size", "lr_max", "schedule", "attack", "attack_labels", "regularity", "target_ops", "target_params",
-    "channel_multiple",
+    "channel_multiple", "finetune_epochs",
     "seed",
 )
 
@@ -201,6 +203,8 @@ def _check_method(method: str, values: dict, has_budget: bool) -> None:
         raise RcompError(f"--method {method} prunes channels; --regularity weight is in-train only")
     if method == "intrain" and "regularity" in values and values["regularity"] is None and has_budget:
         raise RcompError("--regularity none conflicts with a pruning budget")
+    if values.get("finetune_epochs") is not None and method not in ("posttrain", "rl"):
+        raise RcompError("--finetune-epochs applies to the post-train methods (--method posttrain or rl) only")
 
 
 def _check_distributed(method: str) -> None:

@@ -8,7 +8,9 @@
    in-train pruning ends with, so both methods land equally close to the target),
 3. FastAT fine-tune the physically pruned model for the remaining epochs.
 
-With the default split the total epoch budget equals the in-train run's, so the comparison is fair.
+With the default split the total epoch budget equals the in-train run's, so the comparison is fair;
+``finetune_epochs`` gives the method its own schedule instead (a fully trained dense model, then
+fine-tuning), whose dense phase is the dense baseline's own training.
 Each phase checkpoints into its own folder and a resumed run continues where it stopped; the
 pruned architecture is saved between phases 2 and 3 so phase 3 can be rebuilt on resume.
 """
@@ -52,8 +54,16 @@ class PostTrainResult:
     dense_history: list = field(default_factory=list)  # phase 1's epoch logs, as dicts
 
 
-def split_epochs(epochs: int, dense_fraction: float = DENSE_FRACTION) -> tuple[int, int]:
-    """(dense, fine-tune) epochs; both phases get at least one epoch."""
+def split_epochs(epochs: int, dense_fraction: float = DENSE_FRACTION,
+                 finetune_epochs: int | None = None) -> tuple[int, int]:
+    """(dense, fine-tune) epochs; both phases get at least one epoch.
+
+    By default ``epochs`` is split, so the method costs the in-train run's epochs. With
+    ``finetune_epochs`` the method runs on its own schedule instead: a dense model trained for all
+    ``epochs`` (the dense baseline itself), then that many fine-tuning epochs on top.
+    """
+    if finetune_epochs is not None:
+        return epochs, finetune_epochs
     if epochs < 2:
         raise ValueError("post-train pruning needs at least 2 epochs (train, then fine-tune)")
     dense = min(max(1, round(epochs * dense_fraction)), epochs - 1)
@@ -121,16 +131,17 @@ def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phas
     """Dense robust training, a pluggable prune step, robust fine-tuning: every post-train method.
 
     The epochs are split by :func:`split_epochs`, so the total equals ``config.epochs`` (the
-    in-train run's). The pruned network is saved as ``<method>-pruned.pt`` between phases 2 and 3,
+    in-train run's), unless ``config.finetune_epochs`` asks for the method's own schedule. The pruned network is saved as ``<method>-pruned.pt`` between phases 2 and 3,
     and each training phase checkpoints per epoch, so a resumed run skips what is done.
     ``phase_seconds`` charges each phase its time across resumes (``dense``, ``phase``, ``finetune``,
     ``total``), which is what the comparison with in-train pruning's single run needs.
     Returns the result and the stage's metadata (with ``extra`` merged in).
     """
     out_dir = Path(out_dir)
-    dense_epochs, tune_epochs = split_epochs(config.epochs)
+    dense_epochs, tune_epochs = split_epochs(config.epochs, finetune_epochs=config.finetune_epochs)
     dense_cfg = dataclasses.replace(config, epochs=dense_epochs, regularity=None, target_ops=None,
-                                    target_params=None, mops=None, params=None, lr_restart=False)
+                                    target_params=None, mops=None, params=None, lr_restart=False,
+                                    finetune_epochs=None)
     started = time.perf_counter()
     stage = out_dir / f"{method}-pruned.pt"
     if resume and stage.exists():

@@ -95,6 +95,7 @@ class TrainConfig:
     warmup_fraction: float = 0.3
     freeze_fraction: float = 0.8
     lr_restart: bool = False       # a new LR cycle over the steps after the mask freeze (warm restart)
+    finetune_epochs: int | None = None  # post-train methods: fine-tune this long after a dense phase of all epochs
     mask_lr_scale: float = 1.0
     mask_momentum: float | None = None  # None: the weights' momentum
     max_switch_off: float = 0.002  # fraction of mask units that may switch off per step (at least 1)
@@ -144,6 +145,8 @@ class TrainConfig:
         if self.lr_restart and not self.has_budget:
             raise ConfigError("lr_restart restarts the learning rate at the mask freeze, which needs a budget",
                               key="lr_restart")
+        if self.finetune_epochs is not None and self.finetune_epochs < 1:
+            raise ConfigError(f"finetune_epochs must be at least 1, got {self.finetune_epochs}", key="finetune_epochs")
         if not 0.0 <= self.mask_start < self.freeze_fraction:
             raise ConfigError(f"mask_start must be in [0, freeze_fraction={self.freeze_fraction}), got {self.mask_start}",
                               key="mask_start")
