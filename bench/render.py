@@ -144,9 +144,12 @@ def plot_cifar10(doc: dict, out: Path) -> bool:
                          if r["method"] == method and r["model"] == "resnet20" and not _variant(r))
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=f"rcomp {method}")
-        variants = [r for r in doc["runs"].values() if r["model"] == "resnet20" and _variant(r)]
-        for r in variants:
-            ax.plot(r["ops_ratio"], 100 * r[key], marker="D", linestyle="none", label=f"rcomp {_method(r)}")
+        variants: dict[str, list] = {}  # one legend entry per kind of variant
+        for r in doc["runs"].values():
+            if r["model"] == "resnet20" and _variant(r):
+                variants.setdefault(_method(r), []).append((r["ops_ratio"], 100 * r[key]))
+        for (label, pts), marker in zip(sorted(variants.items()), "DPXh"):
+            ax.plot(*zip(*sorted(pts)), marker=marker, linestyle="none", label=f"rcomp {label}")
         poster = doc.get("poster", {})
         for prefix, marker, label in (("r20-intrain", "x", "poster in-train"), ("r20-rl", "+", "poster RL post-train")):
             pts = sorted((float(n.rsplit("-", 1)[1]), v[0 if key == "clean" else 1]) for n, v in poster.items() if n.startswith(prefix))
