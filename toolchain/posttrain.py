@@ -131,8 +131,9 @@ def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phas
     """Dense robust training, a pluggable prune step, robust fine-tuning: every post-train method.
 
     The epochs are split by :func:`split_epochs`, so the total equals ``config.epochs`` (the
-    in-train run's), unless ``config.finetune_epochs`` asks for the method's own schedule. The pruned network is saved as ``<method>-pruned.pt`` between phases 2 and 3,
-    and each training phase checkpoints per epoch, so a resumed run skips what is done.
+    in-train run's), unless ``config.finetune_epochs`` asks for the method's own schedule. The
+    pruned network is saved as ``<method>-pruned.pt`` between phases 2 and 3, and each training
+    phase checkpoints per epoch, so a resumed run skips what is done.
     ``phase_seconds`` charges each phase its time across resumes (``dense``, ``phase``, ``finetune``,
     ``total``), which is what the comparison with in-train pruning's single run needs.
     Returns the result and the stage's metadata (with ``extra`` merged in).

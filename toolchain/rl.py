@@ -672,7 +672,8 @@ def _fingerprint(env: PruningEnv, config, rl: RLConfig, model_name: str) -> dict
     return json.loads(json.dumps({
         "model": model_name, "groups": [[s.name, s.size] for s in env.specs],
         "constraints": [[c.metric, c.limit] for c in env.constraints], "min_keep": config.min_keep,
-        "eps": config.eps, "seed": config.seed, "dense_epochs": split_epochs(config.epochs, finetune_epochs=config.finetune_epochs)[0],
+        "eps": config.eps, "seed": config.seed,
+        "dense_epochs": split_epochs(config.epochs, finetune_epochs=config.finetune_epochs)[0],
         "rl": dataclasses.asdict(rl),
     }))
 

@@ -146,7 +146,8 @@ class TrainConfig:
             raise ConfigError("lr_restart restarts the learning rate at the mask freeze, which needs a budget",
                               key="lr_restart")
         if self.finetune_epochs is not None and self.finetune_epochs < 1:
-            raise ConfigError(f"finetune_epochs must be at least 1, got {self.finetune_epochs}", key="finetune_epochs")
+            raise ConfigError(f"finetune_epochs must be at least 1, got {self.finetune_epochs}",
+                              key="finetune_epochs")
         if not 0.0 <= self.mask_start < self.freeze_fraction:
             raise ConfigError(f"mask_start must be in [0, freeze_fraction={self.freeze_fraction}), got {self.mask_start}",
                               key="mask_start")
