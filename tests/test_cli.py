@@ -95,6 +95,16 @@ def test_recipe_finetune_epochs_must_be_a_positive_integer(tmp_path, value):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("line", ["grad_clip: abc", "mops: abc", "mask_momentum: -0.5"])
+def test_recipe_optional_numbers_are_checked_as_numbers(tmp_path, line):
+    """Keys whose default is None (off) were once taken as text and failed mid-run with a traceback."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(line + "\n")
+    code, out = run("train", "--model", "tiny_cnn", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
+    assert code == 2 and line.split(":")[0] in out and "expected a number" in out, out
+    assert not (tmp_path / "o").exists()
+
+
 def test_recipe_with_unknown_key_names_file_and_key(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("epochs: 2\nlr_maxx: 0.1\n")

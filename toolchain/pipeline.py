@@ -66,14 +66,19 @@ def parse_eps(text: str | float | None, what: str = "--eps") -> float | None:
 
 
 def _recipe_schema() -> dict[str, Field]:
-    """Recipe YAML keys = TrainConfig fields, each checked against its default's type."""
+    """Recipe YAML keys = TrainConfig fields, each checked against its default's type (an optional
+    number, whose default is None, against its annotation)."""
+    import typing
+
     from rcomp.train import TrainConfig
 
+    hints = typing.get_type_hints(TrainConfig)
     schema = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("device", "progress", "num_workers"):
             continue  # machine settings belong on the command line, not in a recipe
-        schema[f.name] = Field(_checker_for(f.name, f.default))
+        optional_number = f.default is None and float in typing.get_args(hints[f.name])
+        schema[f.name] = Field(_checker_for(f.name, 0.0 if optional_number else f.default))
     return schema
 
 
@@ -99,9 +104,9 @@ def _checker_for(name: str, default: Any):
                 raise Invalid("a non-negative integer")
             return value
         return check_int
-    if isinstance(default, float) or default is None and name in ("target_ops", "target_params"):
+    if isinstance(default, float):
         bounds = {"le": 1.0} if name.endswith(("fraction", "target_ops", "target_params")) else {}
-        return number(gt=0, **bounds) if name not in ("momentum", "weight_decay", "co_drop") else number(ge=0)
+        return number(gt=0, **bounds) if name not in ("momentum", "mask_momentum", "weight_decay", "co_drop") else number(ge=0)
     if isinstance(default, str) or default is None:
         def check_text(value):
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
