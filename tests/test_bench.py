@@ -165,6 +165,20 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
         assert "--resume" not in cmd  # nothing started yet
 
 
+def test_an_ablation_of_another_sweep_trains_with_its_epochs_and_labels_and_names_its_table(ablation):
+    """A variant of the 15-epoch pair is compared with that pair's row, so it trains as that row did."""
+    e15 = next(n for n, v in ablation.VARIANTS.items() if v.sweep.table == "cifar10_table_e15")
+    cmd = ablation.train_command(e15, "digits")
+    assert cmd[cmd.index("--epochs") + 1] == "15" and cmd[cmd.index("--attack-labels") + 1] == "predicted"
+    main = ablation.train_command("r20-intrain-0.3-restart", "digits")
+    assert main[main.index("--epochs") + 1] == "6" and "--attack-labels" not in main
+
+    row = {"reference": "r20-intrain-0.5", "reference_table": "cifar10_table_e15", "epochs": 15}
+    assert ablation._reference_label(row, {}) == "r20-intrain-0.5 of cifar10_table_e15, 15 epochs"
+    assert ablation._reference_label({**row, "reference": e15}, {e15: {}}) == e15  # a variant needs no table
+    assert ablation._reference_label({"reference": "r20-intrain-0.5", "epochs": 6}, {}) == "r20-intrain-0.5"
+
+
 def test_an_interrupted_ablation_resumes(ablation):
     name = next(iter(ablation.VARIANTS))
     (ablation.RUNS_DIR / f"{name}.partial").mkdir(parents=True)
