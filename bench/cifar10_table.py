@@ -76,6 +76,7 @@ RUNS = {
     "r56-dense": ("resnet56", "dense", None),
     "r56-intrain-0.3": ("resnet56", "intrain", 0.3),
     "r56-posttrain-0.3": ("resnet56", "posttrain", 0.3),
+    "vgg16-dense": ("vgg16", "dense", None),
     "vgg16-intrain-0.3": ("vgg16", "intrain", 0.3),
 }
 
@@ -440,6 +441,11 @@ def add_cost_ratios(rows: dict) -> None:
     (``dense_phase_shared``) carries that sweep's epoch times, so it is no reference: without a dense
     epoch timed in this collection the rows get no ratio rather than one against another load.
     """
+    for model in {r.get("model") for r in rows.values()}:  # a VGG epoch is no yardstick for a ResNet
+        _add_cost_ratios_of_one_model({n: r for n, r in rows.items() if r.get("model") == model})
+
+
+def _add_cost_ratios_of_one_model(rows: dict) -> None:
     dense = [r["epoch_seconds"] for r in rows.values() if r["method"] == "dense"]
     phase = [r["dense_phase_epoch_seconds"] for r in rows.values()
              if r.get("dense_phase_epoch_seconds") and not r.get("dense_phase_shared")]

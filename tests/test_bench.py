@@ -109,6 +109,12 @@ def test_cost_ratio_uses_a_dense_epoch_of_the_same_sweep(table):
     table.add_cost_ratios(rows)  # a dense row of the sweep takes precedence
     assert rows["r20-intrain-0.3"]["cost_vs_dense"] == pytest.approx(0.55)
     assert "dense row" in rows["r20-intrain-0.3"]["cost_reference"]
+    rows = {"vgg16-dense": {"model": "vgg16", "method": "dense", "epochs": 6, "wall_seconds": 6000.0,
+                            "epoch_seconds": [1000.0] * 6},
+            "r20-intrain-0.3": {"model": "resnet20", "method": "intrain", "epochs": 6, "wall_seconds": 660.0,
+                                "epoch_seconds": [110.0] * 6}}
+    table.add_cost_ratios(rows)  # another model's dense row is no reference
+    assert "cost_vs_dense" not in rows["r20-intrain-0.3"] and rows["vgg16-dense"]["cost_vs_dense"] == 1.0
 
 
 def test_a_dense_phase_taken_over_from_another_sweep_is_no_cost_reference(table):
