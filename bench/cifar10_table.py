@@ -415,8 +415,18 @@ def collect(names: list[str], args) -> dict:
         if method == "rl":
             rows[name]["rl_best"] = t["rl_search"]["best"]
             rows[name]["rl_episodes"] = t["rl_search"]["rl"]["episodes"]
-    add_cost_ratios(rows)
+    add_timing(rows, args.untimed)
     return rows
+
+
+def add_timing(rows: dict, untimed: bool) -> None:
+    """× dense for rows timed alike; the rows of an ``--untimed`` collection are only marked, since a
+    ratio of runs that were paused or resumed under other load would look like a measurement."""
+    if untimed:
+        for row in rows.values():
+            row["untimed"] = True
+    else:
+        add_cost_ratios(rows)
 
 
 #: Per-epoch fields kept with a row: enough to see catastrophic overfitting (training-batch accuracy
@@ -507,6 +517,9 @@ def main() -> None:
     p.add_argument("--restarts", type=int, default=2)
     p.add_argument("--latency-runs", type=int, default=300)
     p.add_argument("--note", action="append", default=[], help="a provenance note stored with the results (repeatable)")
+    p.add_argument("--untimed", action="store_true",
+                   help="the runs did not share the machine alike (paused, resumed under other load): keep their wall "
+                        "times in the results but show no wall time and no x dense")
     p.add_argument("--render", action="store_true", help="only re-render README tables from the results file")
     p.add_argument("--table", default=TABLE, metavar="NAME",
                    help="a separate table (another recipe): results/NAME.json, runs/NAME/, models/NAME/ and the "

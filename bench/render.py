@@ -52,7 +52,7 @@ def cifar10_table(doc: dict) -> str:
         rows.append(
             f"| {name} | {_method(r)} | {r['target_ops'] or 1.0} | {_epochs(r)} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
             f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}{_worst(r)}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
-            f"{r['wall_seconds'] / 60:.0f} min | {_cost(r)} | {_search(r)} | "
+            f"{_wall(r)} | {_cost(r)} | {_search(r)} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {_poster(ref)} |"
         )
     return "\n".join(rows)
@@ -113,6 +113,11 @@ def _in_table_order(runs: dict) -> list[tuple[str, dict]]:
         rank = methods.index(r["method"]) if r["method"] in methods else len(methods)
         return (r["model"] != "resnet20", r["model"], rank, -(r["target_ops"] or 1.0), _variant(r))
     return sorted(runs.items(), key=key)
+
+
+def _wall(r: dict) -> str:
+    """Minutes of the whole method, unless the collection said its runs were not timed alike (``--untimed``)."""
+    return "untimed" if r.get("untimed") else f"{r['wall_seconds'] / 60:.0f} min"
 
 
 def _cost(r: dict) -> str:

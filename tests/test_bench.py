@@ -117,6 +117,23 @@ def test_cost_ratio_uses_a_dense_epoch_of_the_same_sweep(table):
     assert "cost_vs_dense" not in rows["r20-intrain-0.3"] and rows["vgg16-dense"]["cost_vs_dense"] == 1.0
 
 
+def test_an_untimed_collection_shows_no_wall_time_and_no_ratio(table, render):
+    """--untimed: runs paused or resumed under other load keep their seconds in the file, not in the table."""
+    row = dict(model="resnet20", method="intrain", target_ops=0.3, epochs=6, clean=0.63, pgd10=0.27, pgd50=0.28,
+               pgd50_n=500, ops_ratio=0.3, params_ratio=0.37, wall_seconds=9600.0, epoch_seconds=[1600.0] * 6)
+    rows = {"r20-intrain-0.3": dict(row), "r20-dense": dict(row, method="dense", target_ops=None, wall_seconds=7200.0,
+                                                            epoch_seconds=[1200.0] * 6)}
+    table.add_timing(rows, untimed=True)
+    assert all(r["untimed"] and "cost_vs_dense" not in r for r in rows.values())
+    cells = render.cifar10_table({"runs": rows}).splitlines()[2].split(" | ")
+    assert cells[9:11] == ["untimed", "–"] and "160 min" not in render.cifar10_table({"runs": rows})
+    assert "63.00 / 27.00 (–)" in render.methods_side_by_side({"runs": rows})
+    timed = {n: {k: v for k, v in r.items() if k != "untimed"} for n, r in rows.items()}
+    table.add_timing(timed, untimed=False)
+    assert timed["r20-intrain-0.3"]["cost_vs_dense"] == pytest.approx(9600 / 7200)
+    assert render.cifar10_table({"runs": timed}).splitlines()[2].split(" | ")[9:11] == ["120 min", "1.00×"]
+
+
 def test_a_dense_phase_taken_over_from_another_sweep_is_no_cost_reference(table):
     """Its epoch times were measured under another sweep's load: no ratio beats a wrong one."""
     rows = {
