@@ -175,6 +175,88 @@ class _Layer:
     params_b: float = 0.0
 
 
+def _channel_units(masks: ChannelMasks, unit_offsets: list[int]) -> dict[tuple[str, str], dict[int, int]]:
+    """Local channel -> global mask unit, per (module, side "out"/"in").
+
+    The cost of a layer is read off the units its channels belong to; a channel claimed by two
+    groups would be counted twice, which means the dependency graph was read wrongly upstream.
+    """
+    cover: dict[tuple[str, str], dict[int, int]] = {}
+    for gi, group in enumerate(masks.groups):
+        off = unit_offsets[gi]
+        for side, slices in (("out", group.out_slices), ("in", group.in_slices)):
+            for sl in slices:
+                mapping = cover.setdefault((sl.module, side), {})
+                for local, root in zip(sl.idxs, sl.root_idxs):
+                    unit = off + int(root)
+                    if mapping.setdefault(int(local), unit) != unit:
+                        raise RcompError(
+                            f"channel {local} of {sl.module} ({side}) belongs to two channel groups; "
+                            "cannot cost this model"
+                        )
+    return cover
+
+
+def _costed_layers(model: nn.Module, positions: dict[str, float],
+                   cover: dict[tuple[str, str], dict[int, int]]) -> tuple[list[_Layer], float]:
+    """Every conv / linear / masked norm as a ``_Layer`` (cost per active channel pair), and the
+    params of everything else, which no mask can remove."""
+    layers: list[_Layer] = []
+    const_params = 0.0
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            layers.append(_weighted_layer(name, module, positions.get(name, 0.0)))
+            extra = [p for p in own if p is not module.weight and p is not module.bias]
+        elif isinstance(module, _NORM_TYPES) and (name, "out") in cover:
+            per_channel = [p for p in own if p.dim() == 1]
+            channels = per_channel[0].numel() if per_channel else 0
+            layers.append(_Layer(name, "norm", channels, 0, params_b=float(len(per_channel))))
+            extra = [p for p in own if p.dim() != 1]
+        else:
+            extra = own
+        const_params += float(sum(p.numel() for p in extra))
+    return layers, const_params
+
+
+def _weighted_layer(name: str, module: nn.Conv2d | nn.Linear, positions: float) -> _Layer:
+    """A conv's or linear's cost: ``a*out*in`` (dense) or ``b*out`` (depthwise), plus its bias."""
+    bias = 1.0 if module.bias is not None else 0.0
+    if isinstance(module, nn.Linear):
+        return _Layer(name, "linear", module.out_features, module.in_features, ops_a=positions, params_a=1.0,
+                      params_b=bias)
+    kind = _conv_kind(name, module)
+    kk = float(math.prod(module.kernel_size))
+    layer = _Layer(name, kind, module.out_channels, module.in_channels)
+    if kind == "conv":
+        layer.ops_a, layer.params_a, layer.params_b = kk * positions, kk, bias
+    else:
+        layer.ops_b, layer.params_b = kk * positions, kk + bias
+    return layer
+
+
+def _unit_counts(layers: list[_Layer], cover: dict[tuple[str, str], dict[int, int]]) -> tuple[dict, dict]:
+    """The sparse structure ``active(layer, side) = uncovered + sum_k count[layer, k] * u[k]``:
+    per side, the channels no mask covers and (layer, unit, count) triplets."""
+    entries = {"out": ([], [], []), "in": ([], [], [])}
+    uncovered = {"out": [], "in": []}
+    for li, layer in enumerate(layers):
+        for side, total in (("out", layer.out_total), ("in", layer.in_total)):
+            mapping = {c: u for c, u in cover.get((layer.name, side), {}).items() if c < total}
+            uncovered[side].append(float(total - len(mapping)))
+            counts: dict[int, int] = {}
+            for u in mapping.values():
+                counts[u] = counts.get(u, 0) + 1
+            rows, cols, vals = entries[side]
+            for u, c in counts.items():
+                rows.append(li)
+                cols.append(u)
+                vals.append(float(c))
+    return ({s: torch.tensor(v, dtype=torch.float64) for s, v in uncovered.items()},
+            {s: (torch.tensor(r, dtype=torch.long), torch.tensor(c, dtype=torch.long), torch.tensor(v, dtype=torch.float64))
+             for s, (r, c, v) in entries.items()})
+
+
 def _record_positions(model: nn.Module, example_input: Tensor) -> dict[str, float]:
     """Output positions (H_out*W_out, summed over calls) of every conv / linear, batch 1."""
     positions: dict[str, float] = {}
@@ -251,82 +333,10 @@ class CostModel:
         for s in sizes:
             self._unit_offsets.append(self._unit_offsets[-1] + s)
         self._num_units = self._unit_offsets[-1]
-
-        # local channel -> global unit, per (module, side); a channel in two groups is a bug upstream
-        cover: dict[tuple[str, str], dict[int, int]] = {}
-        for gi, group in enumerate(masks.groups):
-            off = self._unit_offsets[gi]
-            for side, slices in (("out", group.out_slices), ("in", group.in_slices)):
-                for sl in slices:
-                    mapping = cover.setdefault((sl.module, side), {})
-                    for local, root in zip(sl.idxs, sl.root_idxs):
-                        unit = off + int(root)
-                        prev = mapping.setdefault(int(local), unit)
-                        if prev != unit:
-                            raise RcompError(
-                                f"channel {local} of {sl.module} ({side}) belongs to two channel groups; "
-                                "cannot cost this model"
-                            )
-
-        layers: list[_Layer] = []
-        const_params = 0.0
-        for name, module in model.named_modules():
-            own = list(module.parameters(recurse=False))
-            if isinstance(module, nn.Conv2d):
-                kind = _conv_kind(name, module)
-                kk = float(math.prod(module.kernel_size))
-                pos = positions.get(name, 0.0)
-                bias = 1.0 if module.bias is not None else 0.0
-                layer = _Layer(name, kind, module.out_channels, module.in_channels)
-                if kind == "conv":
-                    layer.ops_a, layer.params_a, layer.params_b = kk * pos, kk, bias
-                else:
-                    layer.ops_b, layer.params_b = kk * pos, kk + bias
-                layers.append(layer)
-                extra = [p for p in own if p is not module.weight and p is not module.bias]
-            elif isinstance(module, nn.Linear):
-                pos = positions.get(name, 0.0)
-                bias = 1.0 if module.bias is not None else 0.0
-                layers.append(
-                    _Layer(name, "linear", module.out_features, module.in_features, ops_a=pos, params_a=1.0, params_b=bias)
-                )
-                extra = [p for p in own if p is not module.weight and p is not module.bias]
-            elif isinstance(module, _NORM_TYPES) and (name, "out") in cover:
-                per_channel = [p for p in own if p.dim() == 1]
-                channels = per_channel[0].numel() if per_channel else 0
-                layers.append(_Layer(name, "norm", channels, 0, params_b=float(len(per_channel))))
-                extra = [p for p in own if p.dim() != 1]
-            else:
-                extra = own
-            const_params += float(sum(p.numel() for p in extra))
+        cover = _channel_units(masks, self._unit_offsets)
+        layers, self._const_params = _costed_layers(model, positions, cover)
         self._layers = layers
-        self._const_params = const_params
-
-        # sparse structure: active(layer, side) = uncovered + sum_k count[layer, k] * u[k]
-        entries = {"out": ([], [], []), "in": ([], [], [])}
-        uncovered = {"out": [], "in": []}
-        for li, layer in enumerate(layers):
-            for side, total in (("out", layer.out_total), ("in", layer.in_total)):
-                mapping = cover.get((layer.name, side), {})
-                mapping = {c: u for c, u in mapping.items() if c < total}
-                uncovered[side].append(float(total - len(mapping)))
-                counts: dict[int, int] = {}
-                for u in mapping.values():
-                    counts[u] = counts.get(u, 0) + 1
-                rows, cols, vals = entries[side]
-                for u, c in counts.items():
-                    rows.append(li)
-                    cols.append(u)
-                    vals.append(float(c))
-        self._uncovered = {s: torch.tensor(v, dtype=torch.float64) for s, v in uncovered.items()}
-        self._entries = {
-            s: (
-                torch.tensor(r, dtype=torch.long),
-                torch.tensor(c, dtype=torch.long),
-                torch.tensor(v, dtype=torch.float64),
-            )
-            for s, (r, c, v) in entries.items()
-        }
+        self._uncovered, self._entries = _unit_counts(layers, cover)
         f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
         self._coef = {
             "ops": (f64([l.ops_a for l in layers]), f64([l.ops_b for l in layers])),
