@@ -348,39 +348,19 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
 
     from rcomp.count import count_model
     from rcomp.reports import write_json_atomic
-    from rcomp.surgery import PrunedModel, fold_weight_masks, remove_channels, save_pruned
+    from rcomp.surgery import save_pruned
 
     model = _build_model(job, bundle)
     started = time.perf_counter()
-    if job.method == "posttrain":
-        from rcomp.posttrain import train_posttrain
-
-        result = train_posttrain(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
-                                 out_dir=staged.partial, resume=job.resume, log=log)
-    elif job.method == "rl":
-        from rcomp.rl import RLConfig, train_rl
-
-        rl = RLConfig(seed=job.train.seed, **({"episodes": job.rl_episodes} if job.rl_episodes is not None else {}))
-        result = train_rl(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
-                          out_dir=staged.partial, resume=job.resume, log=log, rl=rl)
-    else:
-        from rcomp.train import train, train_seconds
-
-        result = train(job.train, bundle, model, out_dir=staged.partial, resume=job.resume, log=log)
+    result = _run_method(job, bundle, model, staged, log)
     process_seconds = wall = time.perf_counter() - started
     if job.method not in ("posttrain", "rl"):  # those charge a resumed phase its logged epochs themselves
+        from rcomp.train import train_seconds
+
         wall = train_seconds(result, wall)
     if not staged.owner:
         return None  # torchrun: the other ranks hold rank 0's weights; rank 0 writes the outputs
-    trained = result.model.cpu().eval()
-    example = torch.rand(1, *bundle.input_shape)
-    post = job.method in ("posttrain", "rl")
-    if post or job.train.regularity is None:
-        pruned = PrunedModel(trained, list(getattr(result, "pruned_channels", [])), "channel" if post else "dense", 0.0)
-    elif job.train.regularity == "channel":
-        pruned = remove_channels(trained, example)
-    else:
-        pruned = fold_weight_masks(trained)
+    pruned = _physically_pruned(job, result, torch.rand(1, *bundle.input_shape))
     shape = (1, *bundle.input_shape)
     dense_model = _build_model(job, bundle)  # the dense architecture: reference count and latency
     cost, dense_cost = count_model(pruned.model, shape), count_model(dense_model, shape)
@@ -405,6 +385,38 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
     })
     return TrainOutcome(staged.final, staged.final / "model.pt", pruned, dense_model, bundle, result,
                         cost, dense_cost, extra)
+
+
+def _run_method(job: Job, bundle, model, staged: StagedOutput, log):
+    """The job's method from its first (or resumed) epoch to a trained model; checkpoints go to the partial folder."""
+    if job.method == "posttrain":
+        from rcomp.posttrain import train_posttrain
+
+        return train_posttrain(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
+                               out_dir=staged.partial, resume=job.resume, log=log)
+    if job.method == "rl":
+        from rcomp.rl import RLConfig, train_rl
+
+        rl = RLConfig(seed=job.train.seed, **({"episodes": job.rl_episodes} if job.rl_episodes is not None else {}))
+        return train_rl(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
+                        out_dir=staged.partial, resume=job.resume, log=log, rl=rl)
+    from rcomp.train import train
+
+    return train(job.train, bundle, model, out_dir=staged.partial, resume=job.resume, log=log)
+
+
+def _physically_pruned(job: Job, result, example):
+    """The trained model as it ships: zero-mask channels removed (in-train), weight masks folded in,
+    or as trained (the post-train methods removed their channels already; dense has none)."""
+    from rcomp.surgery import PrunedModel, fold_weight_masks, remove_channels
+
+    trained = result.model.cpu().eval()
+    post = job.method in ("posttrain", "rl")
+    if post or job.train.regularity is None:
+        return PrunedModel(trained, list(getattr(result, "pruned_channels", [])), "channel" if post else "dense", 0.0)
+    if job.train.regularity == "channel":
+        return remove_channels(trained, example)
+    return fold_weight_masks(trained)
 
 
 def _model_kwargs(bundle) -> dict:
