@@ -255,6 +255,13 @@ def table_rows(table: str) -> dict:
     return json.loads(path.read_text())["runs"] if path.exists() else {}
 
 
+def _own_change(row: dict, variants: dict) -> dict:
+    """The recipe keys a variant changes against its reference: a variant built on another variant
+    carries that one's change too, which is not what its row compares."""
+    base = variants.get(row["reference"], {}).get("recipe_change", {})
+    return {k: v for k, v in row["recipe_change"].items() if base.get(k) != v}
+
+
 def _reference_label(row: dict, variants: dict) -> str:
     """The reference row's name, with its table when that is not the main one (another recipe or length)."""
     table = row.get("reference_table", MAIN.table)
@@ -269,7 +276,7 @@ def render(doc: dict) -> None:
     for name, r in doc["runs"].items():
         ref = doc["runs"].get(r["reference"]) or table_rows(r.get("reference_table", MAIN.table)).get(r["reference"])
         delta = "–" if ref is None else f"{100 * (r['clean'] - ref['clean']):+.2f} / {100 * (r['pgd10'] - ref['pgd10']):+.2f}"
-        recipe_change = ", ".join(f"{k} {v}" for k, v in r["recipe_change"].items())
+        recipe_change = ", ".join(f"{k} {v}" for k, v in _own_change(r, doc["runs"]).items())
         change = f"seed {r['seed']}" if r["seed"] else recipe_change or _whole_recipe_change(r)
         per_epoch = " → ".join(f"{x:.2f}" for x in r["ops_ratio_per_epoch"]) if r["ops_ratio_per_epoch"] else "–"
         lines.append(f"| {name} | {change} (vs {_reference_label(r, doc['runs'])}) | {_pct(r['clean'])} | {_pct(r['pgd10'])} | {delta} | "

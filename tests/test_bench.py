@@ -201,6 +201,12 @@ def test_an_ablation_of_another_sweep_trains_with_its_epochs_and_labels_and_name
     assert ablation._reference_label({**row, "reference": e15}, {e15: {}}) == e15  # a variant needs no table
     assert ablation._reference_label({"reference": "r20-intrain-0.5", "epochs": 6}, {}) == "r20-intrain-0.5"
 
+    stacked = next(n for n, v in ablation.VARIANTS.items() if v.ref == e15)
+    rows = {n: {"reference": ablation.VARIANTS[n].reference(), "recipe_change": ablation.VARIANTS[n].recipe}
+            for n in (e15, stacked)}
+    assert ablation._own_change(rows[stacked], rows) == {"warmup_fraction": 0.1}  # not the freeze it builds on
+    assert ablation._own_change(rows[e15], rows) == {"freeze_fraction": 0.6}
+
 
 def test_an_interrupted_ablation_resumes(ablation):
     name = next(iter(ablation.VARIANTS))
