@@ -199,16 +199,21 @@ def _merge_profile_channel_multiple(values: dict, profile) -> None:
         values.setdefault("channel_multiple", profile.target.channel_multiple)
 
 
+#: The methods that train dense, prune once, then fine-tune: they remove their channels themselves,
+#: charge a resumed phase its logged epochs, and alone take --finetune-epochs.
+POST_METHODS = ("posttrain", "rl")
+
+
 def _check_method(method: str, values: dict, has_budget: bool) -> None:
     if method == "dense" and has_budget:
         raise RcompError("--method dense takes no budget: drop --target-ops/--target-params/--profile budgets, or use --method intrain")
     if method in ("intrain", "posttrain", "rl") and not has_budget:
         raise RcompError(f"--method {method} needs a budget: --target-ops, --target-params or a --profile with budgets")
-    if method in ("posttrain", "rl") and values.get("regularity") == "weight":
+    if method in POST_METHODS and values.get("regularity") == "weight":
         raise RcompError(f"--method {method} prunes channels; --regularity weight is in-train only")
     if method == "intrain" and "regularity" in values and values["regularity"] is None and has_budget:
         raise RcompError("--regularity none conflicts with a pruning budget")
-    if values.get("finetune_epochs") is not None and method not in ("posttrain", "rl"):
+    if values.get("finetune_epochs") is not None and method not in POST_METHODS:
         raise RcompError("--finetune-epochs applies to the post-train methods (--method posttrain or rl) only")
 
 
@@ -354,7 +359,7 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
     started = time.perf_counter()
     result = _run_method(job, bundle, model, staged, log)
     process_seconds = wall = time.perf_counter() - started
-    if job.method not in ("posttrain", "rl"):  # those charge a resumed phase its logged epochs themselves
+    if job.method not in POST_METHODS:  # those charge a resumed phase its logged epochs themselves
         from rcomp.train import train_seconds
 
         wall = train_seconds(result, wall)
@@ -411,7 +416,7 @@ def _physically_pruned(job: Job, result, example):
     from rcomp.surgery import PrunedModel, fold_weight_masks, remove_channels
 
     trained = result.model.cpu().eval()
-    post = job.method in ("posttrain", "rl")
+    post = job.method in POST_METHODS
     if post or job.train.regularity is None:
         return PrunedModel(trained, list(getattr(result, "pruned_channels", [])), "channel" if post else "dense", 0.0)
     if job.train.regularity == "channel":
