@@ -250,9 +250,9 @@ def _whole_recipe_change(row: dict) -> str:
     return "nothing: the same command, trained after the seed fix (955694e)"
 
 
-def table_rows(table: str) -> dict:
-    path = Sweep(table).results()
-    return json.loads(path.read_text())["runs"] if path.exists() else {}
+def table_rows(tables) -> dict[str, dict]:
+    """The rows of each named results file, read once for the whole render."""
+    return {t: json.loads(path.read_text())["runs"] if (path := Sweep(t).results()).exists() else {} for t in set(tables)}
 
 
 def _own_change(row: dict, variants: dict) -> dict:
@@ -273,8 +273,9 @@ def _reference_label(row: dict, variants: dict) -> str:
 def render(doc: dict) -> None:
     lines = ["| variant | changes (vs the reference row) | clean % | PGD-10 % | Δ clean / Δ PGD vs row | ops ratio | "
              "streams (of 16/32/64) | ops ratio per epoch |", "|---|---|---:|---:|---:|---:|---|---|"]
+    tables = table_rows(r.get("reference_table", MAIN.table) for r in doc["runs"].values())
     for name, r in doc["runs"].items():
-        ref = doc["runs"].get(r["reference"]) or table_rows(r.get("reference_table", MAIN.table)).get(r["reference"])
+        ref = doc["runs"].get(r["reference"]) or tables[r.get("reference_table", MAIN.table)].get(r["reference"])
         delta = "–" if ref is None else f"{100 * (r['clean'] - ref['clean']):+.2f} / {100 * (r['pgd10'] - ref['pgd10']):+.2f}"
         recipe_change = ", ".join(f"{k} {v}" for k, v in _own_change(r, doc["runs"]).items())
         change = f"seed {r['seed']}" if r["seed"] else recipe_change or _whole_recipe_change(r)
