@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rcomp import __version__
-from rcomp.config import Field, Invalid, integer, number, read_yaml, validate
+from rcomp.config import Field, Invalid, boolean, integer, number, read_yaml, validate
 from rcomp.errors import RcompError
 
 
@@ -82,31 +82,40 @@ def _recipe_schema() -> dict[str, Field]:
     return schema
 
 
+def _eps_checker(name: str):
+    def check_eps(value):
+        try:
+            return parse_eps(value if isinstance(value, str) else float(value), name)
+        except (RcompError, TypeError, ValueError):
+            raise Invalid("a number in (0, 1] such as 8/255") from None
+    return check_eps
+
+
+#: Recipe keys whose valid range is not the one their type implies (a positive number, a
+#: fraction in (0, 1] for ``*_fraction`` and targets, a non-negative integer).
+_RANGE_EXCEPTIONS = {
+    "finetune_epochs": integer(ge=1),
+    "momentum": number(ge=0),
+    "mask_momentum": number(ge=0),
+    "weight_decay": number(ge=0),
+    "co_drop": number(ge=0),
+}
+_FRACTION_SUFFIXES = ("fraction", "target_ops", "target_params")
+
+
 def _checker_for(name: str, default: Any):
-    if name == "eps" or name == "alpha":
-        def check_eps(value):
-            try:
-                return parse_eps(value if isinstance(value, str) else float(value), name)
-            except (RcompError, TypeError, ValueError):
-                raise Invalid("a number in (0, 1] such as 8/255") from None
-        return check_eps
-    if name == "finetune_epochs":
-        return integer(ge=1)
+    """The recipe check of one TrainConfig key: its range exception if it has one, else the check
+    its default's type implies (strings pass through to TrainConfig.validate, which knows the choices)."""
+    if name in ("eps", "alpha"):
+        return _eps_checker(name)
+    if name in _RANGE_EXCEPTIONS:
+        return _RANGE_EXCEPTIONS[name]
     if isinstance(default, bool):
-        def check_bool(value):
-            if not isinstance(value, bool):
-                raise Invalid("true or false")
-            return value
-        return check_bool
-    if isinstance(default, int) and not isinstance(default, bool):
-        def check_int(value):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise Invalid("a non-negative integer")
-            return value
-        return check_int
+        return boolean()
+    if isinstance(default, int):
+        return integer(ge=0)
     if isinstance(default, float):
-        bounds = {"le": 1.0} if name.endswith(("fraction", "target_ops", "target_params")) else {}
-        return number(gt=0, **bounds) if name not in ("momentum", "mask_momentum", "weight_decay", "co_drop") else number(ge=0)
+        return number(gt=0, le=1.0) if name.endswith(_FRACTION_SUFFIXES) else number(gt=0)
     if isinstance(default, str) or default is None:
         def check_text(value):
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
