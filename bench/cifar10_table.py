@@ -59,7 +59,8 @@ INTRAIN_RECIPE = HERE / "recipes" / "intrain.yaml"  # what the in-train rows cha
 POST_METHODS = ("posttrain", "rl")
 DATA = f"imagefolder:{(REPO.parent / 'shared' / 'datasets' / 'cifar10-jpeg')}"
 
-# name → (model, method, ops target); the order is the order of the table.
+# name → (model, method, ops target); the order is the order of the table. A row held to a params
+# budget instead has ops target None and its budget in PARAMS_BUDGETS_M.
 RUNS = {
     "r20-dense": ("resnet20", "dense", None),
     "r20-intrain-0.7": ("resnet20", "intrain", 0.7),
@@ -77,8 +78,13 @@ RUNS = {
     "r56-intrain-0.3": ("resnet56", "intrain", 0.3),
     "r56-posttrain-0.3": ("resnet56", "posttrain", 0.3),
     "vgg16-dense": ("vgg16", "dense", None),
-    "vgg16-intrain-0.3": ("vgg16", "intrain", 0.3),
+    "vgg16-intrain-5.51M": ("vgg16", "intrain", None),
 }
+
+# Rows held to an absolute params budget (millions): the poster's VGG-16 row is "5.51 M params" of
+# its 15 M (PGD-50: 82.54 / 38.36), a params budget and no ops target, so the row asks for the same
+# absolute count of this repository's VGG-16 (rcomp train takes a fraction of the dense params).
+PARAMS_BUDGETS_M = {"vgg16-intrain-5.51M": 5.51}
 
 # rcomp train options of a variant row: its name's base run with one thing changed. ×8: every
 # channel group keeps a multiple of 8 channels (or all), the widths onnxruntime's blocked CPU
@@ -128,6 +134,8 @@ def train_command(name: str, args) -> list[str]:
            "--method", method, "--no-progress"]
     if target is not None:
         cmd += ["--target-ops", str(target)]
+    if name in PARAMS_BUDGETS_M:
+        cmd += ["--target-params", str(params_fraction(model, PARAMS_BUDGETS_M[name]))]
     if args.attack_labels is not None:
         cmd += ["--attack-labels", args.attack_labels]
     if method == "intrain":
@@ -142,6 +150,18 @@ def train_command(name: str, args) -> list[str]:
     if partial_dir(name).exists():
         cmd.append("--resume")
     return cmd
+
+
+def params_fraction(model: str, millions: float) -> float:
+    """``millions`` of params as a fraction of ``model``'s dense count (fvcore), rounded down to four
+    digits so the budget never exceeds the absolute figure."""
+    import math
+
+    from rcomp.count import count_model
+    from rcomp.models import create_model
+
+    dense = count_model(create_model(model, num_classes=10), (3, 32, 32)).params
+    return math.floor(millions * 1e6 / dense * 1e4) / 1e4
 
 
 def _env(threads: int) -> dict:
@@ -391,7 +411,8 @@ def collect(names: list[str], args) -> dict:
         ev = evaluate_one(name, args)
         acc10, acc50 = ev["pgd10"]["accuracy"], ev["pgd50"]["accuracy"]
         rows[name] = {
-            "model": model, "method": method, "target_ops": target, "epochs": t["recipe"]["epochs"],
+            "model": model, "method": method, "target_ops": target, "target_params": t["recipe"].get("target_params"),
+            "epochs": t["recipe"]["epochs"],
             "clean": acc10["clean"], "pgd10": next(v for k, v in acc10.items() if k.startswith("pgd-")),
             "pgd50": next(v for k, v in acc50.items() if k.startswith("pgd-50")), "pgd50_n": ev["pgd50"]["n"], "pgd50_subset": ev["pgd50"].get("subset"),
             "pgd10_same_n": next(v for k, v in acc50.items() if k.startswith("pgd-") and not k.startswith("pgd-50")),

@@ -43,14 +43,14 @@ def _worst(row: dict) -> str:
 
 def cifar10_table(doc: dict) -> str:
     poster = doc.get("poster", {})
-    rows = ["| run | method | target ops | epochs | clean % | PGD-10 % | PGD-50×r % (PGD-10, same n) | ops ratio | "
+    rows = ["| run | method | target | epochs | clean % | PGD-10 % | PGD-50×r % (PGD-10, same n) | ops ratio | "
             "params ratio | wall time | × dense FastAT | of it: prune / search | ONNX latency ratio | poster clean / PGD |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in _in_table_order(doc["runs"]):
         lat = r.get("latency_ratio_p50")
         ref = poster.get(name)
         rows.append(
-            f"| {name} | {_method(r)} | {r['target_ops'] or 1.0} | {_epochs(r)} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
+            f"| {name} | {_method(r)} | {_target(r)} | {_epochs(r)} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | "
             f"{_pct(r['pgd50'])} ({_pct(r.get('pgd10_same_n'))}, n={r['pgd50_n']}{_worst(r)}) | {r['ops_ratio']:.3f} | {r['params_ratio']:.3f} | "
             f"{_wall(r)} | {_cost(r)} | {_search(r)} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {_poster(ref)} |"
@@ -101,8 +101,18 @@ def _epochs(r: dict) -> str:
     return f"{r['epochs']} + {r['finetune_epochs']}" if r.get("finetune_epochs") else str(r["epochs"])
 
 
+def _target(r: dict) -> str:
+    """The ops fraction a row was pruned to, or its params fraction for a row held to a params budget."""
+    if r.get("target_ops") is None and r.get("target_params") is not None:
+        return f"params {r['target_params']}"
+    return str(r["target_ops"] or 1.0)
+
+
 def _poster(ref) -> str:
-    return "–" if ref is None else f"{ref[0]:.2f} / {ref[1]:.2f}"
+    """Clean / PGD; a third entry names the poster's attack where it is not the table's PGD-10."""
+    if ref is None:
+        return "–"
+    return f"{ref[0]:.2f} / {ref[1]:.2f}" + (f" ({ref[2]})" if len(ref) > 2 else "")
 
 
 def _in_table_order(runs: dict) -> list[tuple[str, dict]]:

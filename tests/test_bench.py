@@ -282,3 +282,23 @@ def test_an_own_schedule_row_renders_as_a_variant_with_both_epoch_counts(render)
     assert [line.split(" | ")[:4] for line in lines] == [["| r20-posttrain-0.3", "posttrain", "0.3", "6"],
                                                          ["| r20-posttrain-0.3-natural", "posttrain, own schedule", "0.3", "6 + 2"]]
     assert "64.00" not in render.methods_side_by_side(doc)
+
+
+def test_a_params_budget_row_asks_for_the_posters_absolute_count_and_renders_its_target(table, render):
+    """vgg16-intrain-5.51M: the poster's VGG-16 row is 5.51 M params, no ops target; the command asks
+    for that many of this VGG-16's params (a fraction rounded down), the table shows it as the row's target."""
+    args = SimpleNamespace(**vars(ARGS), data="imagefolder:x", attack_labels=None, rl_episodes=None)
+    cmd = table.train_command("vgg16-intrain-5.51M", args)
+    fraction = float(cmd[cmd.index("--target-params") + 1])
+    assert "--target-ops" not in cmd and cmd[cmd.index("--model") + 1] == "vgg16"
+    from rcomp.count import count_model
+    from rcomp.models import create_model
+
+    dense = count_model(create_model("vgg16", num_classes=10), (3, 32, 32)).params
+    assert 5.51e6 - 0.0001 * dense < fraction * dense <= 5.51e6
+
+    row = dict(model="vgg16", method="intrain", target_ops=None, target_params=fraction, epochs=6, clean=0.6,
+               pgd10=0.3, pgd50=0.3, pgd50_n=500, ops_ratio=0.4, params_ratio=0.37, wall_seconds=600.0)
+    doc = {"runs": {"vgg16-intrain-5.51M": row}, "poster": {"vgg16-intrain-5.51M": [82.54, 38.36, "PGD-50"]}}
+    cells = render.cifar10_table(doc).splitlines()[2].split(" | ")
+    assert cells[2] == f"params {fraction}" and cells[-1] == "82.54 / 38.36 (PGD-50) |"
