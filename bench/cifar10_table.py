@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+from rcomp.pipeline import POST_METHODS  # the methods that share a dense phase here
 from rcomp.reports import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +57,6 @@ RUNS_DIR = HERE / "runs"  # training folders, logs, locks (not committed)
 MODELS = HERE / "models"  # finished models, committed: re-evaluable on a held-out split
 SHARED = HERE / "shared"  # finished dense phases of the post-train methods, committed
 INTRAIN_RECIPE = HERE / "recipes" / "intrain.yaml"  # what the in-train rows change from rcomp's defaults
-POST_METHODS = ("posttrain", "rl")
 DATA = f"imagefolder:{(REPO.parent / 'shared' / 'datasets' / 'cifar10-jpeg')}"
 
 # name → (model, method, ops target); the order is the order of the table. A row held to a params

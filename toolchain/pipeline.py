@@ -216,7 +216,7 @@ POST_METHODS = ("posttrain", "rl")
 def _check_method(method: str, values: dict, has_budget: bool) -> None:
     if method == "dense" and has_budget:
         raise RcompError("--method dense takes no budget: drop --target-ops/--target-params/--profile budgets, or use --method intrain")
-    if method in ("intrain", "posttrain", "rl") and not has_budget:
+    if method in ("intrain", *POST_METHODS) and not has_budget:
         raise RcompError(f"--method {method} needs a budget: --target-ops, --target-params or a --profile with budgets")
     if method in POST_METHODS and values.get("regularity") == "weight":
         raise RcompError(f"--method {method} prunes channels; --regularity weight is in-train only")
