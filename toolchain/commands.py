@@ -10,6 +10,7 @@ import click
 
 from rcomp.cli import EXIT_FAIL, EXIT_OK, cli, parse_shape
 from rcomp.errors import RcompError
+from rcomp.pipeline import METHODS
 
 _DATA_HELP = (
     "Data spec: digits (default, bundled with scikit-learn), synthetic, cifar10:DIR, "
@@ -63,7 +64,7 @@ def _job_from_options(opts: dict, profile, out: str, method: str):
 @cli.command()
 @click.option("--profile", "profile_ref", required=True, help="Hardware profile: a YAML path or a name in profiles/.")
 @click.option("--out", default=None, help="Output folder [runs/<profile>-<model>].")
-@click.option("--method", type=click.Choice(["intrain", "posttrain", "rl", "dense"]), default="intrain", show_default=True, help="In-train pruning (the poster), post-train magnitude pruning + fine-tuning, AMC-style RL post-train pruning with a KL robustness reward (the poster's comparison) + fine-tuning, or no pruning.")
+@click.option("--method", type=click.Choice(METHODS), default="intrain", show_default=True, help="In-train pruning (the poster), post-train magnitude pruning + fine-tuning, AMC-style RL post-train pruning with a KL robustness reward (the poster's comparison) + fine-tuning, or no pruning.")
 @click.option("--attack-set-size", type=click.IntRange(min=1), default=500, show_default=True, help="Validation images in the shipped PGD attack set.")
 @click.option("--square-queries", type=click.IntRange(min=0), default=0, show_default=True, help="Square-attack queries against the ORT session (0 = transfer attack only).")
 @click.option("--latency-runs", type=click.IntRange(min=5), default=200, show_default=True)
@@ -102,7 +103,7 @@ def prune(profile_ref, out, method, attack_set_size, square_queries, latency_run
 @cli.command()
 @click.option("--out", required=True, help="Output folder (model.pt, train.json, checkpoints/).")
 @click.option("--profile", "profile_ref", default=None, help="Take the budget from a hardware profile.")
-@click.option("--method", type=click.Choice(["intrain", "posttrain", "rl", "dense"]), default=None, help="intrain, posttrain, rl (AMC search + fine-tuning) or dense. Default: intrain when a budget is given, else dense.")
+@click.option("--method", type=click.Choice(METHODS), default=None, help="intrain, posttrain, rl (AMC search + fine-tuning) or dense. Default: intrain when a budget is given, else dense.")
 @_training_options
 def train(out, profile_ref, method, **opts):
     """Train a model: dense or pruned in-train, robust (FastAT / N-FGSM) or plain.

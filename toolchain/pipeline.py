@@ -211,6 +211,8 @@ def _merge_profile_channel_multiple(values: dict, profile) -> None:
 #: The methods that train dense, prune once, then fine-tune: they remove their channels themselves,
 #: charge a resumed phase its logged epochs, and alone take --finetune-epochs.
 POST_METHODS = ("posttrain", "rl")
+#: Every --method the CLI offers, in-train (the poster) first.
+METHODS = ("intrain", *POST_METHODS, "dense")
 
 
 def _check_method(method: str, values: dict, has_budget: bool) -> None:
