@@ -100,6 +100,7 @@ POSTER = {  # clean / PGD from the poster (Fast AT + In-train, Fast AT + RLPrune
     "r20-dense": (81.52, 40.65), "r20-intrain-0.7": (80.63, 39.27), "r20-intrain-0.5": (80.32, 40.14),
     "r20-intrain-0.3": (72.88, 34.33), "r20-rl-0.7": (78.89, 40.39), "r20-rl-0.5": (77.11, 39.65),
     "r20-rl-0.3": (66.97, 33.89), "r56-dense": (84.03, 38.45), "r56-intrain-0.3": (83.40, 36.89),
+    "vgg16-intrain-5.51M": (82.54, 38.36),
 }
 
 
