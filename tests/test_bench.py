@@ -1,6 +1,7 @@
 """The CIFAR-10 sweep's bookkeeping: run locks, the shared dense phase, cost ratios (no training here)."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -176,7 +177,10 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
         else:
             assert "--recipe" not in cmd
         reference = variant.reference()
-        assert reference in ablation.VARIANTS or reference.startswith(("r20-dense", "r20-intrain-", "r20-posttrain-"))
+        table_rows = json.loads(variant.sweep.results().read_text())["runs"]
+        assert reference in ablation.VARIANTS or reference in table_rows, (name, reference)
+        assert cmd[cmd.index("--model") + 1] == variant.model
+        assert ("--target-params" in cmd) == (variant.params_m is not None)
         assert reference != name
         other = ablation.VARIANTS.get(reference)
         if other is not None:  # one change against that variant: its recipe or its seed, same method
