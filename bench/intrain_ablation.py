@@ -128,8 +128,8 @@ MASK_MOMENTUM_RECIPE = {"mask_momentum": 0.99, "mask_lr_scale": 0.1}
 #: gradient, so the cheap-in-params early convolutions went to the floor. rcomp's default 0.5 makes
 #: a unit's budget gradient grow with its cost (here: its params).
 VGG_COST = "a params budget that favours cutting parameter-heavy units: cost exponent 0.5 (rcomp's default)"
-#: The same run undershot to 0.15 of the params by epoch 4 and stood at 0.59 at the freeze: the
-#: multiplier's step, tuned on ResNet20's ops, is too large for VGG16's few wide layers.
+#: The same run undershot to 0.15 of the params by epoch 4 and stood at 0.59 at the freeze; the
+#: suspect is the multiplier's step, tuned on ResNet20's ops, against VGG16's few wide layers.
 VGG_DUAL = "a slower budget controller against the overshoot: dual step 0.01 instead of 0.05"
 VGG_ROW = dict(sweep=PREDICTED, model="vgg16", params_m=5.51, ref="vgg16-intrain-5.51M")
 
