@@ -211,14 +211,16 @@ def _merge_profile_channel_multiple(values: dict, profile) -> None:
 #: The methods that train dense, prune once, then fine-tune: they remove their channels themselves,
 #: charge a resumed phase its logged epochs, and alone take --finetune-epochs.
 POST_METHODS = ("posttrain", "rl")
-#: Every --method the CLI offers, in-train (the poster) first.
-METHODS = ("intrain", *POST_METHODS, "dense")
+#: The methods that prune, so need a budget: in-train (the poster) first.
+BUDGETED_METHODS = ("intrain", *POST_METHODS)
+#: Every --method the CLI offers.
+METHODS = (*BUDGETED_METHODS, "dense")
 
 
 def _check_method(method: str, values: dict, has_budget: bool) -> None:
     if method == "dense" and has_budget:
         raise RcompError("--method dense takes no budget: drop --target-ops/--target-params/--profile budgets, or use --method intrain")
-    if method in ("intrain", *POST_METHODS) and not has_budget:
+    if method in BUDGETED_METHODS and not has_budget:
         raise RcompError(f"--method {method} needs a budget: --target-ops, --target-params or a --profile with budgets")
     if method in POST_METHODS and values.get("regularity") == "weight":
         raise RcompError(f"--method {method} prunes channels; --regularity weight is in-train only")
