@@ -13,7 +13,7 @@ the yardstick for every other difference.
 Every variant is an ``rcomp train`` run into ``bench/runs/ablation/<name>/`` (resumable, complete runs
 are skipped), evaluated with ``rcomp eval`` (clean and PGD-10 on the 5,000-image validation split).
 Results go to ``bench/results/intrain_ablation.json`` with the command, commit, machine and date,
-the ops ratio per epoch and the final model's widths (a ResNet's residual streams, a VGG's every
+the ops ratio per epoch (and the params ratio, which a params budget steers) and the final model's widths (a ResNet's residual streams, a VGG's every
 convolution).
 
     python bench/intrain_ablation.py --only r20-intrain-0.5-seed1,r20-dense-seed1 --jobs 2
@@ -243,6 +243,8 @@ def collect(name: str) -> dict | None:
         "epochs": t["recipe"]["epochs"], "clean": acc["clean"],
         "pgd10": next(val for k, val in acc.items() if k.startswith("pgd-")), "ops_ratio": t["macs"] / t["dense_macs"],
         "ops_ratio_per_epoch": [h["ops_ratio"] for h in t["history"]] if v.method == "intrain" else None,
+        "params_ratio": t["params"] / t["dense_params"],
+        "params_ratio_per_epoch": [h["params_ratio"] for h in t["history"]] if v.method == "intrain" else None,
         "val500_clean_per_epoch": [h["val_clean"] for h in t["history"]],
         "epochs_log": epochs_log(t["history"]),
         "model": v.model, "target_params": t["recipe"].get("target_params"),
@@ -305,18 +307,29 @@ def _reference_label(row: dict, variants: dict) -> str:
     return f"{row['reference']} of {table}, {row['epochs']} epochs"
 
 
+def budget_cells(row: dict) -> tuple[str, str]:
+    """The final ops ratio and the budgeted ratio per epoch: a params-budget row is steered by its
+    params, so it shows those too, and its ops ratio alone would hide whether it met its target."""
+    params_budget = row.get("target_params") is not None
+    final = f"{row['ops_ratio']:.3f}" + (f" (params {row['params_ratio']:.3f})" if params_budget else "")
+    series = row.get("params_ratio_per_epoch") if params_budget else row["ops_ratio_per_epoch"]
+    per_epoch = " → ".join(f"{x:.2f}" for x in series) if series else "–"
+    return final, f"params {per_epoch}" if params_budget and series else per_epoch
+
+
 def render(doc: dict) -> None:
     lines = ["| variant | changes (vs the reference row) | clean % | PGD-10 % | Δ clean / Δ PGD vs row | ops ratio | "
-             "widths: ResNet20 streams (of 16/32/64), VGG16 convolutions | ops ratio per epoch |", "|---|---|---:|---:|---:|---:|---|---|"]
+             "widths: ResNet20 streams (of 16/32/64), VGG16 convolutions | budgeted ratio per epoch (ops, or params where named) |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
     tables = table_rows(r.get("reference_table", MAIN.table) for r in doc["runs"].values())
     for name, r in doc["runs"].items():
         ref = doc["runs"].get(r["reference"]) or tables[r.get("reference_table", MAIN.table)].get(r["reference"])
         delta = "–" if ref is None else f"{100 * (r['clean'] - ref['clean']):+.2f} / {100 * (r['pgd10'] - ref['pgd10']):+.2f}"
         recipe_change = ", ".join(f"{k} {v}" for k, v in _own_change(r, doc["runs"]).items())
         change = f"seed {r['seed']}" if r["seed"] else recipe_change or _whole_recipe_change(r)
-        per_epoch = " → ".join(f"{x:.2f}" for x in r["ops_ratio_per_epoch"]) if r["ops_ratio_per_epoch"] else "–"
+        final, per_epoch = budget_cells(r)
         lines.append(f"| {name} | {change} (vs {_reference_label(r, doc['runs'])}) | {_pct(r['clean'])} | {_pct(r['pgd10'])} | {delta} | "
-                     f"{r['ops_ratio']:.3f} | {'/'.join(map(str, r.get('stream_widths') or r['conv_widths']))} | {per_epoch} |")
+                     f"{final} | {'/'.join(map(str, r.get('stream_widths') or r['conv_widths']))} | {per_epoch} |")
     body = "\n".join(lines) + "\n\n" + _provenance(doc, RESULTS) + "\n" + "".join(
         f"\n- {name}: trained by `{s['command']}` at commit `{s['commit'][:10]}`{' (uncommitted changes)' if s.get('dirty') else ''}, {s['started']}."
         for name, r in doc["runs"].items() for s in (r.get("trained_by") or []))

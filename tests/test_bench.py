@@ -228,6 +228,16 @@ def test_an_ablation_another_process_trains_is_skipped_not_started_twice(ablatio
     assert started == [] and not (ablation.RUNS_DIR / f"{name}.provenance.json").exists()
 
 
+def test_a_params_budget_variant_shows_the_params_it_was_steered_by(ablation):
+    ops_row = dict(target_params=None, ops_ratio=0.5, params_ratio=0.62, ops_ratio_per_epoch=[1.0, 0.5],
+                   params_ratio_per_epoch=[1.0, 0.62])
+    assert ablation.budget_cells(ops_row) == ("0.500", "1.00 → 0.50")
+    params_row = {**ops_row, "target_params": 0.374, "ops_ratio": 0.242, "params_ratio": 0.3741}
+    assert ablation.budget_cells(params_row) == ("0.242 (params 0.374)", "params 1.00 → 0.62")
+    older = {k: v for k, v in params_row.items() if k != "params_ratio_per_epoch"}  # rows collected before the key
+    assert ablation.budget_cells(older)[1] == "–"
+
+
 def test_dense_phases_trained_from_other_attack_labels_are_not_shared(table):
     true_labels = table._phase_key("r20-posttrain-0.3", ARGS)
     assert true_labels == "resnet20-e6-nfgsm-lr0.2-seed0"  # the phases already in bench/shared keep their names
