@@ -13,8 +13,8 @@ the yardstick for every other difference.
 Every variant is an ``rcomp train`` run into ``bench/runs/ablation/<name>/`` (resumable, complete runs
 are skipped), evaluated with ``rcomp eval`` (clean and PGD-10 on the 5,000-image validation split).
 Results go to ``bench/results/intrain_ablation.json`` with the command, commit, machine and date,
-the ops ratio per epoch (and the params ratio, which a params budget steers) and the final model's widths (a ResNet's residual streams, a VGG's every
-convolution).
+the ops ratio per epoch (and the params ratio, which a params budget steers) and the final model's
+widths (a ResNet's residual streams, a VGG's every convolution).
 
     python bench/intrain_ablation.py --only r20-intrain-0.5-seed1,r20-dense-seed1 --jobs 2
     python bench/intrain_ablation.py --render
