@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import pickle
 import re
 import zipfile
@@ -33,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from rcomp.errors import CheckpointError, RcompError
 from rcomp.masks import ChannelMasks, MaskedModel, WeightMasks, _ChannelHook, build_dependency_graph
+from rcomp.reports import write_bytes_atomic
 
 FORMAT = "rcomp.pruned/1"
 
@@ -190,26 +190,6 @@ def _plain_kwargs(kwargs: dict) -> dict:
     return out
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    try:
-        from rcomp.reports import write_bytes_atomic
-    except ImportError:  # pragma: no cover - reports is part of the package
-        write_bytes_atomic = None
-    if write_bytes_atomic is not None:
-        write_bytes_atomic(path, data)
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_pruned(
     path,
     pruned: PrunedModel,
@@ -237,7 +217,7 @@ def save_pruned(
     torch.save(ckpt, buf)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _state_dict_mismatch(model: nn.Module, state: dict) -> str:
