@@ -165,6 +165,13 @@ def params_fraction(model: str, millions: float) -> float:
     return math.floor(millions * 1e6 / dense * 1e4) / 1e4
 
 
+def conv_widths(model) -> list[int]:
+    """The output channels of every convolution, in order: the architecture a pruning run chose."""
+    import torch
+
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
 def _env(threads: int) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

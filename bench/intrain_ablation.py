@@ -34,8 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cifar10_table import (DATA, INTRAIN_RECIPE, PARAMS_BUDGETS_M, REPO, _env, commit, epochs_log,  # noqa: E402
-                          machine, params_fraction, record_provenance, run_lock)
+from cifar10_table import (DATA, INTRAIN_RECIPE, PARAMS_BUDGETS_M, REPO, _env, commit, conv_widths,  # noqa: E402
+                          epochs_log, machine, params_fraction, record_provenance, run_lock)
 from render import _pct, _provenance, replace_section  # noqa: E402
 
 from rcomp.reports import write_json_atomic  # noqa: E402
@@ -217,15 +217,13 @@ def run(name: str, data: str) -> None:
 def widths(model_path: Path, model_name: str) -> dict[str, list[int]]:
     """A CIFAR ResNet's three residual streams (stages 1-3), where its pruning has hurt most; any
     other model's every convolution, in order."""
-    import torch
-
     from rcomp.surgery import load_pruned
 
     model, _ = load_pruned(model_path)
     if model_name.startswith("resnet"):
         modules = dict(model.named_modules())
         return {"stream_widths": [modules[k].out_channels for k in ("net.conv1", "net.layer2.0.conv2", "net.layer3.0.conv2")]}
-    return {"conv_widths": [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]}
+    return {"conv_widths": conv_widths(model)}
 
 
 def collect(name: str) -> dict | None:
@@ -276,7 +274,7 @@ def magnitude_under_both_floors(targets=(0.5, 0.3)) -> dict:
             model.load_state_dict(state)
             config = TrainConfig(regularity="channel", target_ops=target, min_keep=floor)
             pruned, _ = prune_by_magnitude(model.eval(), config, torch.zeros(1, 3, 32, 32))
-            widths[str(floor)] = [m.out_channels for m in pruned.model.modules() if isinstance(m, torch.nn.Conv2d)]
+            widths[str(floor)] = conv_widths(pruned.model)
         out[str(target)] = {"conv_widths": widths, "same": widths["0.2"] == widths["0.4"]}
     return out
 

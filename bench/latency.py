@@ -25,7 +25,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cifar10_table import commit, machine  # noqa: E402
+from cifar10_table import commit, conv_widths, machine  # noqa: E402
 from render import replace_section  # noqa: E402
 
 from rcomp.count import count_model  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
             export_onnx(model, SHAPE, paths[name], opset=17, metadata={})
             macs = count_model(model, SHAPE).macs
             rows[name] = {"macs": macs, "ops_ratio": macs / dense_macs,
-                          "conv_widths": [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]}
+                          "conv_widths": conv_widths(model)}
         for threads in (int(t) for t in args.threads.split(",")):
             sessions = {n: make_session(str(pth), threads=threads, graph_optimization="all") for n, pth in paths.items()}
             stats = compare_latency(sessions, SHAPE, runs=args.runs, warmup=50, rounds=10)
