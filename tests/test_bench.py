@@ -238,6 +238,16 @@ def test_a_params_budget_variant_shows_the_params_it_was_steered_by(ablation):
     assert ablation.budget_cells(older)[1] == "–"
 
 
+def test_a_repeated_row_says_where_it_was_trained_again(ablation):
+    """A rerun changes no key, so the change column must say what differs: when or where it ran."""
+    here = ablation.VARIANTS["r20-intrain-0.5-rerun-predicted"]
+    row = {"recipe_base": "table", "repeat": here.repeat}
+    assert ablation._whole_recipe_change(row) == f"nothing: the same command, {here.repeat}"
+    collected_before_the_key = {"recipe_base": "table"}
+    assert "after the seed fix" in ablation._whole_recipe_change(collected_before_the_key)
+    assert ablation.VARIANTS["r20-intrain-0.5-cost0.5"].reference() == "r20-intrain-0.5-rerun-predicted"
+
+
 def test_dense_phases_trained_from_other_attack_labels_are_not_shared(table):
     true_labels = table._phase_key("r20-posttrain-0.3", ARGS)
     assert true_labels == "resnet20-e6-nfgsm-lr0.2-seed0"  # the phases already in bench/shared keep their names
