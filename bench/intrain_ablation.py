@@ -134,7 +134,8 @@ VGG_DUAL = "a slower budget controller against the overshoot: dual step 0.01 ins
 #: The predicted-label table's ResNet20 rows were trained on an earlier machine, and seed-0 runs here
 #: already differ from them after epoch 1 (38.6 / 14.6 against 39.0 / 13.4 on the 500-image subset):
 #: the same rows again here are the paired reference of the seed-0 variants trained on this machine.
-RERUN_HERE = "the row again on the machine of the mask-momentum and cost-exponent variants, to pair them step for step"
+RERUN_HERE = ("the row again on the machine of the mask-momentum and cost-exponent variants: their paired reference, "
+              "and the issue's aims read off one machine's runs")
 ON_THIS_MACHINE = "on the machine that trained the mask-momentum and cost-exponent variants"
 #: The bench recipe's exponent 1.0 was chosen for ResNet20 on the FGSM-RS recipe that later proved
 #: to leak labels; on the predicted-label recipe only VGG16 has been tried with 0.5 (+3.3 clean).
@@ -168,6 +169,8 @@ VARIANTS = {
         "freeze", {"freeze_fraction": 0.6, "warmup_fraction": 0.1}, ref="r20-intrain-0.5-e15-freeze0.6", sweep=E15),
     "r20-intrain-0.5-maskmom0.99": Variant("intrain", 0.5, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-intrain-0.3-maskmom0.99": Variant("intrain", 0.3, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
+    "r20-dense-rerun-predicted": Variant("dense", None, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),
+    "r20-posttrain-0.3-rerun-predicted": Variant("posttrain", 0.3, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),
     "r20-intrain-0.5-rerun-predicted": Variant("intrain", 0.5, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),
     "r20-intrain-0.3-rerun-predicted": Variant("intrain", 0.3, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),
     "r20-intrain-0.5-cost0.5": Variant("intrain", 0.5, R20_COST, {"cost_exponent": 0.5}, sweep=PREDICTED,
