@@ -110,6 +110,7 @@ RESTART_RECIPE = {"freeze_fraction": 0.6667, "lr_restart": True}
 #: weights; since then every seed-0 run starts from the same ones, so a variant compared against this
 #: re-run differs from it in its one change only (same init, data order and attack noise).
 RERUN = "the row again, trained after the seed fix: the same initial weights as every later seed-0 variant"
+AFTER_SEED_FIX = "trained after the seed fix (955694e)"
 
 #: At 15 epochs the masks freeze at epoch 12 and still flip 6-8 % of their units per epoch until then;
 #: in-train trails dense by 4-10 points while the budget comes down and recovers to 2.2 in the three
@@ -139,8 +140,8 @@ RERUN_HERE = ("the row again on the machine of the mask-momentum and cost-expone
 ON_THIS_MACHINE = "on the machine that trained the mask-momentum and cost-exponent variants"
 #: The bench recipe's exponent 1.0 was chosen for ResNet20 on the FGSM-RS recipe that later proved
 #: to leak labels; on the predicted-label recipe only VGG16 has been tried with 0.5 (+3.3 clean).
-#: Under an ops budget 0.5 puts sqrt(cost) more pressure on a residual-stream channel (~14x the
-#: ops of a block channel) than on a block channel, where 1.0 treats them alike.
+#: Under an ops budget 0.5 puts sqrt(14) ~ 3.7x the budget pressure of a block channel on a
+#: residual-stream channel (~14x its ops), where 1.0 treats them alike.
 R20_COST = "cost-aware budget gradient on the predicted-label recipe: cost exponent 0.5 (rcomp's default)"
 VGG_ROW = dict(sweep=PREDICTED, model="vgg16", params_m=PARAMS_BUDGETS_M["vgg16-intrain-5.51M"], ref="vgg16-intrain-5.51M")
 
@@ -162,7 +163,7 @@ VARIANTS = {
     "r20-intrain-0.3-restart": Variant("intrain", 0.3, RESTART, RESTART_RECIPE),
     "r20-intrain-0.3-seed1-bench": Variant("intrain", 0.3, "seed noise: in-train 0.3 (bench recipe), seed 1", seed=1),
     "r20-posttrain-0.3-seed1": Variant("posttrain", 0.3, "seed noise: magnitude post-train 0.3, seed 1", seed=1),
-    "r20-intrain-0.3-rerun": Variant("intrain", 0.3, RERUN, repeat="trained after the seed fix (955694e)"),
+    "r20-intrain-0.3-rerun": Variant("intrain", 0.3, RERUN, repeat=AFTER_SEED_FIX),
     "r20-intrain-0.5-e15-freeze0.6": Variant("intrain", 0.5, EARLY_FREEZE, {"freeze_fraction": 0.6}, sweep=E15),
     "r20-intrain-0.5-e15-freeze0.6-warmup0.1": Variant(
         "intrain", 0.5, "the budget reached in 1.5 epochs instead of 3, so the masks settle at the target before the "
@@ -301,7 +302,7 @@ def magnitude_under_both_floors(targets=(0.5, 0.3)) -> dict:
 def _whole_recipe_change(row: dict) -> str:
     if row.get("recipe_base") == "defaults":
         return "rcomp's defaults instead of the bench recipe"
-    return f"nothing: the same command, {row.get('repeat') or 'trained after the seed fix (955694e)'}"
+    return f"nothing: the same command, {row.get('repeat') or AFTER_SEED_FIX}"  # rows collected before the key
 
 
 def table_rows(tables) -> dict[str, dict]:
