@@ -78,6 +78,7 @@ class Variant:
     sweep: Sweep = MAIN  # the reference row's table: its epochs and attack labels are this variant's too
     model: str = "resnet20"
     params_m: float | None = None  # an absolute params budget (millions), as the table's params rows ask
+    arch: str | None = None  # a pruned model (path in the repo) whose widths this dense run trains from scratch
 
     def reference(self) -> str:
         """The row this variant differs from in one thing (a table row or another variant)."""
@@ -143,6 +144,12 @@ ON_THIS_MACHINE = "on the machine that trained the mask-momentum and cost-expone
 #: Under an ops budget 0.5 puts sqrt(14) ~ 3.7x the budget pressure of a block channel on a
 #: residual-stream channel (~14x its ops), where 1.0 treats them alike.
 R20_COST = "cost-aware budget gradient on the predicted-label recipe: cost exponent 0.5 (rcomp's default)"
+#: Does in-train pruning's process cost the accuracy it trails dense by, or do its final widths? The
+#: table's pruned models trained again as plain dense networks of their final widths, from the
+#: initial weights of the same seed cut to those widths (Liu et al. 2019: structured pruning's value
+#: often lies in the architecture it finds); same epochs, recipe and attack, no masks, no budget.
+SCRATCH = "the final architecture alone: the reference row's widths trained densely from the start (--arch-from)"
+SCRATCH_ROW = dict(sweep=PREDICTED)
 VGG_ROW = dict(sweep=PREDICTED, model="vgg16", params_m=PARAMS_BUDGETS_M["vgg16-intrain-5.51M"], ref="vgg16-intrain-5.51M")
 
 VARIANTS = {
@@ -178,6 +185,14 @@ VARIANTS = {
                                        ref="r20-intrain-0.5-rerun-predicted"),
     "r20-intrain-0.3-cost0.5": Variant("intrain", 0.3, R20_COST, {"cost_exponent": 0.5}, sweep=PREDICTED,
                                        ref="r20-intrain-0.3-rerun-predicted"),
+    "r20-scratch-intrain-0.5": Variant("dense", None, SCRATCH, ref="r20-intrain-0.5", **SCRATCH_ROW,
+                                       arch="bench/models/cifar10_table_predicted/r20-intrain-0.5.pt"),
+    "r20-scratch-intrain-0.3": Variant("dense", None, SCRATCH, ref="r20-intrain-0.3", **SCRATCH_ROW,
+                                       arch="bench/models/cifar10_table_predicted/r20-intrain-0.3.pt"),
+    "r20-scratch-posttrain-0.5": Variant("dense", None, SCRATCH, ref="r20-posttrain-0.5", **SCRATCH_ROW,
+                                         arch="bench/models/cifar10_table_predicted/r20-posttrain-0.5.pt"),
+    "r20-scratch-posttrain-0.3": Variant("dense", None, SCRATCH, ref="r20-posttrain-0.3", **SCRATCH_ROW,
+                                         arch="bench/models/cifar10_table_predicted/r20-posttrain-0.3.pt"),
     "vgg16-intrain-5.51M-cost0.5": Variant("intrain", None, VGG_COST, {"cost_exponent": 0.5}, **VGG_ROW),
     "vgg16-intrain-5.51M-dual0.01": Variant("intrain", None, VGG_DUAL, {"dual_lr": 0.01}, **VGG_ROW),
 }
@@ -203,6 +218,8 @@ def train_command(name: str, data: str) -> list[str]:
         cmd += ["--target-ops", str(v.target_ops)]
     if v.params_m is not None:
         cmd += ["--target-params", str(params_fraction(v.model, v.params_m))]
+    if v.arch is not None:
+        cmd += ["--arch-from", str(REPO / v.arch)]
     if v.sweep.attack_labels is not None:
         cmd += ["--attack-labels", v.sweep.attack_labels]
     recipe = recipe_file(name)
@@ -265,7 +282,7 @@ def collect(name: str) -> dict | None:
         "params_ratio_per_epoch": [h["params_ratio"] for h in t["history"]] if v.method == "intrain" else None,
         "val500_clean_per_epoch": [h["val_clean"] for h in t["history"]],
         "epochs_log": epochs_log(t["history"]),
-        "model": v.model, "target_params": t["recipe"].get("target_params"),
+        "model": v.model, "target_params": t["recipe"].get("target_params"), "arch_from": v.arch,
         **widths(folder / "model.pt", v.model), "wall_seconds": t["wall_seconds"],
         "trained_by": json.loads(provenance.read_text()) if provenance.exists() else None,
     }
@@ -300,6 +317,8 @@ def magnitude_under_both_floors(targets=(0.5, 0.3)) -> dict:
 
 
 def _whole_recipe_change(row: dict) -> str:
+    if row.get("arch_from"):
+        return f"its widths (`{row['arch_from']}`) trained densely from the start, no masks"
     if row.get("recipe_base") == "defaults":
         return "rcomp's defaults instead of the bench recipe"
     return f"nothing: the same command, {row.get('repeat') or AFTER_SEED_FIX}"  # rows collected before the key

@@ -97,6 +97,8 @@ CASES = [
     ("checkpoint from another architecture", lambda t: ["eval", str(_other_architecture(t)), "--n", "4"], "resnet20"),
     ("truncated checkpoint", lambda t: ["count", str(_truncate(_checkpoint(t, "cut", "tiny_cnn")))], "cut.pt"),
     ("conflicting options", lambda t: ["train", "--model", "tiny_cnn", "--method", "dense", "--target-ops", "0.5", "--out", f"{t}/out"], "--method dense"),
+    ("--arch-from an unpruned model", lambda t: TRAIN[:1] + ["--arch-from", str(_checkpoint(t, "whole", "tiny_cnn"))] + TRAIN[3:],
+     "no channels were removed"),
 ]
 
 

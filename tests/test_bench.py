@@ -185,9 +185,16 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
         other = ablation.VARIANTS.get(reference)
         if other is not None:  # one change against that variant: its recipe or its seed, same method
             changes = (full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
-        else:  # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe
+        else:  # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe,
+            # or (the -scratch rows) the reference row's own widths trained densely instead of pruned to
             whole_recipe = variant.method == "intrain" and variant.base == "defaults"
-            changes = bool(variant.recipe) + (variant.seed != 0) + whole_recipe
+            changes = bool(variant.recipe) + (variant.seed != 0) + whole_recipe + (variant.arch is not None)
+        if variant.arch is not None:
+            assert variant.arch == f"bench/models/{variant.sweep.table}/{reference}.pt", name
+            assert (ablation.REPO / variant.arch).is_file() and variant.method == "dense", name
+            assert cmd[cmd.index("--arch-from") + 1] == str(ablation.REPO / variant.arch)
+        else:
+            assert "--arch-from" not in cmd
         assert changes == (0 if variant.repeat else 1), name
         assert "--resume" not in cmd  # nothing started yet
 

@@ -289,3 +289,52 @@ def test_a_resumed_train_charges_its_wall_time_the_epochs_before_the_resume(tmp_
     t = json.loads((tmp_path / "b" / "train.json").read_text())
     assert t["resumed_from"] == 1 and t["wall_seconds"] > 1000.0
 
+
+
+def test_arch_from_trains_a_pruned_models_widths_from_the_seeds_initial_weights(job, tmp_path):
+    """The from-scratch baseline: the pruned run's architecture, counted against the same dense
+    model, starting from the zoo model's seed-0 weights cut to those widths (not the trained ones)."""
+    from rcomp.data import load_data
+    from rcomp.pipeline import _build_model, _zoo_model, build_job
+    from rcomp.surgery import load_pruned
+
+    pruned_path = job[0] / "model.pt"
+    scratch = tmp_path / "scratch"
+    code, output = run("train", "--arch-from", pruned_path, "--data", "digits", "--epochs", "1", "--batch-size", "32",
+                       "--no-progress", "--out", scratch)
+    assert code == 0, output
+    tp, ts = (json.loads((d / "train.json").read_text()) for d in (job[0], scratch))
+    assert ts["method"] == "dense" and ts["model"] == "tiny_cnn" and ts["arch_from"] == str(pruned_path)
+    assert (ts["macs"], ts["params"], ts["dense_macs"]) == (tp["macs"], tp["params"], tp["dense_macs"])
+    assert ts["macs"] <= 0.5 * ts["dense_macs"]
+    trained_pruned, meta = load_pruned(pruned_path)
+    trained_scratch, _ = load_pruned(scratch / "model.pt")
+    shapes = {k: v.shape for k, v in trained_pruned.state_dict().items()}
+    assert {k: v.shape for k, v in trained_scratch.state_dict().items()} == shapes
+
+    opts = {"arch_from": str(pruned_path), "data_spec": "digits", "seed": 0, "epochs": 1}
+    scratch_job = build_job(opts, profile=None, out=None, method=None)
+    bundle = load_data("digits", scratch_job.input_shape)
+    start, zoo = _build_model(scratch_job, bundle).state_dict(), _zoo_model(scratch_job, bundle).state_dict()
+    assert meta["pruned_channels"], "the fixture's model must have lost channels"
+    compared = 0
+    for root, removed in meta["pruned_channels"]:  # every removed group, rows of its root conv
+        weight = f"{root}.weight"
+        kept = [i for i in range(zoo[weight].shape[0]) if i not in removed]
+        rows = zoo[weight][kept]
+        if start[weight].shape[1] == rows.shape[1]:  # the root's inputs were not pruned too
+            assert torch.equal(start[weight], rows), root
+            compared += 1
+        assert not torch.equal(start[weight], trained_pruned.state_dict()[weight]), root
+    assert compared, "no pruned root with whole inputs to compare"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target-ops", "0.5"], "without a budget"),
+    (["--model", "resnet20"], "is a pruned tiny_cnn, not --model resnet20"),
+])
+def test_arch_from_is_refused_with_a_budget_or_another_model(job, tmp_path, extra, message):
+    code, output = run("train", "--arch-from", job[0] / "model.pt", *extra, "--data", "digits", "--epochs", "1",
+                       "--no-progress", "--out", tmp_path / "x")
+    assert code == 2 and message in output, output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

@@ -21,7 +21,10 @@ _DATA_HELP = (
 def _training_options(fn):
     """Options shared by ``train`` and ``prune``: one recipe, one vocabulary."""
     options = [
-        click.option("--model", "model_name", default="resnet20", show_default=True, help="Zoo model name (rcomp count --list-models)."),
+        click.option("--model", "model_name", default=None, help="Zoo model name (rcomp count --list-models) [resnet20; --arch-from's model]."),
+        click.option("--arch-from", type=click.Path(dir_okay=False), default=None,
+                     help="Train a pruned checkpoint's widths (not its weights) densely from --seed's initial "
+                          "weights: the from-scratch baseline of a pruning method."),
         click.option("--data", "data_spec", default="digits", show_default=True, help=_DATA_HELP),
         click.option("--download", is_flag=True, help="Allow cifar10:DIR to download (never implicit)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [recipe default]."),
@@ -115,6 +118,7 @@ def train(out, profile_ref, method, **opts):
           --attack fgsm-rs --epochs 15 --out runs/r20-dense
       rcomp train --model tiny_cnn --regularity weight --target-params 0.3 --out runs/tiny
       rcomp train --model resnet20 --method rl --target-ops 0.5 --rl-episodes 100 --out runs/r20-rl
+      rcomp train --arch-from runs/r20-50/model.pt --data digits --out runs/r20-50-scratch
       rcomp train ... --resume          # continue after an interruption
       torchrun --nproc_per_node 4 -m rcomp train --device cuda --amp ...   # 4 GPUs
     """

@@ -46,6 +46,7 @@ class Job:
     square_queries: int = 0
     latency_runs: int = 200
     rl_episodes: int | None = None  # --method rl: search episodes (None: rcomp.rl.RLConfig's default)
+    arch: Any = None  # rcomp.surgery.Architecture: train these widths densely from fresh weights (--arch-from)
 
 
 def parse_eps(text: str | float | None, what: str = "--eps") -> float | None:
@@ -143,7 +144,9 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
     from rcomp.models import get_model_info
     from rcomp.train import TrainConfig
 
-    get_model_info(opts["model_name"])  # unknown model → exit 2 before any work
+    arch = _architecture(opts)
+    model_name = arch.model_name if arch else opts.get("model_name") or DEFAULT_MODEL
+    get_model_info(model_name)  # unknown model → exit 2 before any work
     values = load_recipe(opts["recipe"]) if opts.get("recipe") else {}
     for key in _CLI_TO_CONFIG:
         if opts.get(key) is not None:
@@ -160,6 +163,9 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
     has_budget = any(values.get(k) is not None for k in ("target_ops", "target_params", "mops", "params"))
     method = method or ("intrain" if has_budget else "dense")
     _check_method(method, values, has_budget)
+    if arch is not None and method != "dense":
+        raise RcompError(f"--arch-from trains a fixed architecture densely, without a budget; got --method {method} "
+                         "(drop --target-ops/--target-params, the profile's budgets and --method, or --arch-from)")
     _check_distributed(method)
     if opts.get("rl_episodes") is not None and method != "rl":
         raise RcompError("--rl-episodes applies to --method rl only")
@@ -170,11 +176,30 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
     values.update(device=_device(opts.get("device", "cpu")), num_workers=opts.get("num_workers", 0),
                   progress=not opts.get("no_progress", False))
     config = TrainConfig(**values)
-    input_shape = tuple(profile.input_shape[1:]) if profile is not None else get_model_info(opts["model_name"]).default_input
-    out_dir = Path(out) if out else Path("runs") / f"{profile.name if profile else 'train'}-{opts['model_name']}"
-    return Job(opts["model_name"], opts["data_spec"], out_dir, method, config, profile, input_shape,
+    input_shape = tuple(profile.input_shape[1:]) if profile is not None else get_model_info(model_name).default_input
+    if arch is not None and tuple(arch.input_shape[-3:]) != tuple(input_shape):
+        raise RcompError(f"--arch-from {arch.source} was pruned for inputs {tuple(arch.input_shape[-3:])}, "
+                         f"this run trains on {tuple(input_shape)}")
+    out_dir = Path(out) if out else Path("runs") / f"{profile.name if profile else 'train'}-{model_name}"
+    return Job(model_name, opts["data_spec"], out_dir, method, config, profile, input_shape,
                download=opts.get("download", False), resume=opts.get("resume", False),
-               rl_episodes=opts.get("rl_episodes"))
+               rl_episodes=opts.get("rl_episodes"), arch=arch)
+
+
+#: --model when neither it nor --arch-from names one.
+DEFAULT_MODEL = "resnet20"
+
+
+def _architecture(opts: dict):
+    """--arch-from's widths, with --model (when given) checked against the model they were cut from."""
+    if not opts.get("arch_from"):
+        return None
+    from rcomp.surgery import read_architecture
+
+    arch = read_architecture(opts["arch_from"])
+    if opts.get("model_name") and opts["model_name"] != arch.model_name:
+        raise RcompError(f"--arch-from {opts['arch_from']} is a pruned {arch.model_name}, not --model {opts['model_name']}")
+    return arch
 
 
 #: Recipe defaults that depend on the data: the 1,617 training digits give 13 steps per epoch at
@@ -331,6 +356,20 @@ class TrainOutcome:
 
 
 def _build_model(job: Job, bundle):
+    """The model a job trains: the zoo model, or with ``--arch-from`` its pruned widths, cut from
+    the very initial weights the zoo model of the same seed starts from (so a from-scratch run and
+    the pruning run of that architecture began from the same numbers on the units both keep)."""
+    model = _zoo_model(job, bundle)
+    if job.arch is not None:
+        import torch
+
+        from rcomp.surgery import apply_pruning
+
+        apply_pruning(model, job.arch.pruned_channels, torch.zeros(1, *bundle.input_shape))
+    return model
+
+
+def _zoo_model(job: Job, bundle):
     """The zoo model, its initial weights drawn from ``job.train.seed``.
 
     torch (2.14 here) seeds its global generator randomly at start-up, and the trainer seeds only
@@ -380,14 +419,14 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
         return None  # torchrun: the other ranks hold rank 0's weights; rank 0 writes the outputs
     pruned = _physically_pruned(job, result, torch.rand(1, *bundle.input_shape))
     shape = (1, *bundle.input_shape)
-    dense_model = _build_model(job, bundle)  # the dense architecture: reference count and latency
+    dense_model = _zoo_model(job, bundle)  # the dense architecture: reference count and latency
     cost, dense_cost = count_model(pruned.model, shape), count_model(dense_model, shape)
     extra = {
         "model": job.model_name, "method": job.method, "data": job.data_spec, "recipe": _plain(dataclasses.asdict(job.train)),
         "recipe_hash": recipe_hash(job.train), "dense_macs": dense_cost.macs, "dense_params": dense_cost.params,
         "macs": cost.macs, "params": cost.params, "wall_seconds": wall, "process_seconds": process_seconds,
         "classes": list(bundle.classes),
-        "rcomp_version": __version__,
+        "rcomp_version": __version__, **({"arch_from": job.arch.source} if job.arch else {}),
     }
     checkpoint = staged.path("model.pt")
     save_pruned(checkpoint, pruned, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
@@ -425,10 +464,13 @@ def _run_method(job: Job, bundle, model, staged: StagedOutput, log):
 
 def _physically_pruned(job: Job, result, example):
     """The trained model as it ships: zero-mask channels removed (in-train), weight masks folded in,
-    or as trained (the post-train methods removed their channels already; dense has none)."""
+    or as trained (the post-train methods removed their channels already; dense has none; an
+    ``--arch-from`` run has its checkpoint's)."""
     from rcomp.surgery import PrunedModel, fold_weight_masks, remove_channels
 
     trained = result.model.cpu().eval()
+    if job.arch is not None:  # trained in its pruned shape: the removals rebuild it from the zoo model
+        return PrunedModel(trained, list(job.arch.pruned_channels), "channel", 0.0)
     post = job.method in POST_METHODS
     if post or job.train.regularity is None:
         return PrunedModel(trained, list(getattr(result, "pruned_channels", [])), "channel" if post else "dense", 0.0)

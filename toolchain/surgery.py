@@ -281,3 +281,28 @@ def load_pruned(path, map_location="cpu") -> tuple[nn.Module, dict]:
         "extra": ckpt.get("extra", {}),
     }
     return model, meta
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A pruned checkpoint's shape without its weights: the zoo model and the channels removed from it."""
+
+    model_name: str
+    input_shape: tuple[int, ...]
+    pruned_channels: list[tuple[str, list[int]]]
+    source: str
+
+
+def read_architecture(path) -> Architecture:
+    """The widths a pruned checkpoint chose, to train them again from fresh weights.
+
+    Training the final architecture of a pruning method from scratch (Liu et al., "Rethinking the
+    value of network pruning", 2019) tells what the method's process adds over its choice of widths.
+    A weight-masked checkpoint keeps the dense shapes, so it has no architecture of its own to give.
+    """
+    _, meta = load_pruned(path)
+    if not any(idxs for _, idxs in meta["pruned_channels"]):
+        raise CheckpointError(f"{path}: no channels were removed ({meta['regularity']} regularity), so its "
+                              f"architecture is the dense {meta['model_name']}: train --model {meta['model_name']} instead")
+    return Architecture(meta["model_name"], tuple(meta["input_shape"]), meta["pruned_channels"], str(path))
+
