@@ -150,6 +150,46 @@ R20_COST = "cost-aware budget gradient on the predicted-label recipe: cost expon
 #: often lies in the architecture it finds); same epochs, recipe and attack, no masks, no budget.
 SCRATCH = "the final architecture alone: the reference row's widths trained densely from the start (--arch-from)"
 SCRATCH_ROW = dict(sweep=PREDICTED)
+#: Is the architecture in-train pruning finds better than no search at all? Every channel group cut
+#: to the same fraction of its width (the largest that meets the ops target), trained from scratch
+#: like the found widths: compared with the scratch row of the in-train architecture.
+UNIFORM = "no search: every channel group cut to one width fraction at the same ops (uniform_architecture)"
+UNIFORM_DIR = "bench/models/uniform"
+
+
+def uniform_architecture(model_name: str, target_ops: float, folder: Path | None = None) -> Path:
+    """The zoo model with every coupled channel group keeping the same fraction of its channels
+    (rounded to whole channels), the largest fraction whose fvcore ops stay within ``target_ops`` of
+    the dense model's: the
+    width-multiplier baseline that an architecture search has to beat. Written once as a pruned
+    checkpoint (its weights are an unused random init) for ``rcomp train --arch-from``."""
+    import torch
+
+    from rcomp.count import count_model
+    from rcomp.masks import find_channel_groups
+    from rcomp.models import create_model
+    from rcomp.surgery import PrunedModel, apply_pruning, save_pruned
+
+    path = (folder or REPO / UNIFORM_DIR) / f"{model_name}-ops{target_ops:g}.pt"
+    if path.exists():
+        return path
+    shape, example = (3, 32, 32), torch.zeros(1, 3, 32, 32)
+    groups = [(g.name, g.size) for g in find_channel_groups(create_model(model_name), example)]
+    dense = count_model(create_model(model_name), (1, *shape)).macs
+
+    def cut(fraction: float):
+        removed = [(name, list(range(max(1, round(fraction * size)), size))) for name, size in groups]
+        model = apply_pruning(create_model(model_name), removed, example)
+        return model, removed, count_model(model, (1, *shape)).macs / dense
+
+    low, high = 0.0, 1.0  # cut(low) meets the target (one channel per group does), cut(high) is dense
+    for _ in range(20):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cut(mid)[2] <= target_ops else (low, mid)
+    model, removed, _ = cut(low)
+    save_pruned(path, PrunedModel(model, removed, "channel", 0.0), model_name=model_name,
+                model_kwargs={"num_classes": 10, "in_channels": 3}, input_shape=shape)
+    return path
 VGG_ROW = dict(sweep=PREDICTED, model="vgg16", params_m=PARAMS_BUDGETS_M["vgg16-intrain-5.51M"], ref="vgg16-intrain-5.51M")
 
 VARIANTS = {
@@ -193,6 +233,10 @@ VARIANTS = {
                                          arch="bench/models/cifar10_table_predicted/r20-posttrain-0.5.pt"),
     "r20-scratch-posttrain-0.3": Variant("dense", None, SCRATCH, ref="r20-posttrain-0.3", **SCRATCH_ROW,
                                          arch="bench/models/cifar10_table_predicted/r20-posttrain-0.3.pt"),
+    "r20-scratch-uniform-0.5": Variant("dense", 0.5, UNIFORM, ref="r20-scratch-intrain-0.5", **SCRATCH_ROW,
+                                       arch=f"{UNIFORM_DIR}/resnet20-ops0.5.pt"),
+    "r20-scratch-uniform-0.3": Variant("dense", 0.3, UNIFORM, ref="r20-scratch-intrain-0.3", **SCRATCH_ROW,
+                                       arch=f"{UNIFORM_DIR}/resnet20-ops0.3.pt"),
     "vgg16-intrain-5.51M-cost0.5": Variant("intrain", None, VGG_COST, {"cost_exponent": 0.5}, **VGG_ROW),
     "vgg16-intrain-5.51M-dual0.01": Variant("intrain", None, VGG_DUAL, {"dual_lr": 0.01}, **VGG_ROW),
 }
@@ -214,7 +258,7 @@ def train_command(name: str, data: str) -> list[str]:
     cmd = [sys.executable, "-m", "rcomp", "train", "--model", v.model, "--data", data, "--epochs",
            str(v.sweep.epochs), "--attack", ATTACK, "--lr", str(LR), "--seed", str(v.seed), "--out", str(RUNS_DIR / name),
            "--method", v.method, "--no-progress"]
-    if v.target_ops is not None:
+    if v.target_ops is not None and v.arch is None:  # an --arch-from row met its target in its widths
         cmd += ["--target-ops", str(v.target_ops)]
     if v.params_m is not None:
         cmd += ["--target-params", str(params_fraction(v.model, v.params_m))]
@@ -239,6 +283,8 @@ def run(name: str, data: str) -> None:
             if not mine:
                 print(f"[{name}] being trained by another process; skipped", flush=True)
                 return
+            if VARIANTS[name].arch and VARIANTS[name].arch.startswith(UNIFORM_DIR):
+                uniform_architecture(VARIANTS[name].model, VARIANTS[name].target_ops)
             cmd = train_command(name, data)
             record_provenance(name, cmd, RUNS_DIR)
             with open(log, "a") as fh:
@@ -318,7 +364,7 @@ def magnitude_under_both_floors(targets=(0.5, 0.3)) -> dict:
 
 def _whole_recipe_change(row: dict) -> str:
     if row.get("arch_from"):
-        return f"its widths (`{row['arch_from']}`) trained densely from the start, no masks"
+        return f"the widths of `{row['arch_from']}` trained densely from the start, no masks"
     if row.get("recipe_base") == "defaults":
         return "rcomp's defaults instead of the bench recipe"
     return f"nothing: the same command, {row.get('repeat') or AFTER_SEED_FIX}"  # rows collected before the key

@@ -183,15 +183,18 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
         assert ("--target-params" in cmd) == (variant.params_m is not None)
         assert reference != name
         other = ablation.VARIANTS.get(reference)
-        if other is not None:  # one change against that variant: its recipe or its seed, same method
-            changes = (full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
+        if other is not None:  # one change against that variant: its recipe, its seed or its widths, same method
+            changes = ((full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
+                       + (variant.arch != other.arch))
         else:  # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe,
             # or (the -scratch rows) the reference row's own widths trained densely instead of pruned to
             whole_recipe = variant.method == "intrain" and variant.base == "defaults"
             changes = bool(variant.recipe) + (variant.seed != 0) + whole_recipe + (variant.arch is not None)
         if variant.arch is not None:
-            assert variant.arch == f"bench/models/{variant.sweep.table}/{reference}.pt", name
+            if other is None:  # the reference row's own widths (against a scratch row: other widths, counted above)
+                assert variant.arch == f"bench/models/{variant.sweep.table}/{reference}.pt", name
             assert (ablation.REPO / variant.arch).is_file() and variant.method == "dense", name
+            assert "--target-ops" not in cmd
             assert cmd[cmd.index("--arch-from") + 1] == str(ablation.REPO / variant.arch)
         else:
             assert "--arch-from" not in cmd
@@ -333,3 +336,25 @@ def test_a_params_budget_row_asks_for_the_posters_absolute_count_and_renders_its
     doc = {"runs": {"vgg16-intrain-5.51M": row}, "poster": {"vgg16-intrain-5.51M": [82.54, 38.36, "PGD-50"]}}
     cells = render.cifar10_table(doc).splitlines()[2].split(" | ")
     assert cells[2] == f"params {fraction}" and cells[-1] == "82.54 / 38.36 (PGD-50) |"
+
+
+def test_the_uniform_architecture_keeps_one_fraction_of_every_group_within_the_ops_target(ablation, tmp_path):
+    """The no-search baseline: its widths come from one fraction, and it spends nearly all of the target."""
+    import torch
+
+    from rcomp.count import count_model
+    from rcomp.masks import find_channel_groups
+    from rcomp.models import create_model
+    from rcomp.surgery import load_pruned
+
+    path = ablation.uniform_architecture("tiny_cnn", 0.5, tmp_path)
+    model, meta = load_pruned(path)
+    dense = create_model("tiny_cnn")
+    ratio = count_model(model, (1, 3, 32, 32)).macs / count_model(dense, (1, 3, 32, 32)).macs
+    assert 0.4 < ratio <= 0.5
+    sizes = {g.name: g.size for g in find_channel_groups(dense, torch.zeros(1, 3, 32, 32))}
+    kept = {name: sizes[name] - len(removed) for name, removed in meta["pruned_channels"]}
+    assert set(kept) == set(sizes)  # every group was cut
+    fractions = [kept[name] / sizes[name] for name in sizes]
+    assert max(fractions) - min(fractions) <= max(1 / size for size in sizes.values())  # one fraction, rounded
+    assert ablation.uniform_architecture("tiny_cnn", 0.5, tmp_path) == path  # written once, then reused
