@@ -4,7 +4,9 @@ The CIFAR-10 table (``bench/cifar10_table.py``) first found in-train pruning beh
 magnitude pruning at 0.3 of the ops and 2.3 points behind dense at 0.5; its in-train rows then moved
 to the bench recipe ``bench/recipes/intrain.yaml``. Each variant changes one thing against a
 reference row of the same target (ResNet20, 6 epochs N-FGSM, peak lr 0.2, seed 0, unless the variant
-names another table's sweep: ``Sweep``) — a recipe key, the seed, or the whole bench recipe — so its
+names another table's sweep: ``Sweep``) — a recipe key, the seed, the whole bench recipe, or (the
+``-scratch-`` rows) the method: the reference's final widths trained densely from the start (the
+``-uniform`` ones: other widths than their scratch reference) — so its
 effect can be read against that row. The ``-fromstart``
 variants are the table's in-train rows before the bench recipe (rcomp's defaults); the older
 variants differ from them. The seed variants measure how far two runs of one recipe lie apart,
@@ -160,9 +162,9 @@ UNIFORM_DIR = "bench/models/uniform"
 def uniform_architecture(model_name: str, target_ops: float, folder: Path | None = None) -> Path:
     """The zoo model with every coupled channel group keeping the same fraction of its channels
     (rounded to whole channels), the largest fraction whose fvcore ops stay within ``target_ops`` of
-    the dense model's: the
-    width-multiplier baseline that an architecture search has to beat. Written once as a pruned
-    checkpoint (its weights are an unused random init) for ``rcomp train --arch-from``."""
+    the dense model's: the width-multiplier baseline that an architecture search has to beat.
+    Written once as a pruned checkpoint (its weights are an unused random init) for
+    ``rcomp train --arch-from``."""
     import torch
 
     from rcomp.count import count_model
@@ -190,6 +192,8 @@ def uniform_architecture(model_name: str, target_ops: float, folder: Path | None
     save_pruned(path, PrunedModel(model, removed, "channel", 0.0), model_name=model_name,
                 model_kwargs={"num_classes": 10, "in_channels": 3}, input_shape=shape)
     return path
+
+
 VGG_ROW = dict(sweep=PREDICTED, model="vgg16", params_m=PARAMS_BUDGETS_M["vgg16-intrain-5.51M"], ref="vgg16-intrain-5.51M")
 
 VARIANTS = {
