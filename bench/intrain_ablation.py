@@ -287,8 +287,9 @@ def run(name: str, data: str) -> None:
             if not mine:
                 print(f"[{name}] being trained by another process; skipped", flush=True)
                 return
-            if VARIANTS[name].arch and VARIANTS[name].arch.startswith(UNIFORM_DIR):
-                uniform_architecture(VARIANTS[name].model, VARIANTS[name].target_ops)
+            variant = VARIANTS[name]
+            if variant.arch and variant.arch.startswith(UNIFORM_DIR):  # written on first use, then committed
+                uniform_architecture(variant.model, variant.target_ops)
             cmd = train_command(name, data)
             record_provenance(name, cmd, RUNS_DIR)
             with open(log, "a") as fh:

@@ -290,7 +290,6 @@ def test_a_resumed_train_charges_its_wall_time_the_epochs_before_the_resume(tmp_
     assert t["resumed_from"] == 1 and t["wall_seconds"] > 1000.0
 
 
-
 def test_arch_from_trains_a_pruned_models_widths_from_the_seeds_initial_weights(job, tmp_path):
     """The from-scratch baseline: the pruned run's architecture, counted against the same dense
     model, starting from the zoo model's seed-0 weights cut to those widths (not the trained ones)."""
