@@ -146,6 +146,10 @@ ON_THIS_MACHINE = "on the machine that trained the mask-momentum and cost-expone
 #: Under an ops budget 0.5 puts sqrt(14) ~ 3.7x the budget pressure of a block channel on a
 #: residual-stream channel (~14x its ops), where 1.0 treats them alike.
 R20_COST = "cost-aware budget gradient on the predicted-label recipe: cost exponent 0.5 (rcomp's default)"
+#: The scratch rows found magnitude's widths (wider stage-2/3 residual streams) a little better
+#: than in-train's; an exponent above 1 pushes the costly units (the streams) less than the cheap
+#: block-internal channels, meant to let the in-train search itself keep the streams wider.
+R20_STREAMS = "costly units pushed least: cost exponent 1.5 (budget gradient ~ cost ** -0.5), meant to keep the streams wider"
 #: Does in-train pruning's process cost the accuracy it trails dense by, or do its final widths? The
 #: table's pruned models trained again as plain dense networks of their final widths, from the
 #: initial weights of the same seed cut to those widths (Liu et al. 2019: structured pruning's value
@@ -228,6 +232,10 @@ VARIANTS = {
     "r20-intrain-0.5-cost0.5": Variant("intrain", 0.5, R20_COST, {"cost_exponent": 0.5}, sweep=PREDICTED,
                                        ref="r20-intrain-0.5-rerun-predicted"),
     "r20-intrain-0.3-cost0.5": Variant("intrain", 0.3, R20_COST, {"cost_exponent": 0.5}, sweep=PREDICTED,
+                                       ref="r20-intrain-0.3-rerun-predicted"),
+    "r20-intrain-0.5-cost1.5": Variant("intrain", 0.5, R20_STREAMS, {"cost_exponent": 1.5}, sweep=PREDICTED,
+                                       ref="r20-intrain-0.5-rerun-predicted"),
+    "r20-intrain-0.3-cost1.5": Variant("intrain", 0.3, R20_STREAMS, {"cost_exponent": 1.5}, sweep=PREDICTED,
                                        ref="r20-intrain-0.3-rerun-predicted"),
     "r20-scratch-intrain-0.5": Variant("dense", None, SCRATCH, ref="r20-intrain-0.5", **SCRATCH_ROW,
                                        arch="bench/models/cifar10_table_predicted/r20-intrain-0.5.pt"),
