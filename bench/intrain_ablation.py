@@ -146,7 +146,7 @@ ON_THIS_MACHINE = "on the machine that trained the mask-momentum and cost-expone
 #: Under an ops budget 0.5 puts sqrt(14) ~ 3.7x the budget pressure of a block channel on a
 #: residual-stream channel (~14x its ops), where 1.0 treats them alike.
 R20_COST = "cost-aware budget gradient on the predicted-label recipe: cost exponent 0.5 (rcomp's default)"
-#: The scratch rows found magnitude's widths (wider stage-2/3 residual streams) a little better
+#: The seed-0 scratch rows found magnitude's widths (wider stage-2/3 residual streams) a little better
 #: than in-train's; an exponent above 1 pushes the costly units (the streams) less than the cheap
 #: block-internal channels, meant to let the in-train search itself keep the streams wider.
 R20_STREAMS = "costly units pushed least: cost exponent 1.5 (budget gradient ~ cost ** -0.5), meant to keep the streams wider"
