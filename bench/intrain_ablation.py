@@ -119,6 +119,9 @@ AFTER_SEED_FIX = "trained after the seed fix (955694e)"
 #: in-train trails dense by 4-10 points while the budget comes down and recovers to 2.2 in the three
 #: epochs after the freeze. Freezing at 0.6 (epoch 9) gives the final architecture six.
 EARLY_FREEZE = "a shorter mask phase at 15 epochs: masks freeze at 0.6 of the steps (epoch 9, not 12)"
+#: Aim 1 at 15 epochs rests on one seed (the early freeze trailed dense by 1.62 / 1.90); a second
+#: seed of both sides, trained side by side, gives the pair's gap its spread and a timed ratio.
+E15_SEED1 = "seed noise at 15 epochs, a second pair for aim 1: "
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -156,6 +159,8 @@ R20_STREAMS = "costly units pushed least: cost exponent 1.5 (budget gradient ~ c
 #: often lies in the architecture it finds); same epochs, recipe and attack, no masks, no budget.
 SCRATCH = "the final architecture alone: the reference row's widths trained densely from the start (--arch-from)"
 SCRATCH_ROW = dict(sweep=PREDICTED)
+#: The pruned models of the predicted-label table whose widths the scratch rows train.
+PREDICTED_MODELS = "bench/models/cifar10_table_predicted"
 #: Is the architecture in-train pruning finds better than no search at all? Every channel group cut
 #: to the same fraction of its width (the largest that meets the ops target), trained from scratch
 #: like the found widths: compared with the scratch row of the in-train architecture.
@@ -223,6 +228,10 @@ VARIANTS = {
     "r20-intrain-0.5-e15-freeze0.6-warmup0.1": Variant(
         "intrain", 0.5, "the budget reached in 1.5 epochs instead of 3, so the masks settle at the target before the "
         "freeze", {"freeze_fraction": 0.6, "warmup_fraction": 0.1}, ref="r20-intrain-0.5-e15-freeze0.6", sweep=E15),
+    "r20-dense-e15-seed1": Variant("dense", None, E15_SEED1 + "dense FastAT", seed=1, sweep=E15),
+    "r20-intrain-0.5-e15-freeze0.6-seed1": Variant("intrain", 0.5, E15_SEED1 + "in-train 0.5, masks freeze at 0.6",
+                                                   {"freeze_fraction": 0.6}, seed=1, ref="r20-intrain-0.5-e15-freeze0.6",
+                                                   sweep=E15),
     "r20-intrain-0.5-maskmom0.99": Variant("intrain", 0.5, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-intrain-0.3-maskmom0.99": Variant("intrain", 0.3, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-dense-rerun-predicted": Variant("dense", None, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),
@@ -238,19 +247,19 @@ VARIANTS = {
     "r20-intrain-0.3-cost1.5": Variant("intrain", 0.3, R20_STREAMS, {"cost_exponent": 1.5}, sweep=PREDICTED,
                                        ref="r20-intrain-0.3-rerun-predicted"),
     "r20-scratch-intrain-0.5": Variant("dense", None, SCRATCH, ref="r20-intrain-0.5", **SCRATCH_ROW,
-                                       arch="bench/models/cifar10_table_predicted/r20-intrain-0.5.pt"),
+                                       arch=f"{PREDICTED_MODELS}/r20-intrain-0.5.pt"),
     "r20-scratch-intrain-0.3": Variant("dense", None, SCRATCH, ref="r20-intrain-0.3", **SCRATCH_ROW,
-                                       arch="bench/models/cifar10_table_predicted/r20-intrain-0.3.pt"),
+                                       arch=f"{PREDICTED_MODELS}/r20-intrain-0.3.pt"),
     "r20-scratch-posttrain-0.5": Variant("dense", None, SCRATCH, ref="r20-posttrain-0.5", **SCRATCH_ROW,
-                                         arch="bench/models/cifar10_table_predicted/r20-posttrain-0.5.pt"),
+                                         arch=f"{PREDICTED_MODELS}/r20-posttrain-0.5.pt"),
     "r20-scratch-posttrain-0.3": Variant("dense", None, SCRATCH, ref="r20-posttrain-0.3", **SCRATCH_ROW,
-                                         arch="bench/models/cifar10_table_predicted/r20-posttrain-0.3.pt"),
+                                         arch=f"{PREDICTED_MODELS}/r20-posttrain-0.3.pt"),
     "r20-scratch-intrain-0.5-seed1": Variant("dense", None, "seed noise: the in-train 0.5 widths from scratch, seed 1",
                                              seed=1, ref="r20-scratch-intrain-0.5", **SCRATCH_ROW,
-                                             arch="bench/models/cifar10_table_predicted/r20-intrain-0.5.pt"),
+                                             arch=f"{PREDICTED_MODELS}/r20-intrain-0.5.pt"),
     "r20-scratch-posttrain-0.5-seed1": Variant("dense", None, "seed noise: the magnitude 0.5 widths from scratch, seed 1",
                                                seed=1, ref="r20-scratch-posttrain-0.5", **SCRATCH_ROW,
-                                               arch="bench/models/cifar10_table_predicted/r20-posttrain-0.5.pt"),
+                                               arch=f"{PREDICTED_MODELS}/r20-posttrain-0.5.pt"),
     "r20-scratch-uniform-0.5": Variant("dense", 0.5, UNIFORM, ref="r20-scratch-intrain-0.5", **SCRATCH_ROW,
                                        arch=f"{UNIFORM_DIR}/resnet20-ops0.5.pt"),
     "r20-scratch-uniform-0.3": Variant("dense", 0.3, UNIFORM, ref="r20-scratch-intrain-0.3", **SCRATCH_ROW,
