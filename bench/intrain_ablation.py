@@ -403,6 +403,8 @@ def magnitude_under_both_floors(targets=(0.5, 0.3)) -> dict:
 
 
 def _whole_recipe_change(row: dict) -> str:
+    if "reference" in row and row["reference"] is None:
+        return f"the dense baseline of its {row['epochs']}-epoch pair"
     if row.get("arch_from"):
         return f"the widths of `{row['arch_from']}` trained densely from the start, no masks"
     if row.get("recipe_base") == "defaults":
@@ -412,7 +414,8 @@ def _whole_recipe_change(row: dict) -> str:
 
 def table_rows(tables) -> dict[str, dict]:
     """The rows of each named results file, read once for the whole render."""
-    return {t: json.loads(path.read_text())["runs"] if (path := Sweep(t).results()).exists() else {} for t in set(tables)}
+    return {t: json.loads(path.read_text())["runs"] if t and (path := Sweep(t).results()).exists() else {}
+            for t in set(tables)}
 
 
 def _own_change(row: dict, variants: dict) -> dict:
@@ -424,10 +427,22 @@ def _own_change(row: dict, variants: dict) -> dict:
 
 def _reference_label(row: dict, variants: dict) -> str:
     """The reference row's name, with its table when that is not the main one (another recipe or length)."""
+    if row["reference"] is None:
+        return "none"
     table = row.get("reference_table", MAIN.table)
     if table == MAIN.table or row["reference"] in variants:
         return row["reference"]
     return f"{row['reference']} of {table}, {row['epochs']} epochs"
+
+
+def _method_change(row: dict, ref: dict | None) -> str | None:
+    """A pair's pruned row differs from its dense row in the method, with that method's whole recipe
+    (the bench recipe and the variant's keys), not in the keys alone."""
+    if ref is None or ref["method"] != "dense" or row["method"] == "dense":
+        return None
+    keys = ", ".join(f"{k} {v}" for k, v in row["recipe_change"].items())
+    recipe = "bench recipe" + (f", {keys}" if keys else "") if row.get("recipe_base") == "table" else keys
+    return f"{row['method']} at {row['target_ops']} of the ops" + (f" ({recipe})" if recipe else "")
 
 
 def budget_cells(row: dict) -> tuple[str, str]:
@@ -449,7 +464,7 @@ def render(doc: dict) -> None:
         ref = doc["runs"].get(r["reference"]) or tables[r.get("reference_table", MAIN.table)].get(r["reference"])
         delta = "–" if ref is None else f"{100 * (r['clean'] - ref['clean']):+.2f} / {100 * (r['pgd10'] - ref['pgd10']):+.2f}"
         recipe_change = ", ".join(f"{k} {v}" for k, v in _own_change(r, doc["runs"]).items())
-        change = f"seed {r['seed']}" if r["seed"] else recipe_change or _whole_recipe_change(r)
+        change = f"seed {r['seed']}" if r["seed"] else _method_change(r, ref) or recipe_change or _whole_recipe_change(r)
         final, per_epoch = budget_cells(r)
         lines.append(f"| {name} | {change} (vs {_reference_label(r, doc['runs'])}) | {_pct(r['clean'])} | {_pct(r['pgd10'])} | {delta} | "
                      f"{final} | {'/'.join(map(str, r.get('stream_widths') or r['conv_widths']))} | {per_epoch} |")

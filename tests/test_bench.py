@@ -176,14 +176,19 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
             assert load_recipe(cmd[cmd.index("--recipe") + 1]) == full  # unknown keys or bad values would raise
         else:
             assert "--recipe" not in cmd
-        reference = variant.reference()
-        table_rows = json.loads(variant.sweep.results().read_text())["runs"]
-        assert reference in ablation.VARIANTS or reference in table_rows, (name, reference)
         assert cmd[cmd.index("--model") + 1] == variant.model
         assert ("--target-params" in cmd) == (variant.params_m is not None)
+        reference = variant.reference()
+        if reference is None:  # the dense baseline of a schedule no table has
+            assert variant.sweep.table is None and variant.method == "dense" and not full, name
+            continue
+        table_rows = json.loads(variant.sweep.results().read_text())["runs"] if variant.sweep.table else {}
+        assert reference in ablation.VARIANTS or reference in table_rows, (name, reference)
         assert reference != name
         other = ablation.VARIANTS.get(reference)
-        if other is not None:  # one change against that variant: its recipe, its seed or its widths, same method
+        if other is not None and other.method == "dense" != variant.method:  # a pair: the method is the change
+            changes = (variant.seed != other.seed) + (variant.sweep != other.sweep) + 1
+        elif other is not None:  # one change against that variant: its recipe, its seed or its widths, same method
             changes = ((full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
                        + (variant.arch != other.arch))
         else:  # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe,
@@ -220,6 +225,26 @@ def test_an_ablation_of_another_sweep_trains_with_its_epochs_and_labels_and_name
             for n in (e15, stacked)}
     assert ablation._own_change(rows[stacked], rows) == {"warmup_fraction": 0.1}  # not the freeze it builds on
     assert ablation._own_change(rows[e15], rows) == {"freeze_fraction": 0.6}
+
+
+def test_a_pair_without_a_table_reads_its_in_train_row_against_its_dense_row(ablation):
+    """The 30-epoch pair has no table row: its dense row is the baseline, the in-train row's change is the method."""
+    pair = {n: v for n, v in ablation.VARIANTS.items() if v.sweep.table is None}
+    dense = next(n for n, v in pair.items() if v.method == "dense")
+    pruned = next(n for n, v in pair.items() if v.method == "intrain")
+    assert pair[dense].reference() is None and pair[pruned].reference() == dense
+    dense_cmd, pruned_cmd = (ablation.train_command(n, "digits") for n in (dense, pruned))
+    assert dense_cmd[dense_cmd.index("--epochs") + 1] == pruned_cmd[pruned_cmd.index("--epochs") + 1] == "30"
+
+    dense_row = {"method": "dense", "reference": None, "epochs": 30, "recipe_change": {}}
+    pruned_row = {"method": "intrain", "target_ops": 0.5, "recipe_base": "table", "recipe_change": {"freeze_fraction": 0.6}}
+    assert ablation._reference_label(dense_row, {}) == "none"
+    assert ablation._whole_recipe_change(dense_row) == "the dense baseline of its 30-epoch pair"
+    assert ablation._method_change(dense_row, None) is None
+    assert ablation._method_change(pruned_row, dense_row) == "intrain at 0.5 of the ops (bench recipe, freeze_fraction 0.6)"
+    scratch = {"method": "dense", "recipe_change": {}}  # trained from an in-train row's widths: not a method change
+    assert ablation._method_change(scratch, {**pruned_row, "method": "intrain"}) is None
+    assert ablation._method_change({**pruned_row, "recipe_change": {}}, dense_row) == "intrain at 0.5 of the ops (bench recipe)"
 
 
 def test_an_interrupted_ablation_resumes(ablation):
