@@ -65,8 +65,8 @@ MAIN = Sweep()
 E15 = Sweep("cifar10_table_e15", 15, "predicted")
 #: The 6-epoch table with attacks from the predicted label: the reference of the issue's aims.
 PREDICTED = Sweep("cifar10_table_predicted", EPOCHS, "predicted")
-#: 30 epochs, the poster's schedule length: no table of this length, so the pair's dense row is
-#: the reference of its in-train twin and has none itself.
+#: 30 epochs, twice the 15-epoch pair (the poster trains to convergence): no table of this length,
+#: so the pair's dense row is the reference of its in-train twin and has none itself.
 E30 = Sweep(None, 30, "predicted")
 
 
