@@ -435,12 +435,11 @@ def _reference_label(row: dict, variants: dict) -> str:
     return f"{row['reference']} of {table}, {row['epochs']} epochs"
 
 
-def _method_change(row: dict, ref: dict | None) -> str | None:
+def _method_change(row: dict, ref: dict | None, keys: str) -> str | None:
     """A pair's pruned row differs from its dense row in the method, with that method's whole recipe
-    (the bench recipe and the variant's keys), not in the keys alone."""
+    (the bench recipe and ``keys``, the variant's own recipe keys as rendered), not in the keys alone."""
     if ref is None or ref["method"] != "dense" or row["method"] == "dense":
         return None
-    keys = ", ".join(f"{k} {v}" for k, v in row["recipe_change"].items())
     recipe = "bench recipe" + (f", {keys}" if keys else "") if row.get("recipe_base") == "table" else keys
     return f"{row['method']} at {row['target_ops']} of the ops" + (f" ({recipe})" if recipe else "")
 
@@ -464,7 +463,7 @@ def render(doc: dict) -> None:
         ref = doc["runs"].get(r["reference"]) or tables[r.get("reference_table", MAIN.table)].get(r["reference"])
         delta = "–" if ref is None else f"{100 * (r['clean'] - ref['clean']):+.2f} / {100 * (r['pgd10'] - ref['pgd10']):+.2f}"
         recipe_change = ", ".join(f"{k} {v}" for k, v in _own_change(r, doc["runs"]).items())
-        change = f"seed {r['seed']}" if r["seed"] else _method_change(r, ref) or recipe_change or _whole_recipe_change(r)
+        change = f"seed {r['seed']}" if r["seed"] else _method_change(r, ref, recipe_change) or recipe_change or _whole_recipe_change(r)
         final, per_epoch = budget_cells(r)
         lines.append(f"| {name} | {change} (vs {_reference_label(r, doc['runs'])}) | {_pct(r['clean'])} | {_pct(r['pgd10'])} | {delta} | "
                      f"{final} | {'/'.join(map(str, r.get('stream_widths') or r['conv_widths']))} | {per_epoch} |")

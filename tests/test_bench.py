@@ -238,14 +238,17 @@ def test_a_pair_without_a_table_reads_its_in_train_row_against_its_dense_row(abl
     assert dense_cmd[dense_cmd.index("--epochs") + 1] == pruned_cmd[pruned_cmd.index("--epochs") + 1] == "30"
 
     dense_row = {"method": "dense", "reference": None, "epochs": 30, "recipe_change": {}}
-    pruned_row = {"method": "intrain", "target_ops": 0.5, "recipe_base": "table", "recipe_change": {"freeze_fraction": 0.6}}
+    pruned_row = {"method": "intrain", "target_ops": 0.5, "recipe_base": "table", "recipe_change": {"freeze_fraction": 0.6},
+                  "reference": dense}
     assert ablation._reference_label(dense_row, {}) == "none"
     assert ablation._whole_recipe_change(dense_row) == "the dense baseline of its 30-epoch pair"
-    assert ablation._method_change(dense_row, None) is None
-    assert ablation._method_change(pruned_row, dense_row) == "intrain at 0.5 of the ops (bench recipe, freeze_fraction 0.6)"
+    assert ablation._method_change(dense_row, None, "") is None
+    assert ablation._own_change(pruned_row, {dense: dense_row}) == {"freeze_fraction": 0.6}  # the keys render passes on
+    assert (ablation._method_change(pruned_row, dense_row, "freeze_fraction 0.6")
+            == "intrain at 0.5 of the ops (bench recipe, freeze_fraction 0.6)")
     scratch = {"method": "dense", "recipe_change": {}}  # trained from an in-train row's widths: not a method change
-    assert ablation._method_change(scratch, {**pruned_row, "method": "intrain"}) is None
-    assert ablation._method_change({**pruned_row, "recipe_change": {}}, dense_row) == "intrain at 0.5 of the ops (bench recipe)"
+    assert ablation._method_change(scratch, {**pruned_row, "method": "intrain"}, "") is None
+    assert ablation._method_change(pruned_row, dense_row, "") == "intrain at 0.5 of the ops (bench recipe)"
 
 
 def test_an_interrupted_ablation_resumes(ablation):
