@@ -18,7 +18,12 @@ Results go to ``bench/results/intrain_ablation.json`` with the command, commit, 
 the ops ratio per epoch (and the params ratio, which a params budget steers) and the final model's
 widths (a ResNet's residual streams, a VGG's every convolution).
 
+A run longer than a session is parked before the session ends (``--park``: its newest good
+checkpoint, provenance and log to ``bench/parked/<name>/``, committed) and the same command in a
+later checkout resumes it from there; a finished run's parking is removed.
+
     python bench/intrain_ablation.py --only r20-intrain-0.5-seed1,r20-dense-seed1 --jobs 2
+    python bench/intrain_ablation.py --only r20-intrain-0.5-seed1,r20-dense-seed1 --park
     python bench/intrain_ablation.py --render
 """
 
@@ -36,13 +41,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cifar10_table import (DATA, INTRAIN_RECIPE, PARAMS_BUDGETS_M, REPO, _env, commit, conv_widths,  # noqa: E402
-                          epochs_log, machine, params_fraction, record_provenance, run_lock)
+from cifar10_table import (DATA, INTRAIN_RECIPE, PARAMS_BUDGETS_M, REPO, _copy_checkpoint, _env, commit,  # noqa: E402
+                          conv_widths, epochs_log, machine, params_fraction, record_provenance, run_lock)
 from render import _pct, _provenance, replace_section  # noqa: E402
 
 from rcomp.reports import write_json_atomic  # noqa: E402
 
 RUNS_DIR = HERE / "runs" / "ablation"
+#: Unfinished runs' newest good checkpoints, committed: ``bench/runs/`` is not kept from one session
+#: to the next, so a sweep longer than a session parks its runs here before it stops (``--park``)
+#: and a later sweep resumes them from here.
+PARKED = HERE / "parked"
 RESULTS = HERE / "results" / "intrain_ablation.json"
 EPOCHS, ATTACK, LR = 6, "nfgsm", 0.2  # the CIFAR-10 table's recipe
 
@@ -313,6 +322,61 @@ def train_command(name: str, data: str) -> list[str]:
     return cmd
 
 
+#: What a parked run keeps beside its checkpoint: who trained it so far, and its epoch log.
+PARKED_SIDE_FILES = (".provenance.json", ".log")
+
+
+def newest_good_checkpoint(name: str) -> Path | None:
+    """The unfinished run's newest checkpoint that its checksum vouches for (a killed save leaves
+    one without), or None."""
+    from rcomp.checkpoint import CheckpointManager, verify
+
+    manager = CheckpointManager(RUNS_DIR / f"{name}.partial" / "checkpoints")
+    return next((path for _, path in manager.checkpoints() if verify(path) is None), None)
+
+
+def park(names: list[str]) -> list[str]:
+    """Copy each unfinished run's newest good checkpoint, provenance and log to ``bench/parked/<name>/``
+    (replacing an older parking); returns those parked.
+
+    The copy is built beside the parking and swapped in, so a parking is always a whole one."""
+    import shutil
+
+    parked = []
+    for name in names:
+        dest = PARKED / name
+        checkpoint = None if (RUNS_DIR / name / "model.pt").exists() else newest_good_checkpoint(name)
+        if checkpoint is None:
+            continue
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _copy_checkpoint(checkpoint, tmp)
+        for suffix in PARKED_SIDE_FILES:
+            if (RUNS_DIR / f"{name}{suffix}").exists():
+                shutil.copy2(RUNS_DIR / f"{name}{suffix}", tmp / suffix.lstrip("."))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        parked.append(name)
+    return parked
+
+
+def unpark(name: str) -> bool:
+    """Put a parked run back where ``rcomp train --resume`` finds it, unless this checkout already
+    holds the run (finished or partial, which is at least as new); True if it did."""
+    import shutil
+
+    source = PARKED / name
+    partial = RUNS_DIR / f"{name}.partial"
+    if not source.is_dir() or partial.exists() or (RUNS_DIR / name / "model.pt").exists():
+        return False
+    checkpoint = next(source.glob("ckpt-epoch*.pt"))
+    _copy_checkpoint(checkpoint, partial / "checkpoints")
+    for suffix in PARKED_SIDE_FILES:
+        if (source / suffix.lstrip(".")).exists():
+            shutil.copy2(source / suffix.lstrip("."), RUNS_DIR / f"{name}{suffix}")
+    return True
+
+
 def run(name: str, data: str) -> None:
     """Train (unless complete) and evaluate one variant, one thread, logging next to the run."""
     log = RUNS_DIR / f"{name}.log"
@@ -322,6 +386,8 @@ def run(name: str, data: str) -> None:
             if not mine:
                 print(f"[{name}] being trained by another process; skipped", flush=True)
                 return
+            if unpark(name):
+                print(f"[{name}] resumed from {PARKED / name}", flush=True)
             variant = VARIANTS[name]
             if variant.arch and variant.arch.startswith(UNIFORM_DIR):  # written on first use, then committed
                 uniform_architecture(variant.model, variant.target_ops)
@@ -329,6 +395,10 @@ def run(name: str, data: str) -> None:
             record_provenance(name, cmd, RUNS_DIR)
             with open(log, "a") as fh:
                 subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(1), cwd=REPO)
+    if (folder / "model.pt").exists() and (PARKED / name).exists():
+        import shutil
+
+        shutil.rmtree(PARKED / name)  # finished: nothing left to resume (git shows the removal to commit)
     out = folder / "eval.json"
     if (folder / "model.pt").exists() and not out.exists():
         with open(log, "a") as fh:
@@ -484,11 +554,16 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="variants trained at the same time (1 thread each)")
     p.add_argument("--data", default=DATA)
     p.add_argument("--render", action="store_true", help="only re-render the README table from the results file")
+    p.add_argument("--park", action="store_true",
+                   help="only keep the unfinished runs' newest checkpoints in bench/parked/ (commit it; a later sweep resumes them)")
     args = p.parse_args()
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if args.park:
+        print("parked: " + (", ".join(park(names)) or "nothing"))
+        return
     if not args.render:
         started = time.time()
         RUNS_DIR.mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,7 @@ def ablation(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "RUNS_DIR", tmp_path / "ablation")
+    monkeypatch.setattr(module, "PARKED", tmp_path / "parked")
     return module
 
 
@@ -255,6 +256,42 @@ def test_an_interrupted_ablation_resumes(ablation):
     name = next(iter(ablation.VARIANTS))
     (ablation.RUNS_DIR / f"{name}.partial").mkdir(parents=True)
     assert ablation.train_command(name, "digits")[-1] == "--resume"
+
+
+def test_a_parked_run_resumes_in_a_fresh_checkout_from_its_newest_good_checkpoint(ablation, monkeypatch):
+    from rcomp.checkpoint import load_checked, save_atomic
+
+    name = next(n for n, v in ablation.VARIANTS.items() if v.method == "intrain")
+    checkpoints = ablation.RUNS_DIR / f"{name}.partial" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for epoch in (3, 4):
+        save_atomic({"epoch": epoch}, checkpoints / f"ckpt-epoch{epoch:04d}.pt")
+    (checkpoints / "ckpt-epoch0004.pt").write_bytes(b"cut short")  # a save killed half-way
+    (ablation.RUNS_DIR / f"{name}.log").write_text("epoch 3\n")
+    assert ablation.park([name, "r20-dense"]) == [name]
+
+    shutil.rmtree(ablation.RUNS_DIR)  # the next session's checkout has no bench/runs/
+    commands = []
+    monkeypatch.setattr(ablation.subprocess, "call", lambda cmd, **k: commands.append(cmd))
+    ablation.run(name, "digits")
+    restored = ablation.RUNS_DIR / f"{name}.partial" / "checkpoints" / "ckpt-epoch0003.pt"
+    assert load_checked(restored)["epoch"] == 3 and commands[0][-1] == "--resume"
+    assert (ablation.RUNS_DIR / f"{name}.log").read_text() == "epoch 3\n"
+
+
+def test_a_finished_run_drops_its_parking_and_a_local_partial_is_not_overwritten(ablation, monkeypatch):
+    from rcomp.checkpoint import save_atomic
+
+    name = next(iter(ablation.VARIANTS))
+    (ablation.PARKED / name).mkdir(parents=True)
+    save_atomic({"epoch": 1}, ablation.PARKED / name / "ckpt-epoch0001.pt")
+    (ablation.RUNS_DIR / f"{name}.partial").mkdir(parents=True)  # this checkout's own, newer run
+    assert not ablation.unpark(name)
+    (ablation.RUNS_DIR / name).mkdir()
+    (ablation.RUNS_DIR / name / "model.pt").write_bytes(b"")
+    (ablation.RUNS_DIR / name / "eval.json").write_text("{}")
+    ablation.run(name, "digits")
+    assert not (ablation.PARKED / name).exists()
 
 
 def test_an_ablation_another_process_trains_is_skipped_not_started_twice(ablation, monkeypatch):
