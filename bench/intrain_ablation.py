@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cifar10_table import (DATA, INTRAIN_RECIPE, PARAMS_BUDGETS_M, REPO, _copy_checkpoint, _env, commit,  # noqa: E402
                           conv_widths, epochs_log, machine, params_fraction, record_provenance, run_lock)
+from aims import render_aims  # noqa: E402
 from render import _pct, _provenance, replace_section  # noqa: E402
 
 from rcomp.reports import write_json_atomic  # noqa: E402
@@ -580,6 +581,7 @@ def main() -> None:
         write_json_atomic(RESULTS, doc)
     if RESULTS.exists():
         render(json.loads(RESULTS.read_text()))
+        render_aims()  # some of the aims' pairs are this sweep's rows
 
 
 if __name__ == "__main__":

@@ -222,3 +222,6 @@ if __name__ == "__main__":
     render_cifar10(HERE / "results" / "cifar10_table.json")
     for extra in sorted((HERE / "results").glob("cifar10_table_*.json")):  # tables of other recipes
         render_cifar10(extra, extra.stem)
+    from aims import render_aims  # the aims' pairs draw on every table
+
+    render_aims()

@@ -424,3 +424,41 @@ def test_the_uniform_architecture_keeps_one_fraction_of_every_group_within_the_o
     fractions = [kept[name] / sizes[name] for name in sizes]
     assert max(fractions) - min(fractions) <= max(1 / size for size in sizes.values())  # one fraction, rounded
     assert ablation.uniform_architecture("tiny_cnn", 0.5, tmp_path) == path  # written once, then reused
+
+
+@pytest.fixture
+def aims(monkeypatch):
+    """bench/aims.py, loaded from its file; it imports bench/render.py by name."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("aims_under_test", BENCH / "aims.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_aim_pair_names_a_collected_row_or_an_ablation_variant_still_to_run(aims, ablation):
+    rows = aims.load_rows()
+    for pair in aims.PAIRS:
+        for stem, name in (pair.row, pair.ref):
+            assert name in rows.get(stem, {}) or (stem == aims.ABLATION and name in ablation.VARIANTS), (stem, name)
+
+
+def test_the_aims_table_leaves_out_a_pair_still_training_and_averages_a_group_after_its_last_pair(aims, monkeypatch):
+    Pair = aims.Pair
+    row = lambda clean, pgd, wall=None, cost=None: {"clean": clean, "pgd10": pgd, "wall_seconds": wall, "cost_vs_dense": cost}  # noqa: E731
+    monkeypatch.setattr(aims, "PAIRS", [
+        Pair(1, "seed 0", ("t", "in0"), ("t", "d0"), "g"),
+        Pair(1, "seed 1", ("a", "in1"), ("a", "d1"), "g", timed_together=True),
+        Pair(1, "still training", ("a", "in2"), ("a", "d2"), "g"),
+        Pair(2, "other", ("t", "in0"), ("a", "d1")),
+    ])
+    rows = {"t": {"in0": row(0.60, 0.30, cost=1.04), "d0": row(0.63, 0.31)},
+            "a": {"in1": row(0.62, 0.29, wall=210.0), "d1": row(0.63, 0.32, wall=200.0), "d2": row(0.7, 0.4)}}
+    lines = aims.render_table(rows).splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert [c[1] for c in cells] == ["seed 0", "seed 1", "**mean of 2: g**", "other"]
+    assert cells[0][5:9] == ["-3.00", "-1.00", "–", "1.04×"]  # a table's own cost ratio
+    assert cells[1][5:9] == ["-1.00", "-3.00", "–", "1.05×"]  # two rows trained side by side
+    assert cells[2][5:7] == ["**-2.00**", "**-2.00**"]
+    assert "still training" not in aims.render_table(rows)

@@ -1,0 +1,143 @@
+"""The issue's three aims, as the measured pairs of rows behind each, rendered from the results files.
+
+Every figure the README's aims table shows is a difference between two rows of ``bench/results/``
+(a row under test and its reference, e.g. in-train 0.5 against dense of the same schedule, seed and
+machine), so the table is declared here as those pairs and rendered, never typed. A pair whose rows
+are not in the results yet (a run still training) is left out until they are.
+
+    python bench/aims.py        # also part of python bench/render.py
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from render import HERE, _pct, replace_section
+
+RESULTS = HERE / "results"
+
+#: The aims, as the issue states them.
+AIMS = {
+    1: "in-train 0.5 within 1.5 points of dense, clean and PGD",
+    2: "in-train beats post-train clean accuracy at 0.3 by a clear margin",
+    3: "in-train costs ≤ 1.2× dense FastAT of the same epochs",
+}
+#: The results files the pairs draw from (all ResNet20, N-FGSM, attacks from the predicted label).
+PREDICTED, SEED1, E15, ABLATION = "cifar10_table_predicted", "cifar10_table_predicted_s1", "cifar10_table_e15", "intrain_ablation"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A row under test against its reference row, each named as (results file stem, row name)."""
+
+    aim: int
+    what: str  # what sets this pair apart from the aim's other pairs: schedule, seed, machine, baseline
+    row: tuple[str, str]
+    ref: tuple[str, str]
+    group: str | None = None  # pairs of one recipe (other seeds or machines) whose gaps are averaged
+    timed_together: bool = False  # trained side by side on one machine: their wall ratio is a cost ratio
+
+
+PAIRS = [
+    Pair(1, "6 epochs, seed 0", (PREDICTED, "r20-intrain-0.5"), (PREDICTED, "r20-dense"), "6 epochs"),
+    Pair(1, "6 epochs, seed 1", (SEED1, "r20-intrain-0.5"), (SEED1, "r20-dense"), "6 epochs"),
+    Pair(1, "6 epochs, seed 0 again on a second machine", (ABLATION, "r20-intrain-0.5-rerun-predicted"),
+         (ABLATION, "r20-dense-rerun-predicted"), "6 epochs"),
+    Pair(1, "15 epochs, masks frozen at epoch 12 (0.8)", (E15, "r20-intrain-0.5"), (E15, "r20-dense")),
+    Pair(1, "15 epochs, masks frozen at epoch 9 (0.6), seed 0", (ABLATION, "r20-intrain-0.5-e15-freeze0.6"),
+         (E15, "r20-dense"), "15 epochs, frozen at 0.6"),
+    Pair(1, "15 epochs, masks frozen at epoch 9 (0.6), seed 1", (ABLATION, "r20-intrain-0.5-e15-freeze0.6-seed1"),
+         (ABLATION, "r20-dense-e15-seed1"), "15 epochs, frozen at 0.6", timed_together=True),
+    Pair(1, "30 epochs, masks frozen at epoch 18 (0.6), seed 0", (ABLATION, "r20-intrain-0.5-e30-freeze0.6"),
+         (ABLATION, "r20-dense-e30"), timed_together=True),
+    Pair(1, "no pruning: in-train 0.5's widths trained from scratch, 6 epochs", (ABLATION, "r20-scratch-intrain-0.5"),
+         (ABLATION, "r20-dense-rerun-predicted")),
+    Pair(1, "no pruning: magnitude post-train 0.5's widths from scratch, 6 epochs", (ABLATION, "r20-scratch-posttrain-0.5"),
+         (ABLATION, "r20-dense-rerun-predicted")),
+    Pair(1, "no pruning: uniform widths at 0.5 from scratch, 6 epochs", (ABLATION, "r20-scratch-uniform-0.5"),
+         (ABLATION, "r20-dense-rerun-predicted")),
+    Pair(2, "vs magnitude, 6 epochs, seed 0", (PREDICTED, "r20-intrain-0.3"), (PREDICTED, "r20-posttrain-0.3"), "vs magnitude"),
+    Pair(2, "vs magnitude, 6 epochs, seed 1", (SEED1, "r20-intrain-0.3"), (SEED1, "r20-posttrain-0.3"), "vs magnitude"),
+    Pair(2, "vs magnitude, 6 epochs, seed 0 again on a second machine", (ABLATION, "r20-intrain-0.3-rerun-predicted"),
+         (ABLATION, "r20-posttrain-0.3-rerun-predicted"), "vs magnitude"),
+    Pair(2, "vs RL post-train (AMC + KL), 6 epochs, seed 0", (PREDICTED, "r20-intrain-0.3"), (PREDICTED, "r20-rl-0.3")),
+    Pair(2, "vs magnitude on its own schedule (6 + 2 epochs), seed 0", (PREDICTED, "r20-intrain-0.3"),
+         (PREDICTED, "r20-posttrain-0.3-natural")),
+]
+
+
+def load_rows() -> dict[str, dict]:
+    """Every results file's rows by file stem (an absent file has none)."""
+    return {stem: json.loads(path.read_text())["runs"] for stem in {p.row[0] for p in PAIRS} | {p.ref[0] for p in PAIRS}
+            if (path := RESULTS / f"{stem}.json").exists()}
+
+
+def _row(rows: dict, key: tuple[str, str]) -> dict | None:
+    return rows.get(key[0], {}).get(key[1])
+
+
+def cost_ratio(pair: Pair, row: dict, ref: dict) -> float | None:
+    """The row's wall time over dense FastAT's of the same epochs: the table's own ratio (against its
+    dense row, timed in the same sweep), or the two rows' ratio when they trained side by side."""
+    if pair.timed_together:
+        return row["wall_seconds"] / ref["wall_seconds"]
+    return row.get("cost_vs_dense")
+
+
+def gaps(pair: Pair, rows: dict) -> dict | None:
+    """Clean, PGD-10 and (where both rows have it, on the same images) PGD-50 differences; None
+    while either row is missing."""
+    row, ref = _row(rows, pair.row), _row(rows, pair.ref)
+    if row is None or ref is None:
+        return None
+    pgd50 = (row["pgd50"] - ref["pgd50"]) if row.get("pgd50") is not None and ref.get("pgd50") is not None \
+        and row.get("pgd50_n") == ref.get("pgd50_n") else None
+    return {"row": row, "ref": ref, "clean": row["clean"] - ref["clean"], "pgd10": row["pgd10"] - ref["pgd10"],
+            "pgd50": pgd50, "cost": cost_ratio(pair, row, ref)}
+
+
+def _signed(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:+.2f}"
+
+
+def _rows_cell(pair: Pair) -> str:
+    """Which rows were compared, and in which results files."""
+    if pair.row[0] == pair.ref[0]:
+        return f"{pair.row[1]} vs {pair.ref[1]} (`{pair.row[0]}`)"
+    return f"{pair.row[1]} (`{pair.row[0]}`) vs {pair.ref[1]} (`{pair.ref[0]}`)"
+
+
+def render_table(rows: dict) -> str:
+    """One line per measured pair; after a group's last measured pair, the group's mean if it has
+    more than one."""
+    lines = ["| aim | pair | rows compared (results file) | row: clean / PGD-10 % | reference: clean / PGD-10 % | "
+             "Δ clean | Δ PGD-10 | Δ PGD-50 (n=500) | row's wall × dense |",
+             "|---:|---|---|---|---|---:|---:|---:|---:|"]
+    measured = [(pair, g) for pair in PAIRS if (g := gaps(pair, rows)) is not None]
+    for i, (pair, g) in enumerate(measured):
+        cost = "–" if g["cost"] is None else f"{g['cost']:.2f}×"
+        lines.append(f"| {pair.aim} | {pair.what} | {_rows_cell(pair)} | {_pct(g['row']['clean'])} / {_pct(g['row']['pgd10'])} | "
+                     f"{_pct(g['ref']['clean'])} / {_pct(g['ref']['pgd10'])} | {_signed(g['clean'])} | "
+                     f"{_signed(g['pgd10'])} | {_signed(g['pgd50'])} | {cost} |")
+        group = [h for p, h in measured if pair.group and (p.aim, p.group) == (pair.aim, pair.group)]
+        last_of_group = not any((p.aim, p.group) == (pair.aim, pair.group) for p, _ in measured[i + 1:])
+        if len(group) > 1 and last_of_group:
+            mean = {k: sum(h[k] for h in group) / len(group) for k in ("clean", "pgd10")}
+            lines.append(f"| {pair.aim} | **mean of {len(group)}: {pair.group}** | | | | **{_signed(mean['clean'])}** | "
+                         f"**{_signed(mean['pgd10'])}** | | |")
+    return "\n".join(lines)
+
+
+def render_aims() -> None:
+    rows = load_rows()
+    aims = "; ".join(f"{n}: {text}" for n, text in AIMS.items())
+    body = (f"Aims — {aims}. Δ = row − reference, in points, on the 5,000-image validation split; aim 3 is "
+            "the last column (the table's ratio against its dense row timed in the same sweep, or the two rows' "
+            "ratio where they trained side by side).\n\n" + render_table(rows) + "\n\n"
+            f"_Rendered by `python bench/aims.py` from {', '.join(f'`bench/results/{s}.json`' for s in sorted(rows))}._")
+    replace_section("aims", body)
+
+
+if __name__ == "__main__":
+    render_aims()
