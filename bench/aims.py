@@ -36,7 +36,7 @@ class Pair:
     row: tuple[str, str]
     ref: tuple[str, str]
     group: str | None = None  # pairs of one recipe (other seeds or machines) whose gaps are averaged
-    timed_together: bool = False  # trained side by side on one machine: their wall ratio is a cost ratio
+    timed_together: bool = False  # trained side by side on one machine: against dense, their wall ratio is a cost ratio
 
 
 PAIRS = [
@@ -61,6 +61,8 @@ PAIRS = [
     Pair(2, "vs magnitude, 6 epochs, seed 1", (SEED1, "r20-intrain-0.3"), (SEED1, "r20-posttrain-0.3"), "vs magnitude"),
     Pair(2, "vs magnitude, 6 epochs, seed 0 again on a second machine", (ABLATION, "r20-intrain-0.3-rerun-predicted"),
          (ABLATION, "r20-posttrain-0.3-rerun-predicted"), "vs magnitude"),
+    Pair(2, "vs magnitude, 15 epochs, masks frozen at epoch 9 (0.6), seed 0", (ABLATION, "r20-intrain-0.3-e15-freeze0.6"),
+         (ABLATION, "r20-posttrain-0.3-e15"), timed_together=True),
     Pair(2, "vs RL post-train (AMC + KL), 6 epochs, seed 0", (PREDICTED, "r20-intrain-0.3"), (PREDICTED, "r20-rl-0.3")),
     Pair(2, "vs magnitude on its own schedule (6 + 2 epochs), seed 0", (PREDICTED, "r20-intrain-0.3"),
          (PREDICTED, "r20-posttrain-0.3-natural")),
@@ -80,7 +82,7 @@ def _row(rows: dict, key: tuple[str, str]) -> dict | None:
 def cost_ratio(pair: Pair, row: dict, ref: dict) -> float | None:
     """The row's wall time over dense FastAT's of the same epochs: the table's own ratio (against its
     dense row, timed in the same sweep), or the two rows' ratio when they trained side by side."""
-    if pair.timed_together:
+    if pair.timed_together and ref["method"] == "dense":
         return row["wall_seconds"] / ref["wall_seconds"]
     return row.get("cost_vs_dense")
 

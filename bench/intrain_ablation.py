@@ -141,6 +141,10 @@ E15_SEED1 = "seed noise at 15 epochs, a second pair for aim 1: "
 #: The gap to dense went from 2.2 / 1.4 (6 epochs, three seeds) to 1.9 / 1.7 (15 epochs, two seeds):
 #: twice the 15 epochs, side by side, shows whether it keeps closing with the schedule's length.
 E30_PAIR = "the schedule twice as long (30 epochs), a pair side by side for aim 1: "
+#: Aim 2 (in-train ahead of magnitude post-train at 0.3) is a tie at 6 epochs over two seeds; the
+#: same two methods at 15 epochs, side by side (post-train: 10 dense epochs, then 5 of fine-tuning),
+#: each read against the 15-epoch table's dense row and the two against each other in the aims table.
+E15_AIM2 = "aim 2 at 15 epochs, a pair side by side: "
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -254,6 +258,9 @@ VARIANTS = {
     "r20-dense-e30": Variant("dense", None, E30_PAIR + "dense FastAT", sweep=E30),
     "r20-intrain-0.5-e30-freeze0.6": Variant("intrain", 0.5, E30_PAIR + "in-train 0.5, masks freeze at 0.6",
                                              {"freeze_fraction": 0.6}, ref="r20-dense-e30", sweep=E30),
+    "r20-posttrain-0.3-e15": Variant("posttrain", 0.3, E15_AIM2 + "magnitude post-train 0.3", ref="r20-dense", sweep=E15),
+    "r20-intrain-0.3-e15-freeze0.6": Variant("intrain", 0.3, E15_AIM2 + "in-train 0.3, masks freeze at 0.6",
+                                             {"freeze_fraction": 0.6}, ref="r20-dense", sweep=E15),
     "r20-intrain-0.5-maskmom0.99": Variant("intrain", 0.5, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-intrain-0.3-maskmom0.99": Variant("intrain", 0.3, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-dense-rerun-predicted": Variant("dense", None, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),

@@ -190,6 +190,8 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
         other = ablation.VARIANTS.get(reference)
         if other is not None and other.method == "dense" != variant.method:  # a pair: the method is the change
             changes = (variant.seed != other.seed) + (variant.sweep != other.sweep) + 1
+        elif other is None and table_rows[reference]["method"] == "dense" != variant.method:  # against a table's dense row
+            changes = (variant.seed != 0) + 1
         elif other is not None:  # one change against that variant: its recipe, its seed or its widths, same method
             changes = ((full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
                        + (variant.arch != other.arch))
@@ -446,18 +448,22 @@ def test_every_aim_pair_names_a_collected_row_or_an_ablation_variant_still_to_ru
 
 def test_the_aims_table_leaves_out_a_pair_still_training_and_averages_a_group_after_its_last_pair(aims, monkeypatch):
     Pair = aims.Pair
-    row = lambda clean, pgd, wall=None, cost=None: {"clean": clean, "pgd10": pgd, "wall_seconds": wall, "cost_vs_dense": cost}  # noqa: E731
+    row = lambda clean, pgd, wall=None, cost=None, method="dense": {  # noqa: E731
+        "clean": clean, "pgd10": pgd, "wall_seconds": wall, "cost_vs_dense": cost, "method": method}
     monkeypatch.setattr(aims, "PAIRS", [
         Pair(1, "seed 0", ("t", "in0"), ("t", "d0"), "g"),
         Pair(1, "seed 1", ("a", "in1"), ("a", "d1"), "g", timed_together=True),
         Pair(1, "still training", ("a", "in2"), ("a", "d2"), "g"),
         Pair(2, "other", ("t", "in0"), ("a", "d1")),
+        Pair(2, "vs post-train", ("a", "in1"), ("a", "post"), timed_together=True),
     ])
     rows = {"t": {"in0": row(0.60, 0.30, cost=1.04), "d0": row(0.63, 0.31)},
-            "a": {"in1": row(0.62, 0.29, wall=210.0), "d1": row(0.63, 0.32, wall=200.0), "d2": row(0.7, 0.4)}}
+            "a": {"in1": row(0.62, 0.29, wall=210.0), "d1": row(0.63, 0.32, wall=200.0), "d2": row(0.7, 0.4),
+                  "post": row(0.61, 0.30, wall=100.0, method="posttrain")}}
     lines = aims.render_table(rows).splitlines()[2:]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    assert [c[1] for c in cells] == ["seed 0", "seed 1", "**mean of 2: g**", "other"]
+    assert [c[1] for c in cells] == ["seed 0", "seed 1", "**mean of 2: g**", "other", "vs post-train"]
+    assert cells[4][8] == "–"  # side by side, but against post-train: no cost over dense
     assert cells[0][5:9] == ["-3.00", "-1.00", "–", "1.04×"]  # a table's own cost ratio
     assert cells[1][5:9] == ["-1.00", "-3.00", "–", "1.05×"]  # two rows trained side by side
     assert cells[2][5:7] == ["**-2.00**", "**-2.00**"]
