@@ -16,7 +16,8 @@ Every variant is an ``rcomp train`` run into ``bench/runs/ablation/<name>/`` (re
 are skipped), evaluated with ``rcomp eval`` (clean and PGD-10 on the 5,000-image validation split).
 Results go to ``bench/results/intrain_ablation.json`` with the command, commit, machine and date,
 the ops ratio per epoch (and the params ratio, which a params budget steers) and the final model's
-widths (a ResNet's residual streams, a VGG's every convolution).
+widths (a ResNet's residual streams, a VGG's every convolution). A finished variant's pruned model is
+kept in ``bench/models/ablation/<name>.pt`` (committed), so its row can be re-evaluated on another split.
 
 A run longer than a session is parked before the session ends (``--park``: its newest good
 checkpoint, provenance and log to ``bench/parked/<name>/``, committed) and the same command in a
@@ -53,6 +54,9 @@ RUNS_DIR = HERE / "runs" / "ablation"
 #: to the next, so a sweep longer than a session parks its runs here before it stops (``--park``)
 #: and a later sweep resumes them from here.
 PARKED = HERE / "parked"
+#: Every finished variant's pruned model, committed, so its row can be evaluated on another split
+#: (``rcomp eval bench/models/ablation/<name>.pt --data imagefolder:ROOT --split test``).
+MODELS = HERE / "models" / "ablation"
 RESULTS = HERE / "results" / "intrain_ablation.json"
 EPOCHS, ATTACK, LR = 6, "nfgsm", 0.2  # the CIFAR-10 table's recipe
 
@@ -385,6 +389,16 @@ def unpark(name: str) -> bool:
     return True
 
 
+def keep_model(name: str) -> None:
+    """A finished run's model goes to ``bench/models/ablation/`` and its parking, with nothing left to
+    resume, away (git shows both to commit)."""
+    import shutil
+
+    MODELS.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(RUNS_DIR / name / "model.pt", MODELS / f"{name}.pt")
+    shutil.rmtree(PARKED / name, ignore_errors=True)
+
+
 def run(name: str, data: str) -> None:
     """Train (unless complete) and evaluate one variant, one thread, logging next to the run."""
     log = RUNS_DIR / f"{name}.log"
@@ -403,10 +417,8 @@ def run(name: str, data: str) -> None:
             record_provenance(name, cmd, RUNS_DIR)
             with open(log, "a") as fh:
                 subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(1), cwd=REPO)
-    if (folder / "model.pt").exists() and (PARKED / name).exists():
-        import shutil
-
-        shutil.rmtree(PARKED / name)  # finished: nothing left to resume (git shows the removal to commit)
+    if (folder / "model.pt").exists():
+        keep_model(name)
     out = folder / "eval.json"
     if (folder / "model.pt").exists() and not out.exists():
         with open(log, "a") as fh:
@@ -449,7 +461,12 @@ def collect(name: str) -> dict | None:
         "model": v.model, "target_params": t["recipe"].get("target_params"), "arch_from": v.arch,
         **widths(folder / "model.pt", v.model), "wall_seconds": t["wall_seconds"],
         "trained_by": json.loads(provenance.read_text()) if provenance.exists() else None,
+        "model_file": _repo_path(MODELS / f"{name}.pt") if (MODELS / f"{name}.pt").exists() else None,
     }
+
+
+def _repo_path(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def magnitude_under_both_floors(targets=(0.5, 0.3)) -> dict:
@@ -548,6 +565,11 @@ def render(doc: dict) -> None:
     body = "\n".join(lines) + "\n\n" + _provenance(doc, RESULTS) + "\n" + "".join(
         f"\n- {name}: trained by `{s['command']}` at commit `{s['commit'][:10]}`{' (uncommitted changes)' if s.get('dirty') else ''}, {s['started']}."
         for name, r in doc["runs"].items() for s in (r.get("trained_by") or []))
+    kept = [r["model_file"] for r in doc["runs"].values() if r.get("model_file")]
+    body += ("\n\nModels kept for evaluation on another split (`rcomp eval MODEL --data imagefolder:ROOT --split test`): "
+             + (", ".join(f"`{m}`" for m in kept) if kept else "none yet")
+             + "; rows trained before session 22, when the sweep began keeping its models, have none: their run "
+             "folders (git-ignored) were not kept.")
     check = doc.get("magnitude_floor_check")
     if check:
         same = [t for t, v in check.items() if isinstance(v, dict) and v["same"]]

@@ -160,6 +160,7 @@ def ablation(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "RUNS_DIR", tmp_path / "ablation")
     monkeypatch.setattr(module, "PARKED", tmp_path / "parked")
+    monkeypatch.setattr(module, "MODELS", tmp_path / "models")
     return module
 
 
@@ -281,7 +282,7 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_from_its_newest_good_checkpoin
     assert (ablation.RUNS_DIR / f"{name}.log").read_text() == "epoch 3\n"
 
 
-def test_a_finished_run_drops_its_parking_and_a_local_partial_is_not_overwritten(ablation, monkeypatch):
+def test_a_finished_run_keeps_its_model_drops_its_parking_and_a_local_partial_is_not_overwritten(ablation, monkeypatch):
     from rcomp.checkpoint import save_atomic
 
     name = next(iter(ablation.VARIANTS))
@@ -293,7 +294,7 @@ def test_a_finished_run_drops_its_parking_and_a_local_partial_is_not_overwritten
     (ablation.RUNS_DIR / name / "model.pt").write_bytes(b"")
     (ablation.RUNS_DIR / name / "eval.json").write_text("{}")
     ablation.run(name, "digits")
-    assert not (ablation.PARKED / name).exists()
+    assert not (ablation.PARKED / name).exists() and (ablation.MODELS / f"{name}.pt").exists()  # kept for other splits
 
 
 def test_an_ablation_another_process_trains_is_skipped_not_started_twice(ablation, monkeypatch):
