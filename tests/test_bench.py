@@ -469,3 +469,22 @@ def test_the_aims_table_leaves_out_a_pair_still_training_and_averages_a_group_af
     assert cells[1][5:9] == ["-1.00", "-3.00", "–", "1.05×"]  # two rows trained side by side
     assert cells[2][5:7] == ["**-2.00**", "**-2.00**"]
     assert "still training" not in aims.render_table(rows)
+
+
+def test_the_mask_overhead_benchmark_times_one_function_in_every_state(monkeypatch):
+    """Its four networks compute the same logits (masks all on), so the timings compare like with like."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("mask_overhead_under_test", BENCH / "mask_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    nets = module.networks()
+    assert list(nets) == list(module.STATES)
+    x = torch.rand(4, 3, 32, 32)
+    logits = {s: net(x) for s, net in nets.items()}
+    assert all(torch.equal(logits["plain"], v) for v in logits.values())
+    assert logits["learning"].requires_grad and all(p.requires_grad for p in nets["learning"].masks.params)
+    assert not any(p.requires_grad for s in module.STATES[2:] for p in nets[s].masks.params)
+    seconds = module.measure(rounds=1, batch=2)
+    assert set(seconds) == set(module.STATES) and all(v > 0 for v in seconds.values())

@@ -35,8 +35,8 @@ def _profile(tmp: Path) -> Path:
     return path
 
 
-def _torchrun(tmp: Path, dump: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    (tmp / "recipe.yaml").write_text(RECIPE)
+def _torchrun(tmp: Path, dump: Path, out: Path, *extra: str, recipe: str = RECIPE) -> subprocess.CompletedProcess:
+    (tmp / "recipe.yaml").write_text(recipe)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER),
            str(dump), "train", "--model", "tiny_cnn", "--data", "synthetic:400", "--profile", str(_profile(tmp)),
            "--target-ops", "0.5", "--recipe", str(tmp / "recipe.yaml"), "--no-progress", "--out", str(out), *extra]
@@ -99,6 +99,16 @@ def test_two_ranks_see_different_data_and_end_identical(two_ranks):
     assert masks and any(bool((m <= 0).any()) for m in masks)  # the masks pruned something
     strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]] for r in (r0, r1)]
     assert strip[0] == strip[1] and strip[0][-1]["ops_ratio"] <= 0.5
+
+
+def test_masks_that_wait_for_mask_start_learn_alike_on_every_rank_once_they_start(tmp_path):
+    """Before mask_start the masks take no gradient (the trainer wraps DDP again when they start)."""
+    _torchrun(tmp_path, tmp_path / "dump", tmp_path / "out", recipe=RECIPE + "mask_start: 0.4\n")
+    r0, r1 = _ranks(tmp_path / "dump")
+    assert _same_state(r0["state"], r1["state"])
+    masks = torch.cat([v.flatten() for k, v in r0["state"].items() if k.startswith("masks.")])
+    assert len(set(masks.tolist())) > len(masks) // 2  # they learned: no longer the few values of init and clip
+    assert bool((masks <= 0).any()) and r0["history"][-1]["ops_ratio"] <= 0.5
 
 
 def test_only_rank_zero_writes_logs_and_one_output_folder(two_ranks):

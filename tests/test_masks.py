@@ -90,6 +90,46 @@ def test_weight_masks_multiply_the_weights():
     assert sum(1 for k in masked.state_dict() if k.startswith("masks.")) == len(masks)
 
 
+def test_a_mask_that_does_not_learn_is_reused_until_m_or_its_floor_changes():
+    masked = attach_masks(create_model("tiny_cnn"), "channel", torch.rand(1, 3, 16, 16))
+    masks = masked.masks
+    with torch.no_grad():
+        masks.params[0].copy_(-torch.arange(1, masks.groups[0].size + 1, dtype=torch.float))  # all off
+    learning = masks.binary(0)  # requires grad: the STE, with its graph
+    assert learning.requires_grad
+    masks.freeze()
+    constant = masks.binary(0)
+    assert not constant.requires_grad and torch.equal(constant, learning.detach())
+    assert masks.binary(0) is constant  # M unchanged: not binarized again
+    masks.min_keep_fraction = 0.5  # the floor the binarization reads
+    assert int(masks.binary(0).sum()) == masks.min_channels(0) > int(constant.sum())
+    masks.set_hard(0, torch.ones(masks.groups[0].size, dtype=torch.bool))
+    assert bool(masks.binary(0).all())
+    masks.freeze(False)
+    with torch.no_grad():  # evaluation: constant as well
+        assert masks.binary(0) is masks.binary(0)
+
+
+def test_a_frozen_mask_set_anew_reaches_the_next_forward():
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn").eval()
+    masked = attach_masks(model, "channel", torch.rand(1, 3, 16, 16))
+    masks = masked.masks
+    masks.freeze()
+    producer = masks.groups[0].apply_at[0].module
+    seen, hooks = _record_outputs(model, [producer])
+    x = torch.rand(2, 3, 16, 16)
+    masked(x)
+    assert torch.count_nonzero(seen[producer][:, 0]) > 0
+    keep = torch.ones(masks.groups[0].size, dtype=torch.bool)
+    keep[0] = False
+    masks.set_hard(0, keep)
+    masked(x)
+    for h in hooks:
+        h.remove()
+    assert torch.count_nonzero(seen[producer][:, 0]) == 0
+
+
 def test_min_keep_fraction_keeps_the_best_channels_of_a_group():
     masked = attach_masks(create_model("tiny_cnn"), "channel", torch.rand(1, 3, 16, 16))
     masks = masked.masks

@@ -74,9 +74,20 @@ def test_masks_wait_dense_until_mask_start_then_start_from_magnitude(digits, mon
         seen.append((trainer.global_step, trainer._masks_learning(), [p.detach().clone() for p in trainer.masks.params]))
         step(*args)
 
+    graded = []
+    check = trainer._clip_and_check
+
+    def after_backward(*args):  # which steps gave the masks a gradient
+        graded.append((trainer.global_step, trainer.frozen, all(p.requires_grad and p.grad is not None
+                                                                  for p in trainer.masks.params)))
+        check(*args)
+
     monkeypatch.setattr(trainer, "_step", record)
+    monkeypatch.setattr(trainer, "_clip_and_check", after_backward)
     result = trainer.run(resume=False)
     start = trainer.start_step
+    assert any(has for _, _, has in graded) and any(frozen for _, frozen, _ in graded)
+    assert [g for g, frozen, has in graded if has] == [g for g, frozen, _ in graded if start <= g and not frozen]
     assert 0 < start < trainer.total_steps
     before = [m for g, started, m in seen if g < start]
     assert before and all(not started for g, started, _ in seen if g < start)

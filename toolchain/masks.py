@@ -83,13 +83,37 @@ class MaskSet(nn.Module):
         self.names = list(names)
         self.params = nn.ParameterList(nn.Parameter(torch.full(s, float(init))) for s in sizes)
         self._handles: list = []
+        self._constant: dict[int, tuple] = {}  # i -> (M and _binary_inputs it was computed from, the mask)
 
     def __len__(self) -> int:
         return len(self.params)
 
     def binary(self, i: int) -> torch.Tensor:
+        """Mask ``i`` as the forward pass uses it (values exactly 0/1).
+
+        While ``M`` learns (it requires grad, grad mode on), the STE binarization with its gradient
+        to ``M``. Otherwise (before ``mask_start``, after the freeze, under ``no_grad``) the same
+        0/1 values as a constant, binarized again only when ``M`` has changed: done per hook and
+        per forward, the binarization's work was measured at about a tenth of a ResNet20
+        forward-backward (``bench/mask_overhead.py``)."""
+        p = self.params[i]
+        if p.requires_grad and torch.is_grad_enabled():
+            return self._binary(i)
+        cached, inputs = self._constant.get(i), self._binary_inputs(i)
+        if (cached is None or cached[0].device != p.device or not torch.equal(cached[0], p.detach())
+                or cached[1] != inputs):
+            with torch.no_grad():
+                cached = (p.detach().clone(), inputs, self._binary(i))
+            self._constant[i] = cached
+        return cached[2]
+
+    def _binary(self, i: int) -> torch.Tensor:
         """STE-binarized mask ``i`` (values exactly 0/1, gradient to ``M``)."""
         return ste_binarize(self.params[i])
+
+    def _binary_inputs(self, i: int):
+        """What mask ``i``'s binarization reads besides ``M`` (a reused mask is stale once it changes)."""
+        return None
 
     def hard(self) -> list[torch.Tensor]:
         """Detached 0/1 masks, as the forward pass uses them."""
@@ -210,9 +234,12 @@ class ChannelMasks(MaskSet):
         widths = [w for w in range(step, size + 1, step) if w >= least]
         return widths if widths and widths[-1] == size else widths + [size]
 
-    def binary(self, i: int) -> torch.Tensor:
+    def _binary_inputs(self, i: int) -> int:
+        return self.min_channels(i)
+
+    def _binary(self, i: int) -> torch.Tensor:
         """Group ``i``'s 0/1 mask; when fewer than :meth:`min_channels` are on, the best-scoring ones stay on."""
-        mb = super().binary(i)
+        mb = super()._binary(i)
         k = self.min_channels(i)
         if int(mb.detach().sum()) < k:
             top = self.params[i].detach().topk(k).indices
@@ -243,6 +270,7 @@ class _ChannelHook:
         self.idxs = torch.tensor(sl.idxs, dtype=torch.long)
         self.root_idxs = torch.tensor(sl.root_idxs, dtype=torch.long)
         self._on_device: dict = {}
+        self._last: tuple | None = None  # (constant mask, dtype, the scale built from it)
 
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The index tensors on ``device``, copied once: a copy per forward would stall a GPU every call."""
@@ -251,11 +279,20 @@ class _ChannelHook:
         return self._on_device[device]
 
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return output * self._scale(output).view(1, -1, *([1] * (output.dim() - 2)))
+
+    def _scale(self, output: torch.Tensor) -> torch.Tensor:
+        """The producer's per-channel factor; built again only when its group's mask is a new tensor
+        (always while the mask learns, see :meth:`MaskSet.binary`)."""
         mb = self.masks.binary(self.group_index)
+        last = self._last
+        if last is not None and last[0] is mb and last[1] == output.dtype and last[2].device == output.device:
+            return last[2]
         idxs, root_idxs = self._indices(output.device)
         scale = torch.ones(output.shape[1], device=output.device, dtype=output.dtype)
         scale = scale.index_put((idxs,), mb[root_idxs.to(mb.device)].to(output.dtype))
-        return output * scale.view(1, -1, *([1] * (output.dim() - 2)))
+        self._last = None if mb.requires_grad else (mb, output.dtype, scale)
+        return scale
 
 
 class WeightMasks(MaskSet):

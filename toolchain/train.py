@@ -455,6 +455,7 @@ class _Trainer:
     def run(self, resume: bool) -> TrainResult:
         started = time.perf_counter()
         resumed_from = self._resume() if resume else None
+        self._masks_require_grad()
         self._wrap_ddp()
         while self.epoch < self.cfg.epochs and not self.stopped:
             self._run_epoch(self.epoch + 1)
@@ -507,6 +508,7 @@ class _Trainer:
 
     def _step(self, x, y, epoch: int, step: int, g_att, totals: dict) -> None:
         self._maybe_start_masks()
+        self._masks_require_grad()
         lr = lr_at_step(self.cfg, self.global_step + 1, self.total_steps) * self.lr_factor
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -521,9 +523,6 @@ class _Trainer:
         self._check_finite(total, "loss", epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
         self._backward(loss, penalty)
-        if self.masks is not None and not self._masks_learning():
-            for p in self.masks.params:
-                p.grad = None  # the masks wait, on, for mask_start
         self._clip_and_check(epoch, step)
         masks_active = self.masks is not None and not self.frozen and self._masks_learning()
         before = self.masks.on_states() if masks_active else None
@@ -608,6 +607,22 @@ class _Trainer:
         elif self.start_step == 0:
             return  # the default: masks learn from the first step, nothing to say
         self.log(f"masks start learning at step {self.global_step}/{self.total_steps} ({self.cfg.mask_init} init)")
+
+    def _masks_require_grad(self) -> None:
+        """The masks take gradients only in the steps that train them, from ``mask_start`` to the freeze.
+
+        Outside those steps (they wait, on, for ``mask_start``, or are frozen) each mask is a
+        constant 0/1 per unit, which :meth:`MaskSet.binary` then reuses instead of binarizing it
+        again in every forward: the same numbers, less work. Derived from the step, so a resumed
+        run or a guard restore needs no flag of its own.
+        """
+        if self.masks is None:
+            return
+        learning = not self.frozen and self._masks_learning()
+        if any(p.requires_grad != learning for p in self.masks.params):
+            self.masks.freeze(not learning)
+            if self.net is not self.model:  # training data-parallel: DDP reduces only what trains
+                self._wrap_ddp()
 
     def _masks_learning(self) -> bool:
         """Whether the step being taken trains the masks (derived from the step: resumes need no flag)."""
