@@ -21,9 +21,11 @@ kept in ``bench/models/ablation/<name>.pt`` (committed), so its row can be re-ev
 
 A run longer than a session is parked before the session ends (``--park``: its newest good
 checkpoint, provenance and log to ``bench/parked/<name>/``, committed) and the same command in a
-later checkout resumes it from there; a finished run's parking is removed.
+later checkout resumes it from there; a finished run's parking is removed. ``--stop-after HOURS``
+does it unattended: it stops the trainers after that long, collects what finished and parks the rest.
 
     python bench/intrain_ablation.py --only r20-intrain-0.5-seed1,r20-dense-seed1 --jobs 2
+    python bench/intrain_ablation.py --only r20-intrain-0.5-seed1,r20-dense-seed1 --jobs 2 --stop-after 2.5
     python bench/intrain_ablation.py --only r20-intrain-0.5-seed1,r20-dense-seed1 --park
     python bench/intrain_ablation.py --render
 """
@@ -399,10 +401,40 @@ def keep_model(name: str) -> None:
     shutil.rmtree(PARKED / name, ignore_errors=True)
 
 
+class Deadline:
+    """When a sweep stops (``--stop-after``): past it no run starts and the running ones are
+    terminated, losing at most the epoch in progress (every epoch is checkpointed), so the sweep
+    ends parked before the session does."""
+
+    def __init__(self, seconds: float | None = None):
+        self.at = None if seconds is None else time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+    def call(self, cmd: list[str], **kwargs) -> int | None:
+        """``subprocess.call``, but terminated at the deadline; None if it was."""
+        if self.passed():
+            return None
+        proc = subprocess.Popen(cmd, **kwargs)
+        while True:
+            try:
+                return proc.wait(timeout=None if self.at is None else max(0.0, self.at - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
+                return None
+
+
+DEADLINE = Deadline()
+
+
 def run(name: str, data: str) -> None:
     """Train (unless complete) and evaluate one variant, one thread, logging next to the run."""
     log = RUNS_DIR / f"{name}.log"
     folder = RUNS_DIR / name
+    if DEADLINE.passed():
+        return
     if not (folder / "model.pt").exists():
         with run_lock(name, RUNS_DIR) as mine:
             if not mine:
@@ -416,15 +448,17 @@ def run(name: str, data: str) -> None:
             cmd = train_command(name, data)
             record_provenance(name, cmd, RUNS_DIR)
             with open(log, "a") as fh:
-                subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(1), cwd=REPO)
+                DEADLINE.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(1), cwd=REPO)
     if (folder / "model.pt").exists():
         keep_model(name)
     out = folder / "eval.json"
     if (folder / "model.pt").exists() and not out.exists():
         with open(log, "a") as fh:
-            subprocess.check_call([sys.executable, "-m", "rcomp", "eval", str(folder / "model.pt"), "--data", data,
-                                   "--split", "val", "--json", str(out), "--no-progress"], stdout=fh, stderr=subprocess.STDOUT,
-                                  env=_env(1), cwd=REPO)
+            rc = DEADLINE.call([sys.executable, "-m", "rcomp", "eval", str(folder / "model.pt"), "--data", data, "--split",
+                                "val", "--json", str(out), "--no-progress"], stdout=fh, stderr=subprocess.STDOUT,
+                               env=_env(1), cwd=REPO)
+        if rc:
+            raise subprocess.CalledProcessError(rc, f"rcomp eval {folder / 'model.pt'} (log: {log})")
 
 
 def widths(model_path: Path, model_name: str) -> dict[str, list[int]]:
@@ -586,6 +620,8 @@ def main() -> None:
     p.add_argument("--render", action="store_true", help="only re-render the README table from the results file")
     p.add_argument("--park", action="store_true",
                    help="only keep the unfinished runs' newest checkpoints in bench/parked/ (commit it; a later sweep resumes them)")
+    p.add_argument("--stop-after", type=float, default=None, metavar="HOURS",
+                   help="stop the runs after HOURS (losing at most an epoch each), collect what finished and park the rest")
     args = p.parse_args()
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -595,12 +631,19 @@ def main() -> None:
         print("parked: " + (", ".join(park(names)) or "nothing"))
         return
     if not args.render:
+        global DEADLINE
+        DEADLINE = Deadline(None if args.stop_after is None else args.stop_after * 3600)
         started = time.time()
         RUNS_DIR.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda n: run(n, args.data), names))
+        if DEADLINE.passed():
+            print("stopped after --stop-after; parked: " + (", ".join(park(names)) or "nothing"), flush=True)
+        collected = {n: row for n in names if (row := collect(n)) is not None}
+        if not collected:
+            return
         doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
-        doc["runs"].update({n: row for n in names if (row := collect(n)) is not None})
+        doc["runs"].update(collected)
         doc["runs"] = {n: doc["runs"][n] for n in VARIANTS if n in doc["runs"]}  # in the order of VARIANTS
         doc["magnitude_floor_check"] = magnitude_under_both_floors()
         doc.update(command=" ".join([Path(sys.executable).name] + sys.argv), commit=commit(), machine=machine(),

@@ -275,7 +275,7 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_from_its_newest_good_checkpoin
 
     shutil.rmtree(ablation.RUNS_DIR)  # the next session's checkout has no bench/runs/
     commands = []
-    monkeypatch.setattr(ablation.subprocess, "call", lambda cmd, **k: commands.append(cmd))
+    monkeypatch.setattr(ablation.DEADLINE, "call", lambda cmd, **k: commands.append(cmd))
     ablation.run(name, "digits")
     restored = ablation.RUNS_DIR / f"{name}.partial" / "checkpoints" / "ckpt-epoch0003.pt"
     assert load_checked(restored)["epoch"] == 3 and commands[0][-1] == "--resume"
@@ -297,12 +297,28 @@ def test_a_finished_run_keeps_its_model_drops_its_parking_and_a_local_partial_is
     assert not (ablation.PARKED / name).exists() and (ablation.MODELS / f"{name}.pt").exists()  # kept for other splits
 
 
+def test_a_sweep_past_its_deadline_stops_its_trainer_and_starts_nothing(ablation, monkeypatch):
+    import time
+
+    name = next(iter(ablation.VARIANTS))
+    monkeypatch.setattr(ablation, "train_command", lambda *a: [sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(ablation, "DEADLINE", ablation.Deadline(1.0))
+    started = time.monotonic()
+    ablation.run(name, "digits")  # the "trainer" would sleep a minute
+    assert time.monotonic() - started < 30 and ablation.DEADLINE.passed()
+    assert (ablation.RUNS_DIR / f"{name}.provenance.json").exists()  # it had started
+    calls = []
+    monkeypatch.setattr(ablation.subprocess, "Popen", lambda *a, **k: calls.append(a))
+    ablation.run(next(n for n in ablation.VARIANTS if n != name), "digits")
+    assert calls == []  # past the deadline: not started
+
+
 def test_an_ablation_another_process_trains_is_skipped_not_started_twice(ablation, monkeypatch):
     name = next(iter(ablation.VARIANTS))
     ablation.RUNS_DIR.mkdir(parents=True)
     (ablation.RUNS_DIR / f"{name}.lock").write_text(str(os.getpid()))  # a live holder
     started = []
-    monkeypatch.setattr(ablation.subprocess, "call", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(ablation.DEADLINE, "call", lambda *a, **k: started.append(a))
     ablation.run(name, "digits")
     assert started == [] and not (ablation.RUNS_DIR / f"{name}.provenance.json").exists()
 
