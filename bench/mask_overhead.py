@@ -7,10 +7,11 @@ every state sees the same machine:
 
 - ``learning``: the masks train (from ``mask_start`` to the freeze): STE binarization in every hook
   of every forward, and its backward;
-- ``constant, binarized per forward``: masks that do not learn (before ``mask_start``, after the
-  freeze) as rcomp handled them until session 22, binarized again in every hook of every forward;
-- ``constant, reused``: the same masks as rcomp handles them now (``MaskSet.binary`` reuses a mask
-  while ``M`` is unchanged).
+- ``waiting for mask_start (all on)``: constant masks with every channel on, which the hooks pass
+  through untouched;
+- ``frozen, half of every group off``: constant masks after the freeze (``MaskSet.binary`` reuses the
+  0/1 mask and each hook its channel scale; the multiply of the activations remains, as the
+  channels are still there until the pruned model is cut out at the end).
 
 The ratio to the plain network is what in-train pruning adds to dense FastAT's step in each phase;
 the rest of an epoch (data loading, augmentation, validation) is the same for both and not timed.
@@ -42,7 +43,7 @@ from rcomp.models import create_model  # noqa: E402
 from rcomp.reports import write_json_atomic  # noqa: E402
 
 RESULTS = HERE / "results" / "mask_overhead.json"
-STATES = ("plain", "learning", "constant, binarized per forward", "constant, reused")
+STATES = ("plain", "learning", "waiting for mask_start (all on)", "frozen, half of every group off")
 
 
 def networks(seed: int = 0) -> dict[str, torch.nn.Module]:
@@ -55,8 +56,9 @@ def networks(seed: int = 0) -> dict[str, torch.nn.Module]:
         masked = attach_masks(copy.deepcopy(plain), "channel", example).train()
         if state != "learning":
             masked.masks.freeze()
-        if state == "constant, binarized per forward":
-            masked.masks.binary = masked.masks._binary  # the instance skips the reuse
+        if state.startswith("frozen"):
+            for i, group in enumerate(masked.masks.groups):
+                masked.masks.set_hard(i, torch.arange(group.size) % 2 == 0)
         nets[state] = masked
     return nets
 

@@ -93,9 +93,9 @@ class MaskSet(nn.Module):
 
         While ``M`` learns (it requires grad, grad mode on), the STE binarization with its gradient
         to ``M``. Otherwise (before ``mask_start``, after the freeze, under ``no_grad``) the same
-        0/1 values as a constant, binarized again only when ``M`` has changed: done per hook and
-        per forward, the binarization's work was measured at about a tenth of a ResNet20
-        forward-backward (``bench/mask_overhead.py``)."""
+        0/1 values as a constant, binarized again only when ``M`` has changed, which lets the hooks
+        reuse their channel scale and pass an all-on mask's outputs through untouched
+        (``bench/mask_overhead.py``)."""
         p = self.params[i]
         if p.requires_grad and torch.is_grad_enabled():
             return self._binary(i)
@@ -270,7 +270,7 @@ class _ChannelHook:
         self.idxs = torch.tensor(sl.idxs, dtype=torch.long)
         self.root_idxs = torch.tensor(sl.root_idxs, dtype=torch.long)
         self._on_device: dict = {}
-        self._last: tuple | None = None  # (constant mask, dtype, the scale built from it)
+        self._last: tuple | None = None  # (constant mask, dtype, the scale built from it or None, device)
 
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The index tensors on ``device``, copied once: a copy per forward would stall a GPU every call."""
@@ -279,19 +279,26 @@ class _ChannelHook:
         return self._on_device[device]
 
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        return output * self._scale(output).view(1, -1, *([1] * (output.dim() - 2)))
+        scale = self._scale(output)
+        if scale is None:  # a constant mask with every channel on: the product would be ``output`` itself
+            return output
+        return output * scale.view(1, -1, *([1] * (output.dim() - 2)))
 
-    def _scale(self, output: torch.Tensor) -> torch.Tensor:
-        """The producer's per-channel factor; built again only when its group's mask is a new tensor
-        (always while the mask learns, see :meth:`MaskSet.binary`)."""
+    def _scale(self, output: torch.Tensor) -> torch.Tensor | None:
+        """The producer's per-channel factor, None for a constant all-on mask; built again only when
+        its group's mask is a new tensor (always while the mask learns, see :meth:`MaskSet.binary`)."""
         mb = self.masks.binary(self.group_index)
         last = self._last
-        if last is not None and last[0] is mb and last[1] == output.dtype and last[2].device == output.device:
+        if last is not None and last[0] is mb and last[1] == output.dtype and last[3] == output.device:
             return last[2]
         idxs, root_idxs = self._indices(output.device)
         scale = torch.ones(output.shape[1], device=output.device, dtype=output.dtype)
         scale = scale.index_put((idxs,), mb[root_idxs.to(mb.device)].to(output.dtype))
-        self._last = None if mb.requires_grad else (mb, output.dtype, scale)
+        if mb.requires_grad:
+            self._last = None
+            return scale
+        scale = None if bool(scale.eq(1).all()) else scale
+        self._last = (mb, output.dtype, scale, output.device)
         return scale
 
 
