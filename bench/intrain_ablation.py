@@ -417,13 +417,12 @@ class Deadline:
         if self.passed():
             return None
         proc = subprocess.Popen(cmd, **kwargs)
-        while True:
-            try:
-                return proc.wait(timeout=None if self.at is None else max(0.0, self.at - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                proc.wait()
-                return None
+        try:
+            return proc.wait(timeout=None if self.at is None else max(0.0, self.at - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+            return None
 
 
 DEADLINE = Deadline()
