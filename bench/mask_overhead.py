@@ -2,7 +2,7 @@
 
 One training step of ResNet20 as ``rcomp train`` takes it on CIFAR-sized inputs (an N-FGSM attack:
 a forward and backward to the input; then the training forward and backward), timed for the plain
-network and for the same network with channel masks in three states, interleaved round by round so
+network and for the same network with channel masks in three states and slim, interleaved round by round so
 every state sees the same machine:
 
 - ``learning``: the masks train (from ``mask_start`` to the freeze): STE binarization in every hook
@@ -11,7 +11,11 @@ every state sees the same machine:
   through untouched;
 - ``frozen, half of every group off``: constant masks after the freeze (``MaskSet.binary`` reuses the
   0/1 mask and each hook its channel scale; the multiply of the activations remains, as the
-  channels are still there until the pruned model is cut out at the end).
+  channels are still there until the pruned model is cut out at the end);
+
+and, for ``slim_at_freeze``, the network with those channels removed, as training goes on after the
+freeze with that recipe key (a quarter of the frozen network's ops: half of every group's inputs
+and outputs are gone).
 
 The ratio to the plain network is what in-train pruning adds to dense FastAT's step in each phase;
 the rest of an epoch (data loading, augmentation, validation) is the same for both and not timed.
@@ -41,9 +45,11 @@ from rcomp.attacks import nfgsm  # noqa: E402
 from rcomp.masks import attach_masks  # noqa: E402
 from rcomp.models import create_model  # noqa: E402
 from rcomp.reports import write_json_atomic  # noqa: E402
+from rcomp.surgery import remove_channels  # noqa: E402
 
 RESULTS = HERE / "results" / "mask_overhead.json"
 STATES = ("plain", "learning", "waiting for mask_start (all on)", "frozen, half of every group off")
+SLIM = "slim after the freeze (those channels removed)"
 
 
 def networks(seed: int = 0) -> dict[str, torch.nn.Module]:
@@ -60,6 +66,7 @@ def networks(seed: int = 0) -> dict[str, torch.nn.Module]:
             for i, group in enumerate(masked.masks.groups):
                 masked.masks.set_hard(i, torch.arange(group.size) % 2 == 0)
         nets[state] = masked
+    nets[SLIM] = remove_channels(nets[STATES[-1]], example).model.train()
     return nets
 
 
@@ -75,7 +82,7 @@ def measure(rounds: int, batch: int) -> dict[str, float]:
     nets = networks()
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    times: dict[str, list[float]] = {s: [] for s in STATES}
+    times: dict[str, list[float]] = {s: [] for s in nets}
     for r in range(rounds + 1):
         for state, net in nets.items():
             t0 = time.perf_counter()

@@ -488,7 +488,8 @@ def test_the_aims_table_leaves_out_a_pair_still_training_and_averages_a_group_af
 
 
 def test_the_mask_overhead_benchmark_times_one_function_in_every_state(monkeypatch):
-    """Its networks with masks all on compute the plain network's logits, so their timings compare like with like."""
+    """Its networks with masks all on compute the plain network's logits, and the slim one the frozen one's,
+    so their timings compare like with like."""
     import torch
 
     monkeypatch.syspath_prepend(str(BENCH))
@@ -496,12 +497,15 @@ def test_the_mask_overhead_benchmark_times_one_function_in_every_state(monkeypat
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     nets = module.networks()
-    assert list(nets) == list(module.STATES)
+    assert list(nets) == [*module.STATES, module.SLIM]
     x = torch.rand(4, 3, 32, 32)
     logits = {s: net(x) for s, net in nets.items()}
     assert all(torch.equal(logits["plain"], logits[s]) for s in module.STATES[:3])  # masks all on
     assert not torch.equal(logits["plain"], logits[module.STATES[3]])  # half the channels off
+    assert torch.allclose(logits[module.SLIM], logits[module.STATES[3]], atol=1e-5)  # and those removed
+    size = {s: sum(p.numel() for p in nets[s].parameters()) for s in ("plain", module.SLIM)}
+    assert size[module.SLIM] < 0.3 * size["plain"]
     assert logits["learning"].requires_grad and all(p.requires_grad for p in nets["learning"].masks.params)
     assert not any(p.requires_grad for s in module.STATES[2:] for p in nets[s].masks.params)
     seconds = module.measure(rounds=1, batch=2)
-    assert set(seconds) == set(module.STATES) and all(v > 0 for v in seconds.values())
+    assert set(seconds) == set(nets) and all(v > 0 for v in seconds.values())

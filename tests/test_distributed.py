@@ -111,6 +111,15 @@ def test_masks_that_wait_for_mask_start_learn_alike_on_every_rank_once_they_star
     assert bool((masks <= 0).any()) and r0["history"][-1]["ops_ratio"] <= 0.5
 
 
+def test_ranks_that_slim_at_the_freeze_train_the_slim_network_alike(tmp_path):
+    """After the freeze DDP is wrapped around the slim network: its gradients, not the masked one's, are reduced."""
+    proc = _torchrun(tmp_path, tmp_path / "dump", tmp_path / "out", recipe=RECIPE + "slim_at_freeze: true\n")
+    assert proc.stdout.count("slim from here on") == 1  # rank 0 alone logs
+    r0, r1 = _ranks(tmp_path / "dump")
+    assert _same_state(r0["state"], r1["state"])
+    assert not any(k.startswith("masks.") for k in r0["state"]) and r0["history"][-1]["ops_ratio"] <= 0.5
+
+
 def test_only_rank_zero_writes_logs_and_one_output_folder(two_ranks):
     tmp, proc, _ = two_ranks
     assert os.listdir(tmp / "out") == ["run"]  # no run.partial, no second copy

@@ -66,6 +66,24 @@ def test_the_shipped_model_keeps_the_profiles_channel_multiple(job):
     assert all(p % 8 == 0 or p == d for p, d in zip(pruned, dense)), pruned
 
 
+def test_a_run_that_slims_at_the_freeze_ships_the_network_it_trained(tmp_path):
+    """With ``slim_at_freeze`` training already removed the channels: the job ships that network as
+    it is (the last checkpoint's weights), it does not cut it again."""
+    from rcomp.surgery import load_pruned
+
+    recipe = tmp_path / "slim.yaml"
+    recipe.write_text("slim_at_freeze: true\n")
+    out = tmp_path / "run"
+    code, output = run("prune", "--profile", LENIENT, "--out", out, "--target-ops", "0.5", "--recipe", recipe, *FAST)
+    assert code == 0, output
+    assert "slim from here on" in output and "verdict: PASS" in output
+    shipped = load_pruned(out / "model.pt")[0].state_dict()
+    trained = torch.load(out / "checkpoints" / "ckpt-epoch0004.pt", weights_only=True)["model"]
+    assert shipped.keys() == trained.keys() and all(torch.equal(shipped[k], trained[k]) for k in trained)
+    t = json.loads((out / "train.json").read_text())
+    assert t["recipe"]["slim_at_freeze"] is True and t["macs"] <= 0.5 * t["dense_macs"]
+
+
 @pytest.mark.parametrize("opts, regularity, expected", [
     ({}, None, 8),                            # the profile's
     ({"channel_multiple": 1}, None, 1),       # the command line wins

@@ -19,6 +19,7 @@ from rcomp.data import load_data
 from rcomp.errors import CheckpointError, ConfigError, NumericalError, TrainingCollapse
 from rcomp.masks import MASK_INIT, MaskedModel, MaskSet
 from rcomp.models import create_model
+from rcomp.surgery import remove_channels
 from rcomp.train import (
     CatastrophicOverfittingGuard,
     TrainConfig,
@@ -365,6 +366,39 @@ def test_a_state_restored_from_before_mask_start_gets_its_masks_started_again(di
 
 
 # --------------------------------------------------------------------------------------------
+# slim at the freeze
+
+
+def test_slim_at_freeze_trains_the_network_the_masked_run_would_ship(digits):
+    """Removing the switched-off channels at the freeze changes the arithmetic, not the model.
+
+    The slim run must end where the masked run's shipped copy does, up to float rounding: the same
+    removals, the same shapes, the same logged accuracies. Dropping the momentum at the cut (or
+    cutting it by other channels than the weights) moves the weights far more than 1e-4.
+    """
+    base = dict(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, **FAST)
+    masked = train(TrainConfig(**base), digits, _model(digits), out_dir=None, log=_quiet)
+    lines = []
+    slim = train(TrainConfig(slim_at_freeze=True, **base), digits, _model(digits), out_dir=None, log=lines.append)
+    shipped = remove_channels(masked.model, torch.zeros(1, *SHAPE))
+    assert not isinstance(slim.model, MaskedModel) and masked.pruned_channels is None
+    assert slim.pruned_channels and slim.pruned_channels == shipped.pruned_channels
+    a, b = shipped.model.state_dict(), slim.model.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
+    assert [(h.val_clean, h.val_pgd, h.ops_ratio) for h in slim.history] == [
+        (h.val_clean, h.val_pgd, h.ops_ratio) for h in masked.history]
+    assert sum("slim from here on" in line for line in lines) == 1
+
+
+@pytest.mark.parametrize("regularity", ["weight", None])
+def test_slim_at_freeze_needs_channel_masks(digits, regularity):
+    config = TrainConfig(regularity=regularity, slim_at_freeze=True, **FAST)
+    with pytest.raises(ConfigError, match="slim_at_freeze"):
+        train(config, digits, _model(digits), out_dir=None, log=_quiet)
+
+
+# --------------------------------------------------------------------------------------------
 # kill and resume
 
 
@@ -381,6 +415,19 @@ def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path, lr_resta
     assert all(not p.requires_grad for p in resumed.model.masks.params)
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_the_slim_freeze_rebuilds_the_slim_network_and_replays_exactly(digits, tmp_path):
+    config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, slim_at_freeze=True,
+                         **FAST)
+    whole = train(config, digits, _model(digits), out_dir=tmp_path / "a", log=_quiet)
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    for name in ("ckpt-epoch0002.pt", "ckpt-epoch0002.pt.sha256"):  # slim since epoch 2
+        shutil.copy(tmp_path / "a" / "checkpoints" / name, tmp_path / "b" / "checkpoints" / name)
+    resumed = train(config, digits, _model(digits), out_dir=tmp_path / "b", resume=True, log=_quiet)
+    assert resumed.resumed_from == 2 and resumed.pruned_channels == whole.pruned_channels
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("mask_start, warmup", [(0.34, 0.2), (0.7, 0.05)])  # the epoch-2 checkpoint: after / before

@@ -464,16 +464,18 @@ def _run_method(job: Job, bundle, model, staged: StagedOutput, log):
 
 def _physically_pruned(job: Job, result, example):
     """The trained model as it ships: zero-mask channels removed (in-train), weight masks folded in,
-    or as trained (the post-train methods removed their channels already; dense has none; an
-    ``--arch-from`` run has its checkpoint's)."""
-    from rcomp.surgery import PrunedModel, fold_weight_masks, remove_channels
+    or as trained (the post-train methods removed their channels already, and so did in-train
+    training with ``slim_at_freeze``; dense has none; an ``--arch-from`` run has its checkpoint's)."""
+    from rcomp.surgery import PrunedModel, fold_weight_masks, remove_channels, weight_sparsity
 
     trained = result.model.cpu().eval()
     if job.arch is not None:  # trained in its pruned shape: the removals rebuild it from the zoo model
         return PrunedModel(trained, list(job.arch.pruned_channels), "channel", 0.0)
     post = job.method in POST_METHODS
     if post or job.train.regularity is None:
-        return PrunedModel(trained, list(getattr(result, "pruned_channels", [])), "channel" if post else "dense", 0.0)
+        return PrunedModel(trained, list(getattr(result, "pruned_channels", None) or []), "channel" if post else "dense", 0.0)
+    if job.train.regularity == "channel" and getattr(result, "pruned_channels", None) is not None:
+        return PrunedModel(trained, list(result.pruned_channels), "channel", weight_sparsity(trained))
     if job.train.regularity == "channel":
         return remove_channels(trained, example)
     return fold_weight_masks(trained)

@@ -99,22 +99,34 @@ def apply_pruning(model: nn.Module, pruned_channels, example_input: Tensor) -> n
     return model
 
 
-def remove_channels(masked: MaskedModel, example_input: Tensor) -> PrunedModel:
-    """A pruned deep copy of ``masked`` without the channels whose hard mask is 0 (``masked`` stays usable)."""
-    masks = masked.masks
+def removed_channels(masks: ChannelMasks) -> list[tuple[str, list[int]]]:
+    """(group root, channels whose hard mask is 0) for every group that loses any: what :func:`apply_pruning` replays."""
     if not isinstance(masks, ChannelMasks):
         raise RcompError(f"remove_channels needs channel masks, got {masks.regularity or type(masks).__name__} masks")
-    hard = masks.hard()
     pruned_channels = []
-    for group, h in zip(masks.groups, hard):
+    for group, h in zip(masks.groups, masks.hard()):
         removed = [int(i) for i in torch.nonzero(h.cpu() == 0).flatten().tolist()]
         if removed:
             pruned_channels.append((group.name, removed))
-    # copy the network but not the masks (the memo maps them to themselves), then drop the copied
-    # mask hooks: the copy is a plain model and the masked model keeps its hooks and stays usable
-    plain = copy.deepcopy(masked.model, {id(masks): masks})
+    return pruned_channels
+
+
+def plain_copy(masked: MaskedModel) -> nn.Module:
+    """A deep copy of the network inside ``masked`` without its masks or mask hooks (``masked`` stays usable).
+
+    The memo maps the masks to themselves, so they are not copied; the copied hooks that still
+    point at them are dropped, which leaves a plain model of standard layers.
+    """
+    plain = copy.deepcopy(masked.model, {id(masked.masks): masked.masks})
     _strip_mask_hooks(plain)
     plain.train(masked.training)
+    return plain
+
+
+def remove_channels(masked: MaskedModel, example_input: Tensor) -> PrunedModel:
+    """A pruned deep copy of ``masked`` without the channels whose hard mask is 0 (``masked`` stays usable)."""
+    pruned_channels = removed_channels(masked.masks)
+    plain = plain_copy(masked)
     apply_pruning(plain, pruned_channels, example_input.to(next(plain.parameters()).device))
     return PrunedModel(plain, pruned_channels, "channel", weight_sparsity(plain))
 

@@ -10,6 +10,10 @@ With ``mask_start`` > 0 the run begins dense (masks on and still, no budget) and
 learning at that fraction of the steps, optionally from group magnitude (``mask_init``); the budget
 schedule then starts from there. With ``lr_restart`` the steps after the freeze get a learning-rate
 cycle of their own (a warm restart on the final architecture, as post-train fine-tuning has).
+With ``slim_at_freeze`` the channels the frozen masks switch off are removed right at the freeze
+(torch-pruning, as the shipped model's are), so the steps after it train the smaller network
+instead of the whole masked one: the same network at the cut (float rounding differs from there
+on), in less time per step.
 
 Reproducibility: data order, augmentation and every attack draw from generators seeded by
 ``(seed, epoch)`` only, and checkpoints carry every global RNG state, so a run resumed from its
@@ -95,6 +99,7 @@ class TrainConfig:
     warmup_fraction: float = 0.3
     freeze_fraction: float = 0.8
     lr_restart: bool = False       # a new LR cycle over the steps after the mask freeze (warm restart)
+    slim_at_freeze: bool = False   # channel masks: remove the switched-off channels at the freeze, train the slim net
     finetune_epochs: int | None = None  # post-train methods: fine-tune this long after a dense phase of all epochs
     mask_lr_scale: float = 1.0
     mask_momentum: float | None = None  # None: the weights' momentum
@@ -145,6 +150,9 @@ class TrainConfig:
         if self.lr_restart and not self.has_budget:
             raise ConfigError("lr_restart restarts the learning rate at the mask freeze, which needs a budget",
                               key="lr_restart")
+        if self.slim_at_freeze and self.regularity != "channel":
+            raise ConfigError("slim_at_freeze removes the channels that channel masks switch off; "
+                              f"it needs regularity: channel, got {self.regularity or 'none'}", key="slim_at_freeze")
         if self.finetune_epochs is not None and self.finetune_epochs < 1:
             raise ConfigError(f"finetune_epochs must be at least 1, got {self.finetune_epochs}",
                               key="finetune_epochs")
@@ -191,6 +199,7 @@ class TrainResult:
     projection: dict | None
     wall_seconds: float
     resumed_from: int | None
+    pruned_channels: list | None = None  # set when ``model`` is already slim (``slim_at_freeze``): its removals
 
 
 def train_seconds(result: TrainResult, wall: float) -> float:
@@ -353,6 +362,8 @@ class _Trainer:
         self._check_world()
         torch.manual_seed(config.seed)
         self.model, self.masks = self._wrap(model)
+        self.masked = self.model  # the MaskedModel, also once self.model is the slim network
+        self.pruned_channels: list | None = None  # the removals once slim (slim_at_freeze)
         self.model.to(self.device)
         self.net = self.model  # the DistributedDataParallel wrapper once run() starts
         self.amp, self.channels_last = config.amp and self.device.type == "cuda", self.device.type == "cuda"
@@ -425,7 +436,8 @@ class _Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
         if self.masks is not None:
-            groups = [{"params": list(self.model.weight_parameters()), "lr_scale": 1.0},
+            weights = self.model.parameters() if self.pruned_channels is not None else self.model.weight_parameters()
+            groups = [{"params": list(weights), "lr_scale": 1.0},
                       {"params": list(self.masks.parameters()), "lr_scale": c.mask_lr_scale,
                        "momentum": c.momentum if c.mask_momentum is None else c.mask_momentum,
                        "nesterov": c.nesterov and (c.momentum if c.mask_momentum is None else c.mask_momentum) > 0}]
@@ -462,7 +474,7 @@ class _Trainer:
         self._finish()
         return TrainResult(self.model, self.history, self.returned_epoch, self.co_events,
                            self.controller.status() if self.controller else None, self.projection,
-                           time.perf_counter() - started, resumed_from)
+                           time.perf_counter() - started, resumed_from, self.pruned_channels)
 
     def _run_epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
@@ -672,6 +684,55 @@ class _Trainer:
         p = self.projection
         self.log(f"masks projected and frozen {when}: ops {p['ops_before']:,} -> {p['ops_after']:,}, "
                  f"params {p['params_before']:,} -> {p['params_after']:,}, {p['units_changed']} units changed")
+        if self.cfg.slim_at_freeze:
+            self._slim()
+
+    def _slim(self, pruned_channels: list | None = None) -> None:
+        """Train on from here without the channels the frozen masks switch off.
+
+        After the freeze a masked network still computes every channel and zeroes the switched-off ones;
+        removing them is what the shipped model gets anyway (:func:`rcomp.surgery.remove_channels`),
+        done now so the remaining steps cost what the slim network costs. The momentum of each
+        weight is cut by the same removals, so SGD goes on as if nothing happened. With
+        ``pruned_channels`` (a resume) the removals are replayed instead of read off the masks,
+        and the optimizer state then comes from the checkpoint.
+        """
+        from rcomp.surgery import apply_pruning, plain_copy, removed_channels
+
+        resuming = pruned_channels is not None
+        pruned_channels = pruned_channels if resuming else removed_channels(self.masks)
+        example = torch.zeros(1, *self.bundle.input_shape, device=self.device)
+        slim = apply_pruning(plain_copy(self.masked), pruned_channels, example)
+        momentum = None if resuming else self._slim_momentum(pruned_channels, example)
+        if self.channels_last:
+            slim.to(memory_format=torch.channels_last)
+        self.model, self.pruned_channels = slim, pruned_channels
+        self.optimizer = self._optimizer()
+        for p, buf in zip(self.model.parameters(), momentum or []):
+            self.optimizer.state[p]["momentum_buffer"] = buf
+        if self.net is not self.masked:  # training data-parallel: DDP now reduces the slim network's gradients
+            self._wrap_ddp()
+        else:
+            self.net = self.model
+        removed = sum(len(idxs) for _, idxs in pruned_channels)
+        self.log(f"slim from here on: {removed} channels removed from {len(pruned_channels)} groups")
+
+    def _slim_momentum(self, pruned_channels: list, example: torch.Tensor) -> list[torch.Tensor]:
+        """The weights' momentum buffers, cut by ``pruned_channels``, in the slim network's parameter order.
+
+        torch-pruning cuts parameters, not optimizer state; so the buffers are written into a copy
+        of the network in place of its weights and that copy is pruned the same way. A weight
+        without a buffer yet gets zeros, which SGD's first update treats as none (no dampening).
+        """
+        from rcomp.surgery import apply_pruning, plain_copy
+
+        shadow = plain_copy(self.masked)
+        with torch.no_grad():
+            for held, p in zip(shadow.parameters(), self.masked.model.parameters()):
+                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                held.copy_(buf if buf is not None else torch.zeros_like(p))
+        apply_pruning(shadow, pruned_channels, example)
+        return [p.detach().clone() for p in shadow.parameters()]
 
     # ---------------------------------------------------------------- per-epoch measurements
     def _epoch_record(self, epoch: int, stats: dict, flipped: float) -> EpochLog:
@@ -844,6 +905,8 @@ class _Trainer:
             "history": [asdict(h) for h in self.history], "rng": capture_rng_state(),
             "budget": self.controller.state_dict() if self.controller is not None else None,
             "scaler": self.scaler.state_dict(),
+            "pruned_channels": self.pruned_channels,  # when set, "model" is the slim network and "masks" the masks
+            "masks": self.masks.state_dict() if self.pruned_channels is not None else None,
         }
 
     def _resume(self) -> int | None:
@@ -857,6 +920,9 @@ class _Trainer:
         state, path = found
         self._check_compatible(state, path)
         try:
+            if state.get("pruned_channels") is not None:  # slim since the freeze: rebuild that network first
+                self.masks.load_state_dict(state["masks"])
+                self._slim([(n, list(idxs)) for n, idxs in state["pruned_channels"]])
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
