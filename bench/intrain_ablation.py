@@ -340,31 +340,55 @@ def train_command(name: str, data: str) -> list[str]:
 PARKED_SIDE_FILES = (".provenance.json", ".log")
 
 
-def newest_good_checkpoint(name: str) -> Path | None:
-    """The unfinished run's newest checkpoint that its checksum vouches for (a killed save leaves
-    one without), or None."""
+def newest_good_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint in ``folder`` that its checksum vouches for (a killed save leaves one
+    without), or None."""
     from rcomp.checkpoint import CheckpointManager, verify
 
-    manager = CheckpointManager(RUNS_DIR / f"{name}.partial" / "checkpoints")
+    manager = CheckpointManager(folder)
     return next((path for _, path in manager.checkpoints() if verify(path) is None), None)
 
 
-def park(names: list[str]) -> list[str]:
-    """Copy each unfinished run's newest good checkpoint, provenance and log to ``bench/parked/<name>/``
-    (replacing an older parking); returns those parked.
+def resume_files(name: str) -> list[Path]:
+    """What ``--resume`` needs of an unfinished run, as paths inside its ``.partial`` folder; [] if nothing.
 
-    The copy is built beside the parking and swapped in, so a parking is always a whole one."""
+    The newest good checkpoint of the phase the run is in: ``checkpoints/`` for one training run; a
+    post-train run's ``dense/checkpoints/`` or, once its prune step saved its stage
+    (``<method>-pruned.pt``: the pruned network and the dense phase's history), that stage, the files
+    beside it (the RL policy) and ``finetune/checkpoints/``.
+    """
+    partial = RUNS_DIR / f"{name}.partial"
+    if not partial.is_dir():
+        return []
+    staged = any(partial.glob("*-pruned.pt"))
+    beside = sorted(f.relative_to(partial) for f in partial.iterdir() if f.is_file()) if staged else []
+    for phase in ("checkpoints", "finetune/checkpoints" if staged else "dense/checkpoints"):
+        newest = newest_good_checkpoint(partial / phase)
+        if newest is not None:
+            checkpoint = newest.relative_to(partial)
+            return beside + [checkpoint, checkpoint.with_name(checkpoint.name + ".sha256")]
+    return beside
+
+
+def park(names: list[str]) -> list[str]:
+    """Copy what each unfinished run needs to resume (:func:`resume_files`), with its provenance and
+    log, to ``bench/parked/<name>/`` (replacing an older parking); returns those parked.
+
+    The files keep their places under ``partial/``. The copy is built beside the parking and
+    swapped in, so a parking is always a whole one."""
     import shutil
 
     parked = []
     for name in names:
         dest = PARKED / name
-        checkpoint = None if (RUNS_DIR / name / "model.pt").exists() else newest_good_checkpoint(name)
-        if checkpoint is None:
+        files = [] if (RUNS_DIR / name / "model.pt").exists() else resume_files(name)
+        if not files:
             continue
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        _copy_checkpoint(checkpoint, tmp)
+        for f in files:
+            (tmp / "partial" / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(RUNS_DIR / f"{name}.partial" / f, tmp / "partial" / f)
         for suffix in PARKED_SIDE_FILES:
             if (RUNS_DIR / f"{name}{suffix}").exists():
                 shutil.copy2(RUNS_DIR / f"{name}{suffix}", tmp / suffix.lstrip("."))
@@ -383,8 +407,10 @@ def unpark(name: str) -> bool:
     partial = RUNS_DIR / f"{name}.partial"
     if not source.is_dir() or partial.exists() or (RUNS_DIR / name / "model.pt").exists():
         return False
-    checkpoint = next(source.glob("ckpt-epoch*.pt"))
-    _copy_checkpoint(checkpoint, partial / "checkpoints")
+    if (source / "partial").is_dir():
+        shutil.copytree(source / "partial", partial)
+    else:  # parked before the files kept their places (session 22): one checkpoint of one training run
+        _copy_checkpoint(next(source.glob("ckpt-epoch*.pt")), partial / "checkpoints")
     for suffix in PARKED_SIDE_FILES:
         if (source / suffix.lstrip(".")).exists():
             shutil.copy2(source / suffix.lstrip("."), RUNS_DIR / f"{name}{suffix}")

@@ -282,6 +282,31 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_from_its_newest_good_checkpoin
     assert (ablation.RUNS_DIR / f"{name}.log").read_text() == "epoch 3\n"
 
 
+def test_a_parked_post_train_run_resumes_in_the_phase_it_was_in(ablation):
+    """A post-train run keeps its checkpoints per phase: dense/ until its prune step saves the stage,
+    then the stage (pruned network, dense history) and finetune/; a parking holds what that phase needs."""
+    from rcomp.checkpoint import load_checked, save_atomic
+
+    name = next(n for n, v in ablation.VARIANTS.items() if v.method == "posttrain")
+    partial = ablation.RUNS_DIR / f"{name}.partial"
+    (partial / "dense" / "checkpoints").mkdir(parents=True)
+    for epoch in (1, 2):
+        save_atomic({"epoch": epoch}, partial / "dense" / "checkpoints" / f"ckpt-epoch{epoch:04d}.pt")
+    assert ablation.park([name]) == [name]
+    shutil.rmtree(ablation.RUNS_DIR)
+    assert ablation.unpark(name)
+    assert load_checked(partial / "dense" / "checkpoints" / "ckpt-epoch0002.pt")["epoch"] == 2
+
+    save_atomic({"stage": 1}, partial / "posttrain-pruned.pt")  # the prune step done, fine-tuning begun
+    (partial / "finetune" / "checkpoints").mkdir(parents=True)
+    save_atomic({"epoch": 1}, partial / "finetune" / "checkpoints" / "ckpt-epoch0001.pt")
+    assert ablation.park([name]) == [name]
+    shutil.rmtree(ablation.RUNS_DIR)
+    assert ablation.unpark(name)
+    assert sorted(str(p.relative_to(partial)) for p in partial.rglob("*.pt")) == [
+        "finetune/checkpoints/ckpt-epoch0001.pt", "posttrain-pruned.pt"]  # the dense phase is in the stage
+
+
 def test_a_finished_run_keeps_its_model_drops_its_parking_and_a_local_partial_is_not_overwritten(ablation, monkeypatch):
     from rcomp.checkpoint import save_atomic
 
