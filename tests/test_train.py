@@ -391,6 +391,24 @@ def test_slim_at_freeze_trains_the_network_the_masked_run_would_ship(digits):
     assert sum("slim from here on" in line for line in lines) == 1
 
 
+def test_a_slim_run_that_ends_over_budget_is_not_cut_again(digits, monkeypatch):
+    """The end of training projects again when the budget is not met; a slim network has no masked
+    channels left to project, and cutting it again from the masked copy would throw away every step
+    since the freeze."""
+    from rcomp.budget import BudgetController
+
+    config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, freeze_fraction=0.5, slim_at_freeze=True,
+                         **FAST)
+    honest = train(config, digits, _model(digits), out_dir=None, log=_quiet)
+    monkeypatch.setattr(BudgetController, "satisfied", lambda self: False)
+    lines = []
+    drifted = train(config, digits, _model(digits), out_dir=None, log=lines.append)
+    assert sum("slim from here on" in line for line in lines) == 1
+    assert not any("at the end of training" in line for line in lines)
+    a, b = honest.model.state_dict(), drifted.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("regularity", ["weight", None])
 def test_slim_at_freeze_needs_channel_masks(digits, regularity):
     config = TrainConfig(regularity=regularity, slim_at_freeze=True, **FAST)

@@ -885,7 +885,8 @@ class _Trainer:
         if self.co_events and self.guard.best_state is not None:
             self._restore_snapshot(self.guard.best_state)
             self.returned_epoch = self.guard.best_epoch
-        if self.controller is not None and (not self.frozen or not self.controller.satisfied()):
+        slim = self.pruned_channels is not None  # its channels are gone: a second projection has nothing to act on
+        if self.controller is not None and (not self.frozen or not (slim or self.controller.satisfied())):
             was = self.controller.satisfied()
             self._freeze("at the end of training" + ("" if was else " (budget was not met)"))
         if self.controller is not None:
