@@ -420,15 +420,20 @@ def test_slim_at_freeze_needs_channel_masks(digits, regularity):
 # kill and resume
 
 
+def _whole_and_resumed_from_epoch_2(config, digits, tmp_path):
+    """The run uninterrupted, and again from its epoch-2 checkpoint alone (as if killed during epoch 3)."""
+    whole = train(config, digits, _model(digits), out_dir=tmp_path / "a", log=_quiet)
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    for name in ("ckpt-epoch0002.pt", "ckpt-epoch0002.pt.sha256"):
+        shutil.copy(tmp_path / "a" / "checkpoints" / name, tmp_path / "b" / "checkpoints" / name)
+    return whole, train(config, digits, _model(digits), out_dir=tmp_path / "b", resume=True, log=_quiet)
+
+
 @pytest.mark.parametrize("lr_restart", [False, True])
 def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path, lr_restart):
     config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, lr_restart=lr_restart,
-                         **FAST)
-    whole = train(config, digits, _model(digits), out_dir=tmp_path / "a", log=_quiet)
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    for name in ("ckpt-epoch0002.pt", "ckpt-epoch0002.pt.sha256"):  # frozen during epoch 2
-        shutil.copy(tmp_path / "a" / "checkpoints" / name, tmp_path / "b" / "checkpoints" / name)
-    resumed = train(config, digits, _model(digits), out_dir=tmp_path / "b", resume=True, log=_quiet)
+                         **FAST)  # frozen during epoch 2
+    whole, resumed = _whole_and_resumed_from_epoch_2(config, digits, tmp_path)
     assert resumed.resumed_from == 2 and resumed.projection == whole.projection
     assert all(not p.requires_grad for p in resumed.model.masks.params)
     a, b = whole.model.state_dict(), resumed.model.state_dict()
@@ -437,12 +442,8 @@ def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path, lr_resta
 
 def test_resume_after_the_slim_freeze_rebuilds_the_slim_network_and_replays_exactly(digits, tmp_path):
     config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, slim_at_freeze=True,
-                         **FAST)
-    whole = train(config, digits, _model(digits), out_dir=tmp_path / "a", log=_quiet)
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    for name in ("ckpt-epoch0002.pt", "ckpt-epoch0002.pt.sha256"):  # slim since epoch 2
-        shutil.copy(tmp_path / "a" / "checkpoints" / name, tmp_path / "b" / "checkpoints" / name)
-    resumed = train(config, digits, _model(digits), out_dir=tmp_path / "b", resume=True, log=_quiet)
+                         **FAST)  # slim since epoch 2
+    whole, resumed = _whole_and_resumed_from_epoch_2(config, digits, tmp_path)
     assert resumed.resumed_from == 2 and resumed.pruned_channels == whole.pruned_channels
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -452,11 +453,7 @@ def test_resume_after_the_slim_freeze_rebuilds_the_slim_network_and_replays_exac
 def test_resume_around_mask_start_replays_exactly(digits, tmp_path, mask_start, warmup):
     config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, mask_start=mask_start, mask_init="magnitude",
                          warmup_fraction=warmup, **FAST)
-    whole = train(config, digits, _model(digits), out_dir=tmp_path / "a", log=_quiet)
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    for name in ("ckpt-epoch0002.pt", "ckpt-epoch0002.pt.sha256"):
-        shutil.copy(tmp_path / "a" / "checkpoints" / name, tmp_path / "b" / "checkpoints" / name)
-    resumed = train(config, digits, _model(digits), out_dir=tmp_path / "b", resume=True, log=_quiet)
+    whole, resumed = _whole_and_resumed_from_epoch_2(config, digits, tmp_path)
     assert resumed.resumed_from == 2 and resumed.budget_status["satisfied"]
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
