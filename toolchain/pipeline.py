@@ -473,8 +473,8 @@ def _physically_pruned(job: Job, result, example):
         return PrunedModel(trained, list(job.arch.pruned_channels), "channel", 0.0)
     post = job.method in POST_METHODS
     if post or job.train.regularity is None:
-        return PrunedModel(trained, list(getattr(result, "pruned_channels", None) or []), "channel" if post else "dense", 0.0)
-    if job.train.regularity == "channel" and getattr(result, "pruned_channels", None) is not None:
+        return PrunedModel(trained, list(result.pruned_channels or []), "channel" if post else "dense", 0.0)
+    if job.train.regularity == "channel" and result.pruned_channels is not None:
         return PrunedModel(trained, list(result.pruned_channels), "channel", weight_sparsity(trained))
     if job.train.regularity == "channel":
         return remove_channels(trained, example)
