@@ -151,6 +151,13 @@ E30_PAIR = "the schedule twice as long (30 epochs), a pair side by side for aim 
 #: same two methods at 15 epochs, side by side (post-train: 10 dense epochs, then 5 of fine-tuning),
 #: each read against the 15-epoch table's dense row and the two against each other in the aims table.
 E15_AIM2 = "aim 2 at 15 epochs, a pair side by side: "
+#: slim_at_freeze cuts the switched-off channels out at the freeze, so the last 40 % of a freeze-0.6
+#: run trains the slim network (0.46x a plain step at a quarter of the ops, bench/mask_overhead.py).
+#: Is it the same run at CIFAR-10 scale (it differs from the masked run only in float rounding after
+#: the cut), and what does it save? Read against the masked seed-1 row for accuracy and against dense
+#: seed 1 trained again beside it for the wall ratio.
+SLIM = "the switched-off channels cut out at the freeze: the last 6 epochs train the slim network (slim_at_freeze)"
+SLIM_PAIR = "side by side with the slim in-train run (seed 1, 15 epochs), for its wall ratio"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -267,6 +274,10 @@ VARIANTS = {
     "r20-posttrain-0.3-e15": Variant("posttrain", 0.3, E15_AIM2 + "magnitude post-train 0.3", ref="r20-dense", sweep=E15),
     "r20-intrain-0.3-e15-freeze0.6": Variant("intrain", 0.3, E15_AIM2 + "in-train 0.3, masks freeze at 0.6",
                                              {"freeze_fraction": 0.6}, ref="r20-dense", sweep=E15),
+    "r20-intrain-0.5-e15-freeze0.6-seed1-slim": Variant("intrain", 0.5, SLIM, {"freeze_fraction": 0.6, "slim_at_freeze": True},
+                                                        seed=1, ref="r20-intrain-0.5-e15-freeze0.6-seed1", sweep=E15),
+    "r20-dense-e15-seed1-rerun": Variant("dense", None, SLIM_PAIR, seed=1, ref="r20-dense-e15-seed1", repeat=SLIM_PAIR,
+                                         sweep=E15),
     "r20-intrain-0.5-maskmom0.99": Variant("intrain", 0.5, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-intrain-0.3-maskmom0.99": Variant("intrain", 0.3, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-dense-rerun-predicted": Variant("dense", None, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),
@@ -598,6 +609,23 @@ def _method_change(row: dict, ref: dict | None, keys: str) -> str | None:
     return f"{row['method']} at {row['target_ops']} of the ops" + (f" ({recipe})" if recipe else "")
 
 
+def change_cell(row: dict, ref: dict | None, variants: dict) -> str:
+    """What a row changes against its reference row: the seed where the two differ (a seed-1 variant
+    of a seed-1 row changes its recipe, not its seed), else the method of a pair, the recipe keys of
+    its own, or the whole recipe."""
+    if row["seed"] != (ref or {}).get("seed", 0):
+        return f"seed {row['seed']}"
+    keys = ", ".join(f"{k} {v}" for k, v in _own_change(row, variants).items())
+    return _method_change(row, ref, keys) or keys or _whole_recipe_change(row)
+
+
+def launch_line(launch: dict) -> str:
+    """One launch of a run's trainer: a run continued in a later session has two, the second resumed."""
+    verb = "resumed" if "--resume" in launch["command"].split() else "trained"
+    dirty = " (uncommitted changes)" if launch.get("dirty") else ""
+    return f"{verb} by `{launch['command']}` at commit `{launch['commit'][:10]}`{dirty}, {launch['started']}."
+
+
 def budget_cells(row: dict) -> tuple[str, str]:
     """The final ops ratio and the budgeted ratio per epoch: a params-budget row is steered by its
     params, so it shows those too, and its ops ratio alone would hide whether it met its target."""
@@ -616,14 +644,12 @@ def render(doc: dict) -> None:
     for name, r in doc["runs"].items():
         ref = doc["runs"].get(r["reference"]) or tables[r.get("reference_table", MAIN.table)].get(r["reference"])
         delta = "–" if ref is None else f"{100 * (r['clean'] - ref['clean']):+.2f} / {100 * (r['pgd10'] - ref['pgd10']):+.2f}"
-        recipe_change = ", ".join(f"{k} {v}" for k, v in _own_change(r, doc["runs"]).items())
-        change = f"seed {r['seed']}" if r["seed"] else _method_change(r, ref, recipe_change) or recipe_change or _whole_recipe_change(r)
+        change = change_cell(r, ref, doc["runs"])
         final, per_epoch = budget_cells(r)
         lines.append(f"| {name} | {change} (vs {_reference_label(r, doc['runs'])}) | {_pct(r['clean'])} | {_pct(r['pgd10'])} | {delta} | "
                      f"{final} | {'/'.join(map(str, r.get('stream_widths') or r['conv_widths']))} | {per_epoch} |")
     body = "\n".join(lines) + "\n\n" + _provenance(doc, RESULTS) + "\n" + "".join(
-        f"\n- {name}: trained by `{s['command']}` at commit `{s['commit'][:10]}`{' (uncommitted changes)' if s.get('dirty') else ''}, {s['started']}."
-        for name, r in doc["runs"].items() for s in (r.get("trained_by") or []))
+        f"\n- {name}: {launch_line(s)}" for name, r in doc["runs"].items() for s in (r.get("trained_by") or []))
     kept = [r["model_file"] for r in doc["runs"].values() if r.get("model_file")]
     body += ("\n\nModels kept for evaluation on another split (`rcomp eval MODEL --data imagefolder:ROOT --split test`): "
              + (", ".join(f"`{m}`" for m in kept) if kept else "none yet")

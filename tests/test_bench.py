@@ -368,6 +368,25 @@ def test_a_repeated_row_says_where_it_was_trained_again(ablation):
     assert ablation.VARIANTS["r20-intrain-0.5-cost0.5"].reference() == "r20-intrain-0.5-rerun-predicted"
 
 
+def test_a_variant_of_a_seed_1_row_shows_its_recipe_change_not_the_seed(ablation):
+    """The slim variant and its reference are both seed 1: the seed is what they share, not the change."""
+    slim = "r20-intrain-0.5-e15-freeze0.6-seed1-slim"
+    variants = {n: {"reference": ablation.VARIANTS[n].reference(), "recipe_change": ablation.VARIANTS[n].recipe}
+                for n in (slim, "r20-intrain-0.5-e15-freeze0.6-seed1")}
+    row = {**variants[slim], "seed": 1, "method": "intrain", "recipe_base": "table"}
+    reference = {"seed": 1, "method": "intrain"}
+    assert ablation.change_cell(row, reference, variants) == "slim_at_freeze True"
+    assert ablation.change_cell(row, {"seed": 0, "method": "intrain"}, variants) == "seed 1"
+    assert ablation.change_cell(row, {"method": "intrain"}, variants) == "seed 1"  # a table row has seed 0 and no key
+
+
+def test_a_resumed_launch_says_so(ablation):
+    launch = {"command": "-m rcomp train --epochs 15 --out runs/x", "commit": "0123456789abcdef", "started": "today"}
+    assert ablation.launch_line(launch) == "trained by `-m rcomp train --epochs 15 --out runs/x` at commit `0123456789`, today."
+    resumed = ablation.launch_line({**launch, "command": launch["command"] + " --resume", "dirty": True})
+    assert resumed.startswith("resumed by `") and "(uncommitted changes)" in resumed
+
+
 def test_dense_phases_trained_from_other_attack_labels_are_not_shared(table):
     true_labels = table._phase_key("r20-posttrain-0.3", ARGS)
     assert true_labels == "resnet20-e6-nfgsm-lr0.2-seed0"  # the phases already in bench/shared keep their names
