@@ -54,6 +54,14 @@ def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _same_masks_every_step(r0: dict, r1: dict) -> bool:
+    """Equal final states are not enough: DDP broadcasts rank 0's parameters whenever it is built
+    again (at the freeze), so masks that drifted apart while learning would end equal anyway."""
+    steps = r0["mask_steps"]
+    return len(steps) == len(r1["mask_steps"]) == len(r0["batches"]) and all(
+        torch.equal(a, b) for a, b in zip(steps, r1["mask_steps"]))
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
@@ -95,6 +103,7 @@ def test_two_ranks_see_different_data_and_end_identical(two_ranks):
     assert sizes[0] == sizes[1] and sum(sizes[0]) == 360  # each rank half of every batch of 360 training images
     assert all(a[1] != b[1] for a, b in zip(r0["batches"], r1["batches"]))  # different images
     assert _same_state(r0["state"], r1["state"])  # weights, masks and BatchNorm statistics, bit for bit
+    assert _same_masks_every_step(r0, r1)
     masks = [v for k, v in r0["state"].items() if k.startswith("masks.")]
     assert masks and any(bool((m <= 0).any()) for m in masks)  # the masks pruned something
     strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]] for r in (r0, r1)]
@@ -106,6 +115,7 @@ def test_masks_that_wait_for_mask_start_learn_alike_on_every_rank_once_they_star
     _torchrun(tmp_path, tmp_path / "dump", tmp_path / "out", recipe=RECIPE + "mask_start: 0.4\n")
     r0, r1 = _ranks(tmp_path / "dump")
     assert _same_state(r0["state"], r1["state"])
+    assert _same_masks_every_step(r0, r1)  # from the step they start (DDP wrapped again) to the freeze
     masks = torch.cat([v.flatten() for k, v in r0["state"].items() if k.startswith("masks.")])
     assert len(set(masks.tolist())) > len(masks) // 2  # they learned: no longer the few values of init and clip
     assert bool((masks <= 0).any()) and r0["history"][-1]["ops_ratio"] <= 0.5
@@ -116,7 +126,7 @@ def test_ranks_that_slim_at_the_freeze_train_the_slim_network_alike(tmp_path):
     proc = _torchrun(tmp_path, tmp_path / "dump", tmp_path / "out", recipe=RECIPE + "slim_at_freeze: true\n")
     assert proc.stdout.count("slim from here on") == 1  # rank 0 alone logs
     r0, r1 = _ranks(tmp_path / "dump")
-    assert _same_state(r0["state"], r1["state"])
+    assert _same_state(r0["state"], r1["state"]) and _same_masks_every_step(r0, r1)
     assert not any(k.startswith("masks.") for k in r0["state"]) and r0["history"][-1]["ops_ratio"] <= 0.5
 
 
