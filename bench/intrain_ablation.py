@@ -45,7 +45,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cifar10_table import (DATA, INTRAIN_RECIPE, PARAMS_BUDGETS_M, REPO, _copy_checkpoint, _env, commit,  # noqa: E402
-                          conv_widths, epochs_log, machine, params_fraction, record_provenance, run_lock)
+                          conv_widths, epochs_log, machine, method_seconds, params_fraction, record_provenance,
+                          run_lock)
 from aims import render_aims  # noqa: E402
 from render import _pct, _provenance, replace_section  # noqa: E402
 
@@ -529,7 +530,7 @@ def collect(name: str) -> dict | None:
         "val500_clean_per_epoch": [h["val_clean"] for h in t["history"]],
         "epochs_log": epochs_log(t["history"]),
         "model": v.model, "target_params": t["recipe"].get("target_params"), "arch_from": v.arch,
-        **widths(folder / "model.pt", v.model), "wall_seconds": t["wall_seconds"],
+        **widths(folder / "model.pt", v.model), "wall_seconds": method_seconds(t),
         "trained_by": json.loads(provenance.read_text()) if provenance.exists() else None,
         "model_file": _repo_path(MODELS / f"{name}.pt") if (MODELS / f"{name}.pt").exists() else None,
     }

@@ -244,6 +244,7 @@ def test_posttrain_reusing_a_finished_dense_phase_is_charged_its_recorded_time(t
     assert recorded <= t2["phase_seconds"]["dense"] < recorded + t1["phase_seconds"]["finetune"] + 30
     phases = t2["phase_seconds"]
     assert phases["total"] == pytest.approx(phases["dense"] + phases["prune"] + phases["finetune"])
+    assert t2["wall_seconds"] == phases["total"] > t2["process_seconds"]  # the whole method, not this process's share
     assert t2["macs"] <= 0.3 * t2["dense_macs"]
 
 

@@ -411,7 +411,9 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
     started = time.perf_counter()
     result = _run_method(job, bundle, model, staged, log)
     process_seconds = wall = time.perf_counter() - started
-    if job.method not in POST_METHODS:  # those charge a resumed phase its logged epochs themselves
+    if job.method in POST_METHODS:  # their phases charge a resumed or shared phase its logged epochs
+        wall = result.phase_seconds["total"]
+    else:
         from rcomp.train import train_seconds
 
         wall = train_seconds(result, wall)
