@@ -215,7 +215,7 @@ def record_provenance(name: str, cmd: list[str], runs_dir: Path | None = None) -
     path = (runs_dir or RUNS_DIR) / f"{name}.provenance.json"
     starts = json.loads(path.read_text()) if path.exists() else []
     starts.append({"command": " ".join(cmd[1:]), "commit": commit(), "dirty": dirty(),
-                   "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+                   "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model()})
     path.write_text(json.dumps(starts, indent=2) + "\n")
 
 
@@ -519,7 +519,17 @@ def partial_or_final(name: str) -> Path:
 
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version()}
+            "cpu_model": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux): sessions can land on other hosts, whose float kernels differ, so
+    the same seed's logs part after an epoch and epoch times change; this says which host ran what."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def commit() -> str:

@@ -624,7 +624,8 @@ def launch_line(launch: dict) -> str:
     """One launch of a run's trainer: a run continued in a later session has two, the second resumed."""
     verb = "resumed" if "--resume" in launch["command"].split() else "trained"
     dirty = " (uncommitted changes)" if launch.get("dirty") else ""
-    return f"{verb} by `{launch['command']}` at commit `{launch['commit'][:10]}`{dirty}, {launch['started']}."
+    host = f" on {launch['cpu']}" if launch.get("cpu") else ""
+    return f"{verb} by `{launch['command']}` at commit `{launch['commit'][:10]}`{dirty}, {launch['started']}{host}."
 
 
 def budget_cells(row: dict) -> tuple[str, str]:

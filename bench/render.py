@@ -33,7 +33,8 @@ def _provenance(doc: dict, path: Path) -> str:
     m = doc.get("machine", {})
     return (f"_Source: [`{path.relative_to(HERE.parent)}`]({path.relative_to(HERE.parent)}), "
             f"command `{doc.get('command', '?')}`, commit `{str(doc.get('commit', '?'))[:10]}`, "
-            f"{m.get('cpus', '?')} CPUs ({m.get('processor', '?')}), {doc.get('date', '?')}._")
+            f"{m.get('cpus', '?')} CPUs ({m.get('processor', '?')}{', ' + m['cpu_model'] if m.get('cpu_model') else ''}), "
+            f"{doc.get('date', '?')}._")
 
 
 def _worst(row: dict) -> str:

@@ -385,6 +385,7 @@ def test_a_resumed_launch_says_so(ablation):
     assert ablation.launch_line(launch) == "trained by `-m rcomp train --epochs 15 --out runs/x` at commit `0123456789`, today."
     resumed = ablation.launch_line({**launch, "command": launch["command"] + " --resume", "dirty": True})
     assert resumed.startswith("resumed by `") and "(uncommitted changes)" in resumed
+    assert ablation.launch_line({**launch, "cpu": "AMD EPYC"}).endswith(", today on AMD EPYC.")
 
 
 def test_dense_phases_trained_from_other_attack_labels_are_not_shared(table):
