@@ -374,9 +374,14 @@ def test_slim_at_freeze_trains_the_network_the_masked_run_would_ship(digits):
 
     The slim run must end where the masked run's shipped copy does, up to float rounding: the same
     removals, the same shapes, the same logged accuracies. Dropping the momentum at the cut (or
-    cutting it by other channels than the weights) moves the weights far more than 1e-4.
+    cutting it by other channels than the weights) moves the weights far more than 1e-4 (0.26 here).
+
+    Trained without an attack: the slim and the masked convolutions sum in different orders, and
+    FGSM's sign() turns a rounding-sized gradient difference into a whole eps step on that pixel.
+    On one CI host that moved the weights by 0.015 after 40 steps while this host stayed at 1e-6.
+    The evaluation PGD still uses sign(), so its accuracy may differ by one example.
     """
-    base = dict(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, **FAST)
+    base = dict(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, attack="none", **FAST)
     masked = train(TrainConfig(**base), digits, _model(digits), out_dir=None, log=_quiet)
     lines = []
     slim = train(TrainConfig(slim_at_freeze=True, **base), digits, _model(digits), out_dir=None, log=lines.append)
@@ -386,8 +391,9 @@ def test_slim_at_freeze_trains_the_network_the_masked_run_would_ship(digits):
     a, b = shipped.model.state_dict(), slim.model.state_dict()
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
-    assert [(h.val_clean, h.val_pgd, h.ops_ratio) for h in slim.history] == [
-        (h.val_clean, h.val_pgd, h.ops_ratio) for h in masked.history]
+    assert [(h.val_clean, h.ops_ratio) for h in slim.history] == [(h.val_clean, h.ops_ratio) for h in masked.history]
+    one_example = 1 / FAST["eval_size"]
+    assert [h.val_pgd for h in slim.history] == pytest.approx([h.val_pgd for h in masked.history], abs=one_example)
     assert sum("slim from here on" in line for line in lines) == 1
 
 
