@@ -160,7 +160,7 @@ E15_AIM2 = "aim 2 at 15 epochs, a pair side by side: "
 SLIM = "the switched-off channels cut out at the freeze: the last 6 epochs train the slim network (slim_at_freeze)"
 SLIM_PAIR = "side by side with the slim in-train run (seed 1, 15 epochs), for its wall ratio"
 #: The table's ResNet56 row pruned after training: aim 2 on a deeper network (the table has
-#: in-train 0.3 there, no post-train row; about four hours on one thread, parked across sessions).
+#: in-train 0.3 there, no post-train row; 73 minutes on one thread in session 25, parkable if a host is slower).
 #: Read against ResNet56 dense like every post-train row, and against r56-intrain-0.3 in the README.
 R56_AIM2 = "aim 2 on ResNet56: magnitude post-train 0.3 beside the table's in-train 0.3 (6 epochs)"
 
