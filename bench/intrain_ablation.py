@@ -163,6 +163,13 @@ SLIM_PAIR = "side by side with the slim in-train run (seed 1, 15 epochs), for it
 #: in-train 0.3 there, no post-train row; 73 minutes on one thread in session 25, parkable if a host is slower).
 #: Read against ResNet56 dense like every post-train row, and against r56-intrain-0.3 in the README.
 R56_AIM2 = "aim 2 on ResNet56: magnitude post-train 0.3 beside the table's in-train 0.3 (6 epochs)"
+#: In-train 0.3 on ResNet56 cut the stage-3 residual stream to the min_keep floor (13 of 64) and
+#: kept the block channels nearly whole (39-59 of 64); magnitude post-train kept both at 31-41 and
+#: led it by 7.24 / 3.70. The stream masks' gradients are loud but hardly one-sided
+#: (bench/mask_gradients.py), so they drift across zero with the budget; a floor of their own
+#: (min_keep_stream) holds every residual stream at half its width at least and leaves the block
+#: channels to the search. ResNet20's in-train 0.3 streams (6/14/37) sit below it in stages 1-2.
+STREAM_FLOOR = "the residual streams kept at half their width at least (min_keep_stream 0.5), the block channels at 0.2"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -284,6 +291,9 @@ VARIANTS = {
                                                         seed=1, ref="r20-intrain-0.5-e15-freeze0.6-seed1", sweep=E15),
     "r20-dense-e15-seed1-rerun": Variant("dense", None, SLIM_PAIR, seed=1, ref="r20-dense-e15-seed1", repeat=SLIM_PAIR,
                                          sweep=E15),
+    "r56-intrain-0.3-streams0.5": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, ref="r56-intrain-0.3",
+                                          model="resnet56"),
+    "r20-intrain-0.3-streams0.5": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, sweep=PREDICTED),
     "r20-intrain-0.5-maskmom0.99": Variant("intrain", 0.5, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-intrain-0.3-maskmom0.99": Variant("intrain", 0.3, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-dense-rerun-predicted": Variant("dense", None, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),

@@ -303,3 +303,19 @@ def test_channel_multiple_that_cannot_meet_the_budget_is_reported():
     cost = CostModel.build(masked, X)
     with pytest.raises(RcompError, match="multiples of 16"):
         BudgetController(cost, constraints_from_targets(cost, target_ops=0.3)).project()
+
+
+def test_projection_keeps_the_residual_streams_at_their_own_floor():
+    """At 0.3 of the ops these masks project the stage-3 stream to 28 of 64 without the stream floor."""
+    target = 0.3
+    masked = _masked("resnet20")
+    masks = masked.masks
+    masks.min_keep_fraction, masks.min_keep_stream_fraction = 0.2, 0.5
+    _randomize(masked, seed=3, low=-1.0, high=0.2)  # most units off: the floors decide
+    cost = CostModel.build(masked, X)
+    BudgetController(cost, constraints_from_targets(cost, target_ops=target)).project()
+    widths = _widths(masked)
+    assert float(cost.ops().detach()) <= target * cost.dense_ops
+    streams = [i for i, g in enumerate(masks.groups) if g.is_stream]
+    assert len(streams) == 3 and all(widths[i] >= masks.groups[i].size // 2 for i in streams)
+    assert all(w >= masks.min_channels(i) for i, w in enumerate(widths))

@@ -178,3 +178,22 @@ def test_masks_are_clipped_to_the_bound():
         masked.masks.params[0].fill_(-7.0)
     masked.masks.clip_(1.0)
     assert float(masked.masks.params[0].detach().min()) == -1.0
+
+
+@pytest.mark.parametrize("name, streams", [("resnet20", {"net.conv1", "net.layer2.0.shortcut.0", "net.layer3.0.shortcut.0"}),
+                                            ("tiny_cnn", {"net.down.0"}), ("vgg16", set())])
+def test_residual_streams_are_the_groups_several_layers_add_into(name, streams):
+    masks = attach_masks(create_model(name), "channel", torch.rand(1, 3, 32, 32)).masks
+    assert {g.name for g in masks.groups if g.is_stream} == streams
+
+
+def test_min_keep_stream_sets_the_floor_of_the_streams_only():
+    masks = attach_masks(create_model("resnet20"), "channel", torch.rand(1, 3, 32, 32)).masks
+    masks.min_keep_fraction = 0.2
+    masks.min_keep_stream_fraction = 0.5
+    for i, group in enumerate(masks.groups):
+        assert masks.min_channels(i) == -(-group.size * (5 if group.is_stream else 2) // 10)
+    with torch.no_grad():
+        for p in masks.params:
+            p.fill_(-1.0)  # all off: every group at its floor
+    assert [int(h.sum()) for h in masks.hard()] == [masks.min_channels(i) for i in range(len(masks))]

@@ -18,9 +18,9 @@ from rcomp.rl import (DDPGAgent, RLConfig, build_env, kl_divergence, recalibrate
 LENIENT = Path(__file__).resolve().parent / "data" / "profiles" / "test-lenient.yaml"
 
 
-def _config(target_ops, min_keep=0.2, target_params=None, channel_multiple=1):
+def _config(target_ops, min_keep=0.2, target_params=None, channel_multiple=1, min_keep_stream=None):
     return SimpleNamespace(min_keep=min_keep, target_ops=target_ops, target_params=target_params, mops=None, params=None,
-                           channel_multiple=channel_multiple)
+                           channel_multiple=channel_multiple, min_keep_stream=min_keep_stream)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,16 @@ def test_clipping_holds_every_budget_and_groups_walk_in_network_order(resnet20):
     assert v["ops"] <= 0.6 * env.cost.dense_ops + 1e-6 and v["params"] <= 0.4 * env.cost.dense_params + 1e-6
     states = torch.stack([s for s, *_ in transitions])
     assert states.shape == (12, 9) and float(states.min()) >= 0.0 and float(states.max()) <= 1.0
+
+
+def test_post_train_searches_never_take_a_stream_below_its_floor(resnet20):
+    """The magnitude and RL baselines build their masks with ``budgeted_masks``: the stream floor holds there too."""
+    env = build_env(resnet20, _config(0.3, min_keep_stream=0.5), torch.rand(1, 3, 32, 32))
+    groups = env.masked.masks.groups
+    floors = {s.name: s.min_keep for s in env.specs}
+    assert all(floors[g.name] == (g.size + 1) // 2 if g.is_stream else floors[g.name] == -(-g.size // 5) for g in groups)
+    keeps, _ = run_episode(env, lambda state: 1.0)  # prune every group as far as it may go
+    assert all(k >= s.min_keep for k, s in zip(keeps, env.specs))
 
 
 def test_unreachable_budget_is_refused(resnet20):

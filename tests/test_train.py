@@ -529,3 +529,28 @@ def test_the_trainer_builds_its_attack_from_the_configured_labels(digits, monkey
         config = TrainConfig(epochs=1, attack="nfgsm", attack_labels=labels, co_guard=False, **FAST)
         train(config, digits, _model(digits), out_dir=None, log=_quiet)
         assert seen and set(seen) == {labels == "predicted"}
+
+
+# --------------------------------------------------------------------------------------------
+# the residual streams' own floor
+
+
+@pytest.mark.parametrize("target", [0.6, 0.4])
+def test_min_keep_stream_holds_the_residual_stream_through_in_train_pruning(digits, target):
+    """The stream floor reaches the masks and the projection: without it the same runs cut the stream."""
+    def stream_widths(min_keep_stream):
+        config = TrainConfig(epochs=2, regularity="channel", target_ops=target, min_keep_stream=min_keep_stream, **FAST)
+        result = train(config, digits, _model(digits), out_dir=None, log=_quiet)
+        assert result.budget_status["satisfied"] and result.budget_status["ops_ratio"] <= target
+        masks = result.model.masks
+        return [(int(masks.hard()[i].sum()), g.size) for i, g in enumerate(masks.groups) if g.is_stream]
+
+    assert all(kept == size for kept, size in stream_widths(1.0))
+    assert any(kept < size for kept, size in stream_widths(None))
+
+
+@pytest.mark.parametrize("value, regularity", [(0.0, "channel"), (1.5, "channel"), (0.5, "weight")])
+def test_min_keep_stream_must_be_a_fraction_of_channel_groups(digits, value, regularity):
+    config = TrainConfig(regularity=regularity, target_ops=0.5, min_keep_stream=value, **FAST)
+    with pytest.raises(ConfigError, match="min_keep_stream"):
+        train(config, digits, _model(digits), out_dir=None, log=_quiet)

@@ -72,6 +72,12 @@ class ChannelGroup:
     in_slices: list[LayerSlice] = field(default_factory=list)  # conv/linear in-channels
     apply_at: list[LayerSlice] = field(default_factory=list)  # outputs the mask multiplies
 
+    @property
+    def is_stream(self) -> bool:
+        """Several layers produce these channels and are added together: a residual stream, whose
+        width every block of its stage reads and writes (one producer: a block's inner channels)."""
+        return len(self.apply_at) > 1
+
 
 class MaskSet(nn.Module):
     """The trainable masks of a model: one parameter tensor per group (channel) or layer (weight)."""
@@ -217,10 +223,15 @@ class ChannelMasks(MaskSet):
 
     #: Fraction of every group's channels that always stays on (torch-pruning's ``1 - max_pruning_ratio``).
     min_keep_fraction: float = 0.0
+    #: The floor of the residual-stream groups (:attr:`ChannelGroup.is_stream`) instead, when set.
+    min_keep_stream_fraction: float | None = None
 
     def min_channels(self, i: int) -> int:
         """How many channels group ``i`` keeps at least: never fewer than one, so no layer is emptied."""
-        return max(1, math.ceil(self.min_keep_fraction * self.groups[i].size))
+        fraction = self.min_keep_fraction
+        if self.min_keep_stream_fraction is not None and self.groups[i].is_stream:
+            fraction = self.min_keep_stream_fraction
+        return max(1, math.ceil(fraction * self.groups[i].size))
 
     #: Widths the final projection may give a group: multiples of this (or the whole group).
     #: onnxruntime's CPU convolutions run blocked kernels on channel counts in multiples of 8 and a

@@ -100,6 +100,7 @@ _RANGE_EXCEPTIONS = {
     "mask_momentum": number(ge=0),
     "weight_decay": number(ge=0),
     "co_drop": number(ge=0),
+    "min_keep_stream": number(gt=0, le=1.0),
 }
 _FRACTION_SUFFIXES = ("fraction", "target_ops", "target_params")
 

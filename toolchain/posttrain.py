@@ -31,7 +31,7 @@ from torch import nn
 from rcomp.budget import BudgetController, CostModel, constraints_from_targets
 from rcomp.masks import attach_masks, build_dependency_graph
 from rcomp.surgery import PrunedModel, load_pruned, remove_channels, save_pruned
-from rcomp.train import train_seconds
+from rcomp.train import set_channel_floors, train_seconds
 
 #: Share of the epochs spent on dense training; the rest fine-tunes the pruned model.
 DENSE_FRACTION = 2 / 3
@@ -91,8 +91,7 @@ def budgeted_masks(model: nn.Module, config, example_input: torch.Tensor, source
     prune under the same per-group floor and the same constraints as in-train pruning.
     """
     masked = attach_masks(model, "channel", example_input)
-    masked.masks.min_keep_fraction = config.min_keep
-    masked.masks.channel_multiple = config.channel_multiple
+    set_channel_floors(masked.masks, config)
     cost = CostModel.build(masked, example_input)
     constraints = constraints_from_targets(cost, target_ops=config.target_ops, target_params=config.target_params,
                                            mops=config.mops, params=config.params, source=source)

@@ -105,6 +105,7 @@ class TrainConfig:
     mask_momentum: float | None = None  # None: the weights' momentum
     max_switch_off: float = 0.002  # fraction of mask units that may switch off per step (at least 1)
     min_keep: float = 0.2          # fraction of every channel group that stays (torch-pruning's 1 - max_pruning_ratio)
+    min_keep_stream: float | None = None  # the residual-stream groups' floor instead of min_keep (None: min_keep)
     channel_multiple: int = 1      # projected group widths are multiples of this (or the whole group)
     cost_exponent: float = 0.5     # budget gradient of a unit scaled by (its cost / mean cost) ** -cost_exponent
     mask_start: float = 0.0        # fraction of the steps trained dense before the masks and the budget start
@@ -147,6 +148,11 @@ class TrainConfig:
             raise ConfigError(f"channel_multiple must be at least 1, got {self.channel_multiple}", key="channel_multiple")
         if self.channel_multiple > 1 and self.regularity == "weight":
             raise ConfigError("channel_multiple rounds channel widths; weight masks have none", key="channel_multiple")
+        if self.min_keep_stream is not None and not 0.0 < self.min_keep_stream <= 1.0:
+            raise ConfigError(f"min_keep_stream must be in (0, 1], got {self.min_keep_stream}", key="min_keep_stream")
+        if self.min_keep_stream is not None and self.regularity == "weight":
+            raise ConfigError("min_keep_stream is a floor on residual-stream channel groups; weight masks have none",
+                              key="min_keep_stream")
         if self.lr_restart and not self.has_budget:
             raise ConfigError("lr_restart restarts the learning rate at the mask freeze, which needs a budget",
                               key="lr_restart")
@@ -159,6 +165,14 @@ class TrainConfig:
         if not 0.0 <= self.mask_start < self.freeze_fraction:
             raise ConfigError(f"mask_start must be in [0, freeze_fraction={self.freeze_fraction}), got {self.mask_start}",
                               key="mask_start")
+
+
+def set_channel_floors(masks, config: TrainConfig) -> None:
+    """Give channel masks the config's floors and width multiple, so in-train pruning, the post-train
+    baselines and the final projection all choose each group's width from the same set."""
+    masks.min_keep_fraction = config.min_keep
+    masks.min_keep_stream_fraction = config.min_keep_stream
+    masks.channel_multiple = config.channel_multiple
 
 
 @dataclass
@@ -372,8 +386,7 @@ class _Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.cost, self.controller = self._budget()
         if self.masks is not None and self.masks.regularity == "channel":
-            self.masks.min_keep_fraction = config.min_keep
-            self.masks.channel_multiple = config.channel_multiple
+            set_channel_floors(self.masks, config)
         self.budget_scale = self._budget_gradient_scale()
         self.optimizer = self._optimizer()
         self.guard = CatastrophicOverfittingGuard(config.co_drop)
