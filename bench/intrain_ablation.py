@@ -170,6 +170,11 @@ R56_AIM2 = "aim 2 on ResNet56: magnitude post-train 0.3 beside the table's in-tr
 #: (min_keep_stream) holds every residual stream at half its width at least and leaves the block
 #: channels to the search. ResNet20's in-train 0.3 streams (6/14/37) sit below it in stages 1-2.
 STREAM_FLOOR = "the residual streams kept at half their width at least (min_keep_stream 0.5), the block channels at 0.2"
+#: Seed-0 runs on the stream-floor variants' host (session 26) part from the earlier hosts' after
+#: epoch 1 (38.2 / 15.2 on the 500-image subset, against 38.6 / 14.6 and 39.0 / 13.4): the ResNet20
+#: in-train and magnitude rows again there are the variant's paired reference and aim 2 on one host.
+RERUN_STREAMS = "the row again on the stream-floor variants' host: their paired reference, and aim 2 on one host"
+ON_STREAMS_HOST = "on the host that trained the stream-floor variants (session 26)"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -293,7 +298,10 @@ VARIANTS = {
                                          sweep=E15),
     "r56-intrain-0.3-streams0.5": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, ref="r56-intrain-0.3",
                                           model="resnet56"),
-    "r20-intrain-0.3-streams0.5": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, sweep=PREDICTED),
+    "r20-intrain-0.3-streams0.5": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, sweep=PREDICTED,
+                                          ref="r20-intrain-0.3-rerun-streams"),
+    "r20-intrain-0.3-rerun-streams": Variant("intrain", 0.3, RERUN_STREAMS, repeat=ON_STREAMS_HOST, sweep=PREDICTED),
+    "r20-posttrain-0.3-rerun-streams": Variant("posttrain", 0.3, RERUN_STREAMS, repeat=ON_STREAMS_HOST, sweep=PREDICTED),
     "r20-intrain-0.5-maskmom0.99": Variant("intrain", 0.5, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-intrain-0.3-maskmom0.99": Variant("intrain", 0.3, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-dense-rerun-predicted": Variant("dense", None, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),
