@@ -211,6 +211,32 @@ def test_lagrange_multiplier_rises_while_over_budget_and_falls_below():
     assert ctl.multipliers[0] < before
 
 
+def test_dual_reset_spends_the_stored_pressure_once_the_limit_holds():
+    """Anti-windup: a positive multiplier built while over budget drops to zero (then goes on
+    integrating the now negative excess) the first step the constraint holds; without the reset
+    it only shrinks by one dual step."""
+    def controller(dual_reset):
+        model = create_model("tiny_cnn")
+        masked = attach_masks(model, "channel", torch.rand(1, 3, 16, 16))
+        cost = CostModel.build(masked, torch.rand(1, 3, 16, 16))
+        return BudgetController(cost, constraints_from_targets(cost, target_ops=0.5), warmup_fraction=0.0,
+                                dual_lr=0.1, dual_reset=dual_reset)
+
+    reset, plain = controller(True), controller(False)
+    for ctl in (reset, plain):
+        for _ in range(5):
+            ctl.update(1.0)  # dense network: 2x over the limit
+        assert ctl.multipliers[0] == pytest.approx(0.5)  # identical while the constraint is violated
+        ctl.project()
+        assert ctl.satisfied()
+        ctl.update(1.0)
+    assert 0.0 < plain.multipliers[0] < 0.5
+    assert -0.1 <= reset.multipliers[0] <= 0.0
+    # below the limit the reset multiplier keeps integrating down: it may pull masks back on
+    reset.update(1.0)
+    assert reset.multipliers[0] < 0.0
+
+
 def test_penalty_pushes_masks_down_only_through_the_budget_term():
     model = create_model("tiny_cnn")
     masked = attach_masks(model, "channel", torch.rand(1, 3, 16, 16))

@@ -549,6 +549,16 @@ def test_min_keep_stream_holds_the_residual_stream_through_in_train_pruning(digi
     assert any(kept < size for kept, size in stream_widths(None))
 
 
+def test_every_epoch_records_the_budget_multipliers(digits):
+    """The multiplier's path is what tells a lagging controller from a wound-up one afterwards."""
+    config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, target_params=0.8, dual_reset=True, **FAST)
+    history = train(config, digits, _model(digits), out_dir=None, log=_quiet).history
+    assert all(len(r.multipliers) == 2 and all(math.isfinite(m) for m in r.multipliers) for r in history)
+    assert any(m != 0.0 for r in history for m in r.multipliers)
+    dense = train(TrainConfig(epochs=1, **FAST), digits, _model(digits), out_dir=None, log=_quiet).history
+    assert dense[0].multipliers is None
+
+
 @pytest.mark.parametrize("value, regularity", [(0.0, "channel"), (1.5, "channel"), (0.5, "weight")])
 def test_min_keep_stream_must_be_a_fraction_of_channel_groups(digits, value, regularity):
     config = TrainConfig(regularity=regularity, target_ops=0.5, min_keep_stream=value, **FAST)

@@ -517,6 +517,7 @@ class BudgetController:
         freeze_fraction: float = 0.8,
         dual_lr: float = 0.05,
         start_fraction: float = 0.0,
+        dual_reset: bool = False,
     ):
         if not (0.0 <= start_fraction < 1.0):
             raise RcompError(f"start_fraction must be in [0, 1), got {start_fraction}")
@@ -532,6 +533,7 @@ class BudgetController:
             raise RcompError(f"dual_lr must be >= 0, got {dual_lr}")
         self.penalty_weight = float(penalty_weight)
         self.dual_lr = float(dual_lr)
+        self.dual_reset = bool(dual_reset)
         self.multipliers = [0.0] * len(self.constraints)  # Lagrange multipliers, one per constraint
         self.warmup_fraction = float(warmup_fraction)
         self.freeze_fraction = float(freeze_fraction)
@@ -573,12 +575,21 @@ class BudgetController:
 
     @torch.no_grad()
     def update(self, progress: float) -> None:
-        """One dual-ascent step on the multipliers, after each optimizer step."""
+        """One dual-ascent step on the multipliers, after each optimizer step.
+
+        With ``dual_reset`` a positive multiplier drops to zero the first step its constraint holds
+        (anti-windup by integrator reset). The pressure it stored was built while the masks lagged
+        the schedule; spent after the limit is reached, it only drives the masks on past it
+        (measured: ResNet56 at 0.3 reached 0.175 of the ops at the end of the ramp).
+        """
         values = self.cost.values()
         excesses = [float(values[c.metric]) / self.limit_at(c, progress) - 1.0 for c in self.constraints]
         binding = max(range(len(excesses)), key=excesses.__getitem__) if excesses else -1
         for i, excess in enumerate(excesses):
-            updated = min(MAX_MULTIPLIER, max(-MAX_MULTIPLIER, self.multipliers[i] + self.dual_lr * excess))
+            held = self.multipliers[i]
+            if self.dual_reset and excess <= 0.0:
+                held = min(held, 0.0)
+            updated = min(MAX_MULTIPLIER, max(-MAX_MULTIPLIER, held + self.dual_lr * excess))
             # only the tightest constraint may pull masks back on; the others only push down
             self.multipliers[i] = updated if i == binding else max(0.0, updated)
 

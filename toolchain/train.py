@@ -96,6 +96,7 @@ class TrainConfig:
     params: float | None = None
     penalty_weight: float = 1.0  # hinge on the excess over the scheduled limit
     dual_lr: float = 0.05        # Lagrange-multiplier step per optimizer step (see BudgetController)
+    dual_reset: bool = False     # anti-windup: a positive multiplier drops to 0 once its constraint holds
     warmup_fraction: float = 0.3
     freeze_fraction: float = 0.8
     lr_restart: bool = False       # a new LR cycle over the steps after the mask freeze (warm restart)
@@ -201,6 +202,7 @@ class EpochLog:
     train_fgsm: float | None = None
     train_pgd: float | None = None
     attack: str = ""
+    multipliers: list[float] | None = None  # the budget's Lagrange multipliers at the end of the epoch
 
 
 @dataclass
@@ -444,7 +446,7 @@ class _Trainer:
                                                mops=c.mops, params=c.params)
         return cost, BudgetController(cost, constraints, penalty_weight=c.penalty_weight,
                                       warmup_fraction=c.warmup_fraction, freeze_fraction=c.freeze_fraction,
-                                      dual_lr=c.dual_lr, start_fraction=c.mask_start)
+                                      dual_lr=c.dual_lr, start_fraction=c.mask_start, dual_reset=c.dual_reset)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
@@ -760,7 +762,8 @@ class _Trainer:
             train_adv_acc=stats["correct"] / n, val_clean=val_clean, val_pgd=val_pgd, ops=ops, params=params,
             ops_ratio=ops_ratio, params_ratio=params_ratio,
             mask_density=self.masks.density() if self.masks is not None else 1.0, masks_flipped=flipped,
-            penalty=stats["penalty"] / max(stats["steps"], 1), seconds=0.0, attack=self.attack)
+            penalty=stats["penalty"] / max(stats["steps"], 1), seconds=0.0, attack=self.attack,
+            multipliers=list(self.controller.multipliers) if self.controller is not None else None)
 
     def _val(self, epoch: int):
         from rcomp.data import make_loader
