@@ -99,8 +99,11 @@ def test_post_train_searches_never_take_a_stream_below_its_floor(resnet20):
 def test_unreachable_budget_is_refused(resnet20):
     from rcomp.errors import RcompError
 
-    with pytest.raises(RcompError, match="cannot be met"):
+    with pytest.raises(RcompError, match="cannot be met") as refused:
         build_env(resnet20, _config(0.01, min_keep=0.5), torch.rand(1, 3, 32, 32))
+    assert "min keep 0.5 of each group" in str(refused.value) and "stream" not in str(refused.value)
+    with pytest.raises(RcompError, match="0.5 of each residual stream, widths in multiples of 4"):
+        build_env(resnet20, _config(0.1, min_keep_stream=0.5, channel_multiple=4), torch.rand(1, 3, 32, 32))
 
 
 # --------------------------------------------------------------------------------------------

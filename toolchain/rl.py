@@ -223,10 +223,21 @@ class PruningEnv:
             dtype=torch.float64))
         if not self.fits(self.min_keeps()):
             raise RcompError("the budget cannot be met even with every group at its minimum width "
-                             f"(min keep {1 - self.max_ratio:g} of each group): " + self._over_budget())
+                             f"({self._floors()}): " + self._over_budget())
 
     def __len__(self) -> int:
         return len(self.specs)
+
+    def _floors(self) -> str:
+        """The floors the minimum widths come from, as the user set them (recipe keys)."""
+        masks = self.masked.masks
+        floors = f"min keep {1 - self.max_ratio:g} of each group"
+        stream = getattr(masks, "min_keep_stream_fraction", None)
+        if stream is not None and any(masks.groups[s.index].is_stream for s in self.specs):
+            floors += f", {stream:g} of each residual stream"
+        if getattr(masks, "channel_multiple", 1) > 1:
+            floors += f", widths in multiples of {masks.channel_multiple}"
+        return floors
 
     # ---------------------------------------------------------------- costs
     def dense_keeps(self) -> list[int]:
