@@ -75,6 +75,8 @@ PAIRS = [
     Pair(2, "vs RL post-train (AMC + KL), 6 epochs, seed 0", (PREDICTED, "r20-intrain-0.3"), (PREDICTED, "r20-rl-0.3")),
     Pair(2, "ResNet56 vs magnitude, 6 epochs, seed 0, attacks from the true label (the table's first recipe)",
          (MAIN, "r56-intrain-0.3"), (ABLATION, "r56-posttrain-0.3")),
+    Pair(2, "ResNet56 vs magnitude, the table's in-train command again on magnitude's CPU model (sessions 26-27)",
+         (ABLATION, "r56-intrain-0.3-rerun-streams"), (ABLATION, "r56-posttrain-0.3")),
     Pair(2, "ResNet56 vs magnitude, the residual streams held at half width (min_keep_stream 0.5), true-label attacks",
          (ABLATION, "r56-intrain-0.3-streams0.5"), (ABLATION, "r56-posttrain-0.3")),
     Pair(2, "vs magnitude on its own schedule (6 + 2 epochs), seed 0", (PREDICTED, "r20-intrain-0.3"),

@@ -306,7 +306,7 @@ VARIANTS = {
                                                         seed=1, ref="r20-intrain-0.5-e15-freeze0.6-seed1", sweep=E15),
     "r20-dense-e15-seed1-rerun": Variant("dense", None, SLIM_PAIR, seed=1, ref="r20-dense-e15-seed1", repeat=SLIM_PAIR,
                                          sweep=E15),
-    "r56-intrain-0.3-streams0.5": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, ref="r56-intrain-0.3",
+    "r56-intrain-0.3-streams0.5": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, ref="r56-intrain-0.3-rerun-streams",
                                           model="resnet56"),
     "r56-intrain-0.3-rerun-streams": Variant("intrain", 0.3, RERUN_STREAMS_R56, repeat=ON_STREAMS_HOST,
                                              ref="r56-intrain-0.3", model="resnet56"),
