@@ -706,6 +706,12 @@ def render(doc: dict) -> None:
     replace_section("intrain_ablation", body)
 
 
+def ordered_rows(runs: dict) -> dict:
+    """The rows in the order of VARIANTS, then any this copy of the script does not know: a sweep
+    started from an older commit must not drop the rows a newer one collected meanwhile."""
+    return {n: runs[n] for n in VARIANTS if n in runs} | {n: r for n, r in runs.items() if n not in VARIANTS}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help="comma-separated variants (default: all)")
@@ -738,7 +744,7 @@ def main() -> None:
             return
         doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
         doc["runs"].update(collected)
-        doc["runs"] = {n: doc["runs"][n] for n in VARIANTS if n in doc["runs"]}  # in the order of VARIANTS
+        doc["runs"] = ordered_rows(doc["runs"])
         doc["magnitude_floor_check"] = magnitude_under_both_floors()
         doc.update(command=" ".join([Path(sys.executable).name] + sys.argv), commit=commit(), machine=machine(),
                    date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), data=args.data,

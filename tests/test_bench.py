@@ -164,6 +164,14 @@ def ablation(tmp_path, monkeypatch):
     return module
 
 
+def test_collecting_keeps_the_rows_of_variants_this_copy_does_not_know(ablation):
+    """Two sweeps from different commits write one results file: the older must not drop the newer's rows."""
+    first, second = list(ablation.VARIANTS)[:2]
+    rows = {"from-a-newer-commit": {"clean": 0.5}, second: {"clean": 0.6}, first: {"clean": 0.7}}
+    assert list(ablation.ordered_rows(rows)) == [first, second, "from-a-newer-commit"]
+    assert ablation.ordered_rows(rows)["from-a-newer-commit"] == {"clean": 0.5}
+
+
 def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablation):
     from rcomp.pipeline import load_recipe
 
