@@ -70,6 +70,8 @@ PAIRS = [
          (ABLATION, "r20-posttrain-0.3-rerun-streams"), "vs magnitude"),
     Pair(2, "vs magnitude, 6 epochs, seed 0, the residual streams held at half width (min_keep_stream 0.5), third host",
          (ABLATION, "r20-intrain-0.3-streams0.5"), (ABLATION, "r20-posttrain-0.3-rerun-streams")),
+    Pair(2, "vs magnitude, 6 epochs, seed 0, anti-windup for the budget's multiplier (dual_reset), third host",
+         (ABLATION, "r20-intrain-0.3-dualreset"), (ABLATION, "r20-posttrain-0.3-rerun-streams")),
     Pair(2, "vs magnitude, 15 epochs, masks frozen at epoch 9 (0.6), seed 0", (ABLATION, "r20-intrain-0.3-e15-freeze0.6"),
          (ABLATION, "r20-posttrain-0.3-e15"), timed_together=True),
     Pair(2, "vs RL post-train (AMC + KL), 6 epochs, seed 0", (PREDICTED, "r20-intrain-0.3"), (PREDICTED, "r20-rl-0.3")),
