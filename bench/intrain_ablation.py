@@ -177,10 +177,10 @@ STREAM_FLOOR = "the residual streams kept at half their width at least (min_keep
 #: the first step its constraint holds; the same command otherwise, on the same host. ResNet20's
 #: rerun there did not overshoot (0.31 after epoch 3): its dual_reset row asks what the reset costs
 #: a run that needs none.
+DUAL_RESET = "anti-windup: a positive Lagrange multiplier drops to zero once the budget holds (dual_reset)"
 #: The stream floor's +4.14 / +1.16 on ResNet56 is one seed: seed 1 of the table's in-train command
 #: and of the floor row, side by side on one thread each (about 95 min, so they park between sessions).
 R56_SEED1 = "seed 1 of the table's ResNet56 in-train command: the stream floor's paired reference at a second seed"
-DUAL_RESET = "anti-windup: a positive Lagrange multiplier drops to zero once the budget holds (dual_reset)"
 #: Seed-0 runs on the stream-floor variants' host (session 26) part from the earlier hosts' after
 #: epoch 1 (38.2 / 15.2 on the 500-image subset, against 38.6 / 14.6 and 39.0 / 13.4): the ResNet20
 #: in-train and magnitude rows again there are the variant's paired reference and aim 2 on one host.

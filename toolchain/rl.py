@@ -232,10 +232,10 @@ class PruningEnv:
         """The floors the minimum widths come from, as the user set them (recipe keys)."""
         masks = self.masked.masks
         floors = f"min keep {1 - self.max_ratio:g} of each group"
-        stream = getattr(masks, "min_keep_stream_fraction", None)
+        stream = masks.min_keep_stream_fraction
         if stream is not None and any(masks.groups[s.index].is_stream for s in self.specs):
             floors += f", {stream:g} of each residual stream"
-        if getattr(masks, "channel_multiple", 1) > 1:
+        if masks.channel_multiple > 1:
             floors += f", widths in multiples of {masks.channel_multiple}"
         return floors
 
