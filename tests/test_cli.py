@@ -95,7 +95,7 @@ def test_recipe_finetune_epochs_must_be_a_positive_integer(tmp_path, value):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("line", ["grad_clip: abc", "mops: abc", "mask_momentum: -0.5", "min_keep_stream: abc", "min_keep_stream: 2"])
+@pytest.mark.parametrize("line", ["grad_clip: abc", "mops: abc", "mask_momentum: -0.5", "mask_weight_decay: -1e-4", "min_keep_stream: abc", "min_keep_stream: 2"])
 def test_recipe_optional_numbers_are_checked_as_numbers(tmp_path, line):
     """Keys whose default is None (off) were once taken as text and failed mid-run with a traceback."""
     recipe = tmp_path / "recipe.yaml"

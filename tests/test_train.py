@@ -559,6 +559,24 @@ def test_every_epoch_records_the_budget_multipliers(digits):
     assert dense[0].multipliers is None
 
 
+@pytest.mark.parametrize("mask_weight_decay, masks_decay", [(None, True), (0.0, False)])
+def test_mask_weight_decay_overrides_the_weights_decay_for_the_masks_only(digits, mask_weight_decay, masks_decay):
+    """With no gradient, one step is the decay alone: the weights shrink, the masks only when they share it."""
+    config = TrainConfig(epochs=1, regularity="channel", target_ops=0.5, weight_decay=0.5,
+                         mask_weight_decay=mask_weight_decay, **FAST)
+    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    masks_before = [m.detach().clone() for m in trainer.masks.parameters()]
+    weight = next(iter(trainer.model.weight_parameters()))
+    weight_before = weight.detach().clone()
+    trainer.optimizer.step()
+    assert weight.abs().sum() < weight_before.abs().sum()
+    moved = [not torch.equal(m, b) for m, b in zip(trainer.masks.parameters(), masks_before)]
+    assert all(moved) if masks_decay else not any(moved)
+
+
 @pytest.mark.parametrize("value, regularity", [(0.0, "channel"), (1.5, "channel"), (0.5, "weight")])
 def test_min_keep_stream_must_be_a_fraction_of_channel_groups(digits, value, regularity):
     config = TrainConfig(regularity=regularity, target_ops=0.5, min_keep_stream=value, **FAST)

@@ -98,6 +98,7 @@ _RANGE_EXCEPTIONS = {
     "finetune_epochs": integer(ge=1),
     "momentum": number(ge=0),
     "mask_momentum": number(ge=0),
+    "mask_weight_decay": number(ge=0),
     "weight_decay": number(ge=0),
     "co_drop": number(ge=0),
     "min_keep_stream": number(gt=0, le=1.0),

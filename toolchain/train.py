@@ -104,6 +104,7 @@ class TrainConfig:
     finetune_epochs: int | None = None  # post-train methods: fine-tune this long after a dense phase of all epochs
     mask_lr_scale: float = 1.0
     mask_momentum: float | None = None  # None: the weights' momentum
+    mask_weight_decay: float | None = None  # None: the weights' weight decay (the poster's shared regulariser)
     max_switch_off: float = 0.002  # fraction of mask units that may switch off per step (at least 1)
     min_keep: float = 0.2          # fraction of every channel group that stays (torch-pruning's 1 - max_pruning_ratio)
     min_keep_stream: float | None = None  # the residual-stream groups' floor instead of min_keep (None: min_keep)
@@ -455,7 +456,8 @@ class _Trainer:
             groups = [{"params": list(weights), "lr_scale": 1.0},
                       {"params": list(self.masks.parameters()), "lr_scale": c.mask_lr_scale,
                        "momentum": c.momentum if c.mask_momentum is None else c.mask_momentum,
-                       "nesterov": c.nesterov and (c.momentum if c.mask_momentum is None else c.mask_momentum) > 0}]
+                       "nesterov": c.nesterov and (c.momentum if c.mask_momentum is None else c.mask_momentum) > 0,
+                       "weight_decay": c.weight_decay if c.mask_weight_decay is None else c.mask_weight_decay}]
         else:
             groups = [{"params": list(self.model.parameters()), "lr_scale": 1.0}]
         return torch.optim.SGD(groups, lr=c.lr_max, momentum=c.momentum, weight_decay=c.weight_decay,
