@@ -83,10 +83,6 @@ PAIRS = [
          (ABLATION, "r56-intrain-0.3-rerun-streams"), (ABLATION, "r56-posttrain-0.3")),
     Pair(2, "ResNet56 vs magnitude, the residual streams held at half width (min_keep_stream 0.5), true-label attacks",
          (ABLATION, "r56-intrain-0.3-streams0.5"), (ABLATION, "r56-posttrain-0.3")),
-    Pair(2, "ResNet56 vs magnitude, seed 1, the table's in-train command (true-label attacks)",
-         (ABLATION, "r56-intrain-0.3-seed1"), (ABLATION, "r56-posttrain-0.3-seed1")),
-    Pair(2, "ResNet56 vs magnitude, seed 1, the residual streams held at half width (min_keep_stream 0.5)",
-         (ABLATION, "r56-intrain-0.3-streams0.5-seed1"), (ABLATION, "r56-posttrain-0.3-seed1")),
     Pair(2, "vs magnitude on its own schedule (6 + 2 epochs), seed 0", (PREDICTED, "r20-intrain-0.3"),
          (PREDICTED, "r20-posttrain-0.3-natural")),
 ]

@@ -184,9 +184,6 @@ DUAL_RESET = "anti-windup: a positive Lagrange multiplier drops to zero once the
 #: The stream floor's +4.14 / +1.16 on ResNet56 is one seed: seed 1 of the table's in-train command
 #: and of the floor row, side by side on one thread each (about 95 min, so they park between sessions).
 R56_SEED1 = "seed 1 of the table's ResNet56 in-train command: the stream floor's paired reference at a second seed"
-#: Magnitude post-train at seed 1 beside the two seed-1 in-train rows above: aim 2 on ResNet56 at a
-#: second seed (about 90 min on one thread, so it may park between sessions).
-R56_AIM2_SEED1 = "seed 1 of magnitude post-train 0.3 on ResNet56: aim 2 beside the seed-1 in-train rows"
 #: Every run that logged its multipliers ended with them negative (-0.38 to -0.48) at the target:
 #: the masks share the weights' decay, which pulls them towards zero (off), and the budget's
 #: multiplier turns negative to hold them on. Without the decay on the masks the task loss alone
@@ -332,7 +329,6 @@ VARIANTS = {
     "r56-intrain-0.3-seed1": Variant("intrain", 0.3, R56_SEED1, seed=1, ref="r56-intrain-0.3", model="resnet56"),
     "r56-intrain-0.3-streams0.5-seed1": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, seed=1,
                                                 ref="r56-intrain-0.3-seed1", model="resnet56"),
-    "r56-posttrain-0.3-seed1": Variant("posttrain", 0.3, R56_AIM2_SEED1, seed=1, ref="r56-posttrain-0.3", model="resnet56"),
     "r20-intrain-0.3-maskwd0": Variant("intrain", 0.3, MASK_WD0, {"mask_weight_decay": 0.0}, sweep=PREDICTED,
                                        ref="r20-intrain-0.3-rerun-streams"),
     "r20-intrain-0.3-seed1-rerun-streams": Variant("intrain", 0.3, RERUN_STREAMS_S1, seed=1, repeat=ON_STREAMS_HOST,
