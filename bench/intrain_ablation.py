@@ -184,10 +184,10 @@ DUAL_RESET = "anti-windup: a positive Lagrange multiplier drops to zero once the
 #: The stream floor's +4.14 / +1.16 on ResNet56 is one seed: seed 1 of the table's in-train command
 #: and of the floor row, side by side on one thread each (about 95 min, so they park between sessions).
 R56_SEED1 = "seed 1 of the table's ResNet56 in-train command: the stream floor's paired reference at a second seed"
-#: Every run that logged its multipliers ended with them negative (-0.38 to -0.48) at the target:
-#: the masks share the weights' decay, which pulls them towards zero (off), and the budget's
-#: multiplier turns negative to hold them on. Without the decay on the masks the task loss alone
-#: decides between the units near the boundary once the budget holds; the same command otherwise.
+#: Every run that logged its multipliers ended with them negative (-0.38 to -0.48) at the target,
+#: which we read as the masks' share of the weights' decay pulling them off (towards zero) and the
+#: multiplier holding them on. The same command without the decay on the masks tests that reading
+#: (it ended at -0.48 too: refuted, README's ablation section).
 MASK_WD0 = "no weight decay on the masks (mask_weight_decay 0), the weights' decay unchanged"
 #: Seed-0 runs on the stream-floor variants' host (session 26) part from the earlier hosts' after
 #: epoch 1 (38.2 / 15.2 on the 500-image subset, against 38.6 / 14.6 and 39.0 / 13.4): the ResNet20

@@ -5,8 +5,9 @@ with scale = shift = 0.5, so ``Mb = 1`` exactly when ``M > 0``. ``round`` has ze
 everywhere; the straight-through estimator passes the gradient of the smooth part
 ``0.5 * tanh(M) + 0.5`` instead, so the task loss (and the budget term) keep updating ``M``.
 The masks are ordinary parameters: they sit in the optimizer next to the weights and share their
-weight decay, which pulls every ``M`` towards the decision boundary 0 so that masks keep moving
-(and can come back) during the whole run instead of freezing early.
+weight decay (unless ``mask_weight_decay`` sets theirs), which pulls every ``M`` towards the
+decision boundary 0 so that masks keep moving (and can come back) during the whole run instead of
+freezing early.
 
 Two regularities:
 

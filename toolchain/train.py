@@ -453,10 +453,10 @@ class _Trainer:
         c = self.cfg
         if self.masks is not None:
             weights = self.model.parameters() if self.pruned_channels is not None else self.model.weight_parameters()
+            mask_momentum = c.momentum if c.mask_momentum is None else c.mask_momentum
             groups = [{"params": list(weights), "lr_scale": 1.0},
                       {"params": list(self.masks.parameters()), "lr_scale": c.mask_lr_scale,
-                       "momentum": c.momentum if c.mask_momentum is None else c.mask_momentum,
-                       "nesterov": c.nesterov and (c.momentum if c.mask_momentum is None else c.mask_momentum) > 0,
+                       "momentum": mask_momentum, "nesterov": c.nesterov and mask_momentum > 0,
                        "weight_decay": c.weight_decay if c.mask_weight_decay is None else c.mask_weight_decay}]
         else:
             groups = [{"params": list(self.model.parameters()), "lr_scale": 1.0}]
