@@ -71,7 +71,6 @@ class Sweep:
     table: str | None = "cifar10_table"  # bench/results/<table>.json; None: no table of this schedule
     epochs: int = EPOCHS
     attack_labels: str | None = None  # None: rcomp's default (the true label)
-    seed: int = 0  # the seed the table's rows trained with
 
     def results(self) -> Path:
         return HERE / "results" / f"{self.table}.json"
@@ -84,7 +83,7 @@ E15 = Sweep("cifar10_table_e15", 15, "predicted")
 #: The 6-epoch table with attacks from the predicted label: the reference of the issue's aims.
 PREDICTED = Sweep("cifar10_table_predicted", EPOCHS, "predicted")
 #: The same table at seed 1 (its in-train 0.3 row is a seed-1 variant's reference).
-PREDICTED_S1 = Sweep("cifar10_table_predicted_s1", EPOCHS, "predicted", seed=1)
+PREDICTED_S1 = Sweep("cifar10_table_predicted_s1", EPOCHS, "predicted")
 #: 30 epochs, twice the 15-epoch pair (the poster trains to convergence): no table of this length,
 #: so the pair's dense row is the reference of its in-train twin and has none itself.
 E30 = Sweep(None, 30, "predicted")
@@ -194,6 +193,7 @@ MASK_WD0 = "no weight decay on the masks (mask_weight_decay 0), the weights' dec
 #: in-train and magnitude rows again there are the variant's paired reference and aim 2 on one host.
 RERUN_STREAMS = "the row again on the stream-floor variants' host: their paired reference, and aim 2 on one host"
 ON_STREAMS_HOST = "on the host that trained the stream-floor variants (session 26)"
+ON_STREAMS_CPU = "on the CPU model that trained the stream-floor variants (Intel Xeon, session 28)"
 #: The stream floor cost ResNet20 1.02 / 0.10 at seed 0 and gained ResNet56 4-6 points at two
 #: seeds: ResNet20 at seed 1, the floor row and its paired reference side by side on one host.
 RERUN_STREAMS_S1 = "seed 1 of the table's ResNet20 in-train 0.3 again: the seed-1 stream-floor row's paired reference"
@@ -331,7 +331,7 @@ VARIANTS = {
                                                 ref="r56-intrain-0.3-seed1", model="resnet56"),
     "r20-intrain-0.3-maskwd0": Variant("intrain", 0.3, MASK_WD0, {"mask_weight_decay": 0.0}, sweep=PREDICTED,
                                        ref="r20-intrain-0.3-rerun-streams"),
-    "r20-intrain-0.3-seed1-rerun-streams": Variant("intrain", 0.3, RERUN_STREAMS_S1, seed=1, repeat=ON_STREAMS_HOST,
+    "r20-intrain-0.3-seed1-rerun-streams": Variant("intrain", 0.3, RERUN_STREAMS_S1, seed=1, repeat=ON_STREAMS_CPU,
                                                    sweep=PREDICTED_S1),
     "r20-intrain-0.3-streams0.5-seed1": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, seed=1,
                                                 sweep=PREDICTED_S1, ref="r20-intrain-0.3-seed1-rerun-streams"),
@@ -674,11 +674,17 @@ def _method_change(row: dict, ref: dict | None, keys: str) -> str | None:
     return f"{row['method']} at {row['target_ops']} of the ops" + (f" ({recipe})" if recipe else "")
 
 
+def row_seed(row: dict) -> int:
+    """The seed a row trained with: a variant's row records it, a table's row in its recipe (the
+    seed-1 table's rows are seed 1)."""
+    return row["seed"] if "seed" in row else row.get("recipe", {}).get("seed", 0)
+
+
 def change_cell(row: dict, ref: dict | None, variants: dict) -> str:
     """What a row changes against its reference row: the seed where the two differ (a seed-1 variant
     of a seed-1 row changes its recipe, not its seed), else the method of a pair, the recipe keys of
     its own, or the whole recipe."""
-    if row["seed"] != (ref or {}).get("seed", 0):
+    if row["seed"] != (row_seed(ref) if ref else 0):
         return f"seed {row['seed']}"
     keys = ", ".join(f"{k} {v}" for k, v in _own_change(row, variants).items())
     return _method_change(row, ref, keys) or keys or _whole_recipe_change(row)
