@@ -201,6 +201,12 @@ RERUN_STREAMS_S1 = "seed 1 of the table's ResNet20 in-train 0.3 again: the seed-
 #: different hosts (their logs part after epoch 1): the table's command again on the floor's host
 #: makes that difference a paired one (about 95 min on one thread, so it may park between sessions).
 RERUN_STREAMS_R56 = "the row again on the stream-floor variants' host: the ResNet56 floor row's paired reference"
+#: ResNet56's aim-2 pairs trained with attacks from the true label, the recipe that leaked labels
+#: on ResNet20 (and collapsed ResNet56's post-train dense phase at seed 1); every ResNet20 aim
+#: pair since uses the predicted label. Magnitude post-train and in-train with the stream floor
+#: (ResNet56's best in-train recipe so far) again from the predicted label: the aim-2 pair on
+#: ResNet56 in the aims' recipe, each row against its true-label twin (about 95 min on one thread).
+R56_PREDICTED = "attacks from the predicted label (the aims' recipe): ResNet56's aim-2 pair again"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -335,6 +341,10 @@ VARIANTS = {
                                                    sweep=PREDICTED_S1),
     "r20-intrain-0.3-streams0.5-seed1": Variant("intrain", 0.3, STREAM_FLOOR, {"min_keep_stream": 0.5}, seed=1,
                                                 sweep=PREDICTED_S1, ref="r20-intrain-0.3-seed1-rerun-streams"),
+    "r56-posttrain-0.3-predicted": Variant("posttrain", 0.3, R56_PREDICTED, sweep=PREDICTED, ref="r56-posttrain-0.3",
+                                           model="resnet56"),
+    "r56-intrain-0.3-streams0.5-predicted": Variant("intrain", 0.3, R56_PREDICTED, {"min_keep_stream": 0.5},
+                                                    sweep=PREDICTED, ref="r56-intrain-0.3-streams0.5", model="resnet56"),
     "r56-intrain-0.3-dualreset": Variant("intrain", 0.3, DUAL_RESET, {"dual_reset": True},
                                          ref="r56-intrain-0.3-rerun-streams", model="resnet56"),
     "r20-intrain-0.3-dualreset": Variant("intrain", 0.3, DUAL_RESET, {"dual_reset": True}, sweep=PREDICTED,
@@ -680,12 +690,20 @@ def row_seed(row: dict) -> int:
     return row["seed"] if "seed" in row else row.get("recipe", {}).get("seed", 0)
 
 
+def row_labels(row: dict) -> str:
+    """The label a row's training attack ascended: recorded by a variant's row or in a table row's
+    recipe; rows trained before the option existed ascended the true label."""
+    return row.get("attack_labels") or row.get("recipe", {}).get("attack_labels") or "true"
+
+
 def change_cell(row: dict, ref: dict | None, variants: dict) -> str:
     """What a row changes against its reference row: the seed where the two differ (a seed-1 variant
     of a seed-1 row changes its recipe, not its seed), else the method of a pair, the recipe keys of
     its own, or the whole recipe."""
     if row["seed"] != (row_seed(ref) if ref else 0):
         return f"seed {row['seed']}"
+    if ref and row_labels(row) != row_labels(ref):
+        return f"attack labels: {row_labels(row)}"
     keys = ", ".join(f"{k} {v}" for k, v in _own_change(row, variants).items())
     return _method_change(row, ref, keys) or keys or _whole_recipe_change(row)
 

@@ -203,7 +203,7 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
             changes = (variant.seed != ablation.row_seed(table_rows[reference])) + 1
         elif other is not None:  # one change against that variant: its recipe, its seed or its widths, same method
             changes = ((full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
-                       + (variant.arch != other.arch))
+                       + (variant.arch != other.arch) + (variant.sweep != other.sweep))
         else:  # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe,
             # or (the -scratch rows) the reference row's own widths trained densely instead of pruned to
             whole_recipe = variant.method == "intrain" and variant.base == "defaults"
