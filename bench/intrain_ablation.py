@@ -188,6 +188,11 @@ R56_SEED1 = "seed 1 of the table's ResNet56 in-train command: the stream floor's
 #: multiplier holding them on. The same command without the decay on the masks tests that reading
 #: (it ended at -0.48 too: refuted, README's ablation section).
 MASK_WD0 = "no weight decay on the masks (mask_weight_decay 0), the weights' decay unchanged"
+#: With mask_weight_decay 0 the multipliers still ended negative (-0.48). Another reading: the hinge
+#: (penalty_weight, 1.0) pushes only while the cost is above its limit; a cost that dithers across
+#: the limit gets the hinge's push about half the time, and a multiplier near -penalty_weight / 2
+#: cancels it. At half the weight the end multiplier should halve (about -0.24) if that is so.
+HINGE = "the hinge on the budget's excess at half weight (penalty_weight 0.5): does the end multiplier halve?"
 #: Seed-0 runs on the stream-floor variants' host (session 26) part from the earlier hosts' after
 #: epoch 1 (38.2 / 15.2 on the 500-image subset, against 38.6 / 14.6 and 39.0 / 13.4): the ResNet20
 #: in-train and magnitude rows again there are the variant's paired reference and aim 2 on one host.
@@ -345,6 +350,8 @@ VARIANTS = {
                                            model="resnet56"),
     "r56-intrain-0.3-streams0.5-predicted": Variant("intrain", 0.3, R56_PREDICTED, {"min_keep_stream": 0.5},
                                                     sweep=PREDICTED, ref="r56-intrain-0.3-streams0.5", model="resnet56"),
+    "r20-intrain-0.3-penalty0.5": Variant("intrain", 0.3, HINGE, {"penalty_weight": 0.5}, sweep=PREDICTED,
+                                          ref="r20-intrain-0.3-rerun-streams"),
     "r56-intrain-0.3-dualreset": Variant("intrain", 0.3, DUAL_RESET, {"dual_reset": True},
                                          ref="r56-intrain-0.3-rerun-streams", model="resnet56"),
     "r20-intrain-0.3-dualreset": Variant("intrain", 0.3, DUAL_RESET, {"dual_reset": True}, sweep=PREDICTED,
