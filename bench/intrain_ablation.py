@@ -191,7 +191,8 @@ MASK_WD0 = "no weight decay on the masks (mask_weight_decay 0), the weights' dec
 #: With mask_weight_decay 0 the multipliers still ended negative (-0.48). Another reading: the hinge
 #: (penalty_weight, 1.0) pushes only while the cost is above its limit; a cost that dithers across
 #: the limit gets the hinge's push about half the time, and a multiplier near -penalty_weight / 2
-#: cancels it. At half the weight the end multiplier should halve (about -0.24) if that is so.
+#: cancels it. At half the weight the end multiplier should halve (about -0.24) if that is so
+#: (it did not settle: the multiplier wound up to its cap and swung, README's ablation section).
 HINGE = "the hinge on the budget's excess at half weight (penalty_weight 0.5): does the end multiplier halve?"
 #: Seed-0 runs on the stream-floor variants' host (session 26) part from the earlier hosts' after
 #: epoch 1 (38.2 / 15.2 on the 500-image subset, against 38.6 / 14.6 and 39.0 / 13.4): the ResNet20

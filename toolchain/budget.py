@@ -558,8 +558,10 @@ class BudgetController:
         and masks that started equal then cross zero together (measured: ops fell from 1.0 to 0.03
         of dense within one short epoch). The Lagrange multiplier ``lambda_c`` instead grows only
         as long as the constraint stays violated (dual ascent, :meth:`update`), so the pressure
-        rises gradually and the masks whose task-loss gradient resists least go first. The weight of the hinge is small and
-        only bounds how far the network can overshoot the schedule.
+        rises gradually and the masks whose task-loss gradient resists least go first. The hinge
+        bounds how far the network can overshoot the schedule and damps the multiplier's swings:
+        at half its default weight a ResNet20 run's multiplier wound up to its cap and the masks
+        fell to 0.07 of the ops for a 0.3 target (measured, README's ablation section).
 
         The multiplier may go negative: below the limit it then pulls masks back on, so a network
         that overshot returns to the budget instead of staying stuck far below it (measured
