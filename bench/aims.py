@@ -87,6 +87,10 @@ PAIRS = [
          (ABLATION, "r56-intrain-0.3-streams0.5-predicted"), (ABLATION, "r56-posttrain-0.3-predicted")),
     Pair(2, "vs magnitude, 6 epochs, seed 0, the hinge on the budget's excess at half weight (penalty_weight 0.5), third host",
          (ABLATION, "r20-intrain-0.3-penalty0.5"), (ABLATION, "r20-posttrain-0.3-rerun-streams")),
+    Pair(2, "ResNet56 vs magnitude, the table's in-train recipe, attacks from the predicted label (the aims' recipe)",
+         (ABLATION, "r56-intrain-0.3-predicted"), (ABLATION, "r56-posttrain-0.3-predicted")),
+    Pair(2, "vs magnitude, 6 epochs, seed 0, the hinge on the budget's excess at twice its weight (penalty_weight 2.0), third host",
+         (ABLATION, "r20-intrain-0.3-penalty2"), (ABLATION, "r20-posttrain-0.3-rerun-streams")),
     Pair(2, "vs magnitude on its own schedule (6 + 2 epochs), seed 0", (PREDICTED, "r20-intrain-0.3"),
          (PREDICTED, "r20-posttrain-0.3-natural")),
 ]

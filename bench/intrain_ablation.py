@@ -194,6 +194,9 @@ MASK_WD0 = "no weight decay on the masks (mask_weight_decay 0), the weights' dec
 #: cancels it. At half the weight the end multiplier should halve (about -0.24) if that is so
 #: (it did not settle: the multiplier wound up to its cap and swung, README's ablation section).
 HINGE = "the hinge on the budget's excess at half weight (penalty_weight 0.5): does the end multiplier halve?"
+#: Half the hinge made the controller swing, so it could not settle the reading. Twice the hinge
+#: damps the loop more: if the multiplier cancels the hinge's half-time push, it ends near -1.0.
+HINGE2 = "the hinge on the budget's excess at twice its weight (penalty_weight 2.0): does the end multiplier double?"
 #: Seed-0 runs on the stream-floor variants' host (session 26) part from the earlier hosts' after
 #: epoch 1 (38.2 / 15.2 on the 500-image subset, against 38.6 / 14.6 and 39.0 / 13.4): the ResNet20
 #: in-train and magnitude rows again there are the variant's paired reference and aim 2 on one host.
@@ -213,6 +216,9 @@ RERUN_STREAMS_R56 = "the row again on the stream-floor variants' host: the ResNe
 #: (ResNet56's best in-train recipe so far) again from the predicted label: the aim-2 pair on
 #: ResNet56 in the aims' recipe, each row against its true-label twin (about 95 min on one thread).
 R56_PREDICTED = "attacks from the predicted label (the aims' recipe): ResNet56's aim-2 pair again"
+#: The plain in-train command from the predicted label: the floor row's paired reference in the aims'
+#: recipe, and ResNet56's aim-2 pair with the table's own in-train recipe (parks between sessions).
+R56_PREDICTED_PLAIN = "attacks from the predicted label: the table's ResNet56 in-train command in the aims' recipe"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -353,6 +359,10 @@ VARIANTS = {
                                                     sweep=PREDICTED, ref="r56-intrain-0.3-streams0.5", model="resnet56"),
     "r20-intrain-0.3-penalty0.5": Variant("intrain", 0.3, HINGE, {"penalty_weight": 0.5}, sweep=PREDICTED,
                                           ref="r20-intrain-0.3-rerun-streams"),
+    "r56-intrain-0.3-predicted": Variant("intrain", 0.3, R56_PREDICTED_PLAIN, sweep=PREDICTED,
+                                         ref="r56-intrain-0.3-rerun-streams", model="resnet56"),
+    "r20-intrain-0.3-penalty2": Variant("intrain", 0.3, HINGE2, {"penalty_weight": 2.0}, sweep=PREDICTED,
+                                        ref="r20-intrain-0.3-rerun-streams"),
     "r56-intrain-0.3-dualreset": Variant("intrain", 0.3, DUAL_RESET, {"dual_reset": True},
                                          ref="r56-intrain-0.3-rerun-streams", model="resnet56"),
     "r20-intrain-0.3-dualreset": Variant("intrain", 0.3, DUAL_RESET, {"dual_reset": True}, sweep=PREDICTED,
