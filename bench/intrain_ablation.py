@@ -716,8 +716,8 @@ def row_labels(row: dict) -> str:
 
 def change_cell(row: dict, ref: dict | None, variants: dict) -> str:
     """What a row changes against its reference row: the seed where the two differ (a seed-1 variant
-    of a seed-1 row changes its recipe, not its seed), else the method of a pair, the recipe keys of
-    its own, or the whole recipe."""
+    of a seed-1 row changes its recipe, not its seed), else the training attack's label, the method
+    of a pair, the recipe keys of its own, or the whole recipe."""
     if row["seed"] != (row_seed(ref) if ref else 0):
         return f"seed {row['seed']}"
     if ref and row_labels(row) != row_labels(ref):

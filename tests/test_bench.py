@@ -389,6 +389,19 @@ def test_a_variant_of_a_seed_1_row_shows_its_recipe_change_not_the_seed(ablation
     assert ablation.change_cell(row, {"method": "intrain"}, variants) == "seed 1"  # a table row has seed 0 and no key
 
 
+def test_a_variant_from_the_other_attack_label_shows_that_label_as_its_change(ablation):
+    """ResNet56's predicted-label rows repeat their true-label twins' recipes: the label is the change,
+    and a table row from before the option (no key in its recipe) ascended the true label."""
+    name = "r56-intrain-0.3-streams0.5-predicted"
+    variants = {name: {"reference": ablation.VARIANTS[name].reference(), "recipe_change": ablation.VARIANTS[name].recipe}}
+    row = {**variants[name], "seed": 0, "method": "intrain", "recipe_base": "table", "attack_labels": "predicted"}
+    twin = {"seed": 0, "method": "intrain", "recipe_change": {"min_keep_stream": 0.5}, "attack_labels": "true"}
+    assert ablation.change_cell(row, twin, variants) == "attack labels: predicted"
+    assert ablation.change_cell(row, {"seed": 0, "method": "intrain", "recipe": {}}, variants) == "attack labels: predicted"
+    same = {"seed": 0, "method": "intrain", "recipe": {"attack_labels": "predicted"}}
+    assert ablation.change_cell(row, same, variants) == "min_keep_stream 0.5"
+
+
 def test_a_resumed_launch_says_so(ablation):
     launch = {"command": "-m rcomp train --epochs 15 --out runs/x", "commit": "0123456789abcdef", "started": "today"}
     assert ablation.launch_line(launch) == "trained by `-m rcomp train --epochs 15 --out runs/x` at commit `0123456789`, today."
