@@ -192,7 +192,8 @@ MASK_WD0 = "no weight decay on the masks (mask_weight_decay 0), the weights' dec
 #: (penalty_weight, 1.0) pushes only while the cost is above its limit; a cost that dithers across
 #: the limit gets the hinge's push about half the time, and a multiplier near -penalty_weight / 2
 #: cancels it. At half the weight the end multiplier should halve (about -0.24) if that is so
-#: (it did not settle: the multiplier wound up to its cap and swung, README's ablation section).
+#: (it did not settle: the multiplier wound up to its cap and swung; at twice the weight it ended
+#: at -0.88: README's ablation section).
 HINGE = "the hinge on the budget's excess at half weight (penalty_weight 0.5): does the end multiplier halve?"
 #: Half the hinge made the controller swing, so it could not settle the reading. Twice the hinge
 #: damps the loop more: if the multiplier cancels the hinge's half-time push, it ends near -1.0.
