@@ -703,26 +703,25 @@ def _method_change(row: dict, ref: dict | None, keys: str) -> str | None:
     return f"{row['method']} at {row['target_ops']} of the ops" + (f" ({recipe})" if recipe else "")
 
 
-def row_seed(row: dict) -> int:
-    """The seed a row trained with: a variant's row records it, a table's row in its recipe (the
-    seed-1 table's rows are seed 1)."""
-    return row["seed"] if "seed" in row else row.get("recipe", {}).get("seed", 0)
-
-
-def row_labels(row: dict) -> str:
-    """The label a row's training attack ascended: recorded by a variant's row or in a table row's
-    recipe; rows trained before the option existed ascended the true label."""
-    return row.get("attack_labels") or row.get("recipe", {}).get("attack_labels") or "true"
+def recorded(row: dict, key: str, default):
+    """A row's recipe value: a variant's row records it at the top (seed, attack_labels), a table's
+    row in its recipe; rows trained before an option existed used ``default`` (the seed-1 table's
+    rows record seed 1, the first table's rows no attack label: the true one)."""
+    value = row.get(key)
+    if value is None:
+        value = row.get("recipe", {}).get(key)
+    return default if value is None else value
 
 
 def change_cell(row: dict, ref: dict | None, variants: dict) -> str:
     """What a row changes against its reference row: the seed where the two differ (a seed-1 variant
     of a seed-1 row changes its recipe, not its seed), else the training attack's label, the method
     of a pair, the recipe keys of its own, or the whole recipe."""
-    if row["seed"] != (row_seed(ref) if ref else 0):
+    if row["seed"] != (recorded(ref, "seed", 0) if ref else 0):
         return f"seed {row['seed']}"
-    if ref and row_labels(row) != row_labels(ref):
-        return f"attack labels: {row_labels(row)}"
+    labels = recorded(row, "attack_labels", "true")
+    if ref and labels != recorded(ref, "attack_labels", "true"):
+        return f"attack labels: {labels}"
     keys = ", ".join(f"{k} {v}" for k, v in _own_change(row, variants).items())
     return _method_change(row, ref, keys) or keys or _whole_recipe_change(row)
 

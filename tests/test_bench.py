@@ -200,14 +200,14 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
         if other is not None and other.method == "dense" != variant.method:  # a pair: the method is the change
             changes = (variant.seed != other.seed) + (variant.sweep != other.sweep) + 1
         elif other is None and table_rows[reference]["method"] == "dense" != variant.method:  # against a table's dense row
-            changes = (variant.seed != ablation.row_seed(table_rows[reference])) + 1
+            changes = (variant.seed != ablation.recorded(table_rows[reference], "seed", 0)) + 1
         elif other is not None:  # one change against that variant: its recipe, its seed or its widths, same method
             changes = ((full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
                        + (variant.arch != other.arch) + (variant.sweep != other.sweep))
         else:  # one change: a recipe key, or the seed, or (the -fromstart rows) the whole bench recipe,
             # or (the -scratch rows) the reference row's own widths trained densely instead of pruned to
             whole_recipe = variant.method == "intrain" and variant.base == "defaults"
-            changes = (bool(variant.recipe) + (variant.seed != ablation.row_seed(table_rows[reference])) + whole_recipe
+            changes = (bool(variant.recipe) + (variant.seed != ablation.recorded(table_rows[reference], "seed", 0)) + whole_recipe
                        + (variant.arch is not None))
         if variant.arch is not None:
             if other is None:  # the reference row's own widths (against a scratch row: other widths, counted above)
