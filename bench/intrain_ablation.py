@@ -226,6 +226,9 @@ R56_PREDICTED_PLAIN = "attacks from the predicted label: the table's ResNet56 in
 #: floor of 0.4 (26 of 64) rules out the narrow blocks and leaves the search the rest: if the uneven
 #: stage-3 blocks cost the gap, it closes (one run, against the floor row of the same recipe).
 R56_BLOCK_FLOOR = "the block channels kept at 0.4 of their width at least (min_keep 0.4), the streams at 0.5 as in the reference"
+#: The same block floor on ResNet20 at 0.3, the streams' floor kept at the reference's 0.2: is a
+#: floor on the block channels a fix for in-train's widths in general, or only for ResNet56's?
+R20_BLOCK_FLOOR = "the block channels kept at 0.4 of their width at least (min_keep 0.4), the streams at 0.2 as in the reference"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -371,6 +374,9 @@ VARIANTS = {
     "r56-intrain-0.3-minkeep0.4-predicted": Variant("intrain", 0.3, R56_BLOCK_FLOOR,
                                                     {"min_keep_stream": 0.5, "min_keep": 0.4}, sweep=PREDICTED,
                                                     ref="r56-intrain-0.3-streams0.5-predicted", model="resnet56"),
+    "r20-intrain-0.3-minkeep0.4-predicted": Variant("intrain", 0.3, R20_BLOCK_FLOOR,
+                                                    {"min_keep": 0.4, "min_keep_stream": 0.2}, sweep=PREDICTED,
+                                                    ref="r20-intrain-0.3-rerun-streams"),
     "r20-intrain-0.3-penalty2": Variant("intrain", 0.3, HINGE2, {"penalty_weight": 2.0}, sweep=PREDICTED,
                                         ref="r20-intrain-0.3-rerun-streams"),
     "r56-intrain-0.3-dualreset": Variant("intrain", 0.3, DUAL_RESET, {"dual_reset": True},
