@@ -268,6 +268,11 @@ SCRATCH = "the final architecture alone: the reference row's widths trained dens
 SCRATCH_ROW = dict(sweep=PREDICTED)
 #: The pruned models of the predicted-label table whose widths the scratch rows train.
 PREDICTED_MODELS = "bench/models/cifar10_table_predicted"
+#: ResNet56's in-train rows trail magnitude post-train by 3-5 points, and a block floor that ruled
+#: out the narrowest blocks did not move them: its own widths or its training? Both aim-2 rows'
+#: widths (the stream floor's in-train row and magnitude's) trained from scratch, each against its
+#: pruned row, and against each other for the architectures alone.
+ABLATION_MODELS = MODELS.relative_to(REPO).as_posix()  # as the variants name their arch
 #: Is the architecture in-train pruning finds better than no search at all? Every channel group cut
 #: to the same fraction of its width (the largest that meets the ops target), trained from scratch
 #: like the found widths: compared with the scratch row of the in-train architecture.
@@ -415,6 +420,12 @@ VARIANTS = {
     "r20-scratch-posttrain-0.5-seed1": Variant("dense", None, "seed noise: the magnitude 0.5 widths from scratch, seed 1",
                                                seed=1, ref="r20-scratch-posttrain-0.5", **SCRATCH_ROW,
                                                arch=f"{PREDICTED_MODELS}/r20-posttrain-0.5.pt"),
+    "r56-scratch-intrain-0.3-streams0.5-predicted": Variant(
+        "dense", None, SCRATCH, ref="r56-intrain-0.3-streams0.5-predicted", **SCRATCH_ROW, model="resnet56",
+        arch=f"{ABLATION_MODELS}/r56-intrain-0.3-streams0.5-predicted.pt"),
+    "r56-scratch-posttrain-0.3-predicted": Variant(
+        "dense", None, SCRATCH, ref="r56-posttrain-0.3-predicted", **SCRATCH_ROW, model="resnet56",
+        arch=f"{ABLATION_MODELS}/r56-posttrain-0.3-predicted.pt"),
     "r20-scratch-uniform-0.5": Variant("dense", 0.5, UNIFORM, ref="r20-scratch-intrain-0.5", **SCRATCH_ROW,
                                        arch=f"{UNIFORM_DIR}/resnet20-ops0.5.pt"),
     "r20-scratch-uniform-0.3": Variant("dense", 0.3, UNIFORM, ref="r20-scratch-intrain-0.3", **SCRATCH_ROW,

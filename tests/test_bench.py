@@ -201,6 +201,8 @@ def test_every_ablation_changes_one_thing_through_a_recipe_rcomp_accepts(ablatio
             changes = (variant.seed != other.seed) + (variant.sweep != other.sweep) + 1
         elif other is None and table_rows[reference]["method"] == "dense" != variant.method:  # against a table's dense row
             changes = (variant.seed != ablation.recorded(table_rows[reference], "seed", 0)) + 1
+        elif other is not None and variant.arch == f"{ablation.ABLATION_MODELS}/{reference}.pt":  # that variant's widths
+            changes = (variant.seed != other.seed) + (variant.sweep != other.sweep) + 1  # from scratch, no masks
         elif other is not None:  # one change against that variant: its recipe, its seed or its widths, same method
             changes = ((full != other.full_recipe()) + (variant.seed != other.seed) + (variant.method != other.method)
                        + (variant.arch != other.arch) + (variant.sweep != other.sweep))
