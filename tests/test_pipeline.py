@@ -139,6 +139,28 @@ def test_eval_reevaluates_a_saved_model_on_any_split(job, tmp_path):
     assert acc["clean"] >= acc["pgd-3"]
 
 
+def test_eval_draws_its_attacks_from_its_seed_so_a_rerun_repeats_the_figures(job, tmp_path, monkeypatch):
+    import rcomp.attacks
+
+    out, _, _ = job
+    starts, real_pgd = [], rcomp.attacks.pgd
+
+    def recording_pgd(*args, generator=None, **kw):
+        starts.append(None if generator is None else generator.initial_seed())
+        return real_pgd(*args, generator=generator, **kw)
+
+    monkeypatch.setattr(rcomp.attacks, "pgd", recording_pgd)
+    args = ["eval", out / "model.pt", "--data", "digits", "--split", "val", "--n", 40, "--pgd-steps", 3]
+    figures = []
+    for i, seed in enumerate([7, 7, 8]):
+        code, text = run(*args, "--seed", seed, "--json", tmp_path / f"e{i}.json")
+        assert code == 0, text
+        figures.append(json.loads((tmp_path / f"e{i}.json").read_text()))
+    assert starts == [7, 7, 8]  # one batch of 40 per evaluation, each attack from its --seed
+    assert figures[0]["accuracy"] == figures[1]["accuracy"]
+    assert [f["attack_seed"] for f in figures] == [7, 7, 8]
+
+
 def test_eval_no_progress_keeps_bars_out_of_logs(job):
     out, _, _ = job
     args = ["eval", str(out / "model.pt"), "--data", "digits", "--split", "val", "--n", "8", "--pgd-steps", "1"]

@@ -241,8 +241,10 @@ def check(onnx_path, profile_ref, attack_set, square_queries, square_n, dense_on
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the attacks' random starts: the same seed repeats every figure.")
 def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, batch_size, device, json_out,
-             no_progress):
+             no_progress, seed):
     """Clean and PGD accuracy of a saved model on any split of any dataset.
 
     \b
@@ -255,7 +257,7 @@ def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size,
 
     request = EvalRequest(checkpoint=checkpoint, data_spec=data_spec, split=split, limit=limit, eps=eps, pgd_steps=pgd_steps,
                           pgd_step_size=pgd_step_size, restarts=restarts, pgd50=pgd50, sanity=sanity, batch_size=batch_size,
-                          device=device, json_out=json_out, progress=not no_progress)
+                          device=device, json_out=json_out, progress=not no_progress, seed=seed)
     click.echo(eval_command(request))
 
 
