@@ -224,10 +224,12 @@ R56_PREDICTED_PLAIN = "attacks from the predicted label: the table's ResNet56 in
 #: 0.88, and the widths differ where the floor does not reach: in-train left two stage-3 blocks at 13
 #: of 64 channels (the min_keep floor) and seven at 54-62, magnitude kept all nine at 31-37. A block
 #: floor of 0.4 (26 of 64) rules out the narrow blocks and leaves the search the rest: if the uneven
-#: stage-3 blocks cost the gap, it closes (one run, against the floor row of the same recipe).
+#: stage-3 blocks cost the gap, it closes (one run, against the floor row of the same recipe). It did
+#: not (-0.20 / -0.04): the search took the first blocks of every stage to the new floor instead.
 R56_BLOCK_FLOOR = "the block channels kept at 0.4 of their width at least (min_keep 0.4), the streams at 0.5 as in the reference"
 #: The same block floor on ResNet20 at 0.3, the streams' floor kept at the reference's 0.2: is a
-#: floor on the block channels a fix for in-train's widths in general, or only for ResNet56's?
+#: floor on the block channels a fix for in-train's widths in general, or only for ResNet56's? (Moot:
+#: no block of the reference is below 0.4, so the run repeated it bit for bit.)
 R20_BLOCK_FLOOR = "the block channels kept at 0.4 of their width at least (min_keep 0.4), the streams at 0.2 as in the reference"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
