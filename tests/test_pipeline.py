@@ -100,6 +100,24 @@ def test_the_profiles_channel_multiple_reaches_the_recipe(opts, regularity, expe
     assert job.train.channel_multiple == expected
 
 
+@pytest.mark.parametrize("data_spec, recipe, expected", [
+    ("digits", "", True),                       # small data: 510 steps, the multiplier winds up
+    ("synthetic:64", "", True),
+    ("imagefolder:/data/cifar10", "", False),   # rcomp's default, as the benchmark rows trained
+    ("digits", "dual_reset: false\n", False),  # a recipe wins over the data's default
+])
+def test_small_data_runs_reset_the_budget_multiplier_unless_the_recipe_says_otherwise(tmp_path, data_spec, recipe,
+                                                                                       expected):
+    from rcomp.pipeline import build_job
+
+    values = {"model_name": "tiny_cnn", "data_spec": data_spec, "target_ops": 0.5}
+    if recipe:
+        (tmp_path / "recipe.yaml").write_text(recipe)
+        values["recipe"] = str(tmp_path / "recipe.yaml")
+    job = build_job(values, profile=None, out="unused", method=None)
+    assert job.train.dual_reset is expected
+
+
 def test_check_gate_exit_codes(job, tmp_path):
     out, _, _ = job
     onnx, adv = out / "model.onnx", out / "adv.npz"
