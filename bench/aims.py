@@ -56,6 +56,8 @@ PAIRS = [
          timed_together=True),
     Pair(1, "30 epochs, masks frozen at epoch 18 (0.6), seed 0", (ABLATION, "r20-intrain-0.5-e30-freeze0.6"),
          (ABLATION, "r20-dense-e30"), timed_together=True),
+    Pair(1, "6 epochs, seed 0, masks frozen at epoch 3.6 (0.6, not 4.8), both on the Intel Xeon host (session 31)",
+         (ABLATION, "r20-intrain-0.5-freeze0.6-predicted"), (ABLATION, "r20-dense-rerun-xeon"), timed_together=True),
     Pair(1, "no pruning: in-train 0.5's widths trained from scratch, 6 epochs", (ABLATION, "r20-scratch-intrain-0.5"),
          (ABLATION, "r20-dense-rerun-predicted")),
     Pair(1, "no pruning: magnitude post-train 0.5's widths from scratch, 6 epochs", (ABLATION, "r20-scratch-posttrain-0.5"),
