@@ -245,6 +245,16 @@ E6_EARLY_FREEZE = "a shorter mask phase at 6 epochs: masks freeze at 0.6 of the 
 #: in-train 0.5 row again, trained on another machine: against it the difference is not paired.
 ON_XEON = "on the Intel Xeon CPU model of the ResNet20 0.3 pairs (session 31)"
 DENSE_HERE = "the dense row again on the Intel Xeon CPU model, beside the early-freeze in-train 0.5 row: aim 1 on one host"
+#: The early-freeze in-train 0.5 row trailed dense of its host by 1.86 / 1.46, one pair at seed 0.
+#: Seed 1 of the pair, side by side on one host (AMD EPYC, session 32). That host repeated the seed-1
+#: table's dense row bit for bit (every epoch's log line) and the early-freeze row the table's in-train
+#: 0.5 row up to the freeze, so the table's seed-1 rows are this pair's paired references too.
+ON_EPYC = "on the AMD EPYC host of session 32, beside the early-freeze in-train 0.5 row at seed 1"
+DENSE_HERE_S1 = "the seed-1 dense row again on the AMD EPYC host, beside the early-freeze in-train 0.5 row: aim 1 at seed 1 on one host"
+#: ResNet56's early freeze came within 1.78 / 0.32 of magnitude post-train at seed 0 (aim 2 in the
+#: aims' recipe, one pair). Seed 1 of that pair; magnitude's seed-1 dense phase collapsed under
+#: true-label attacks (the guard stopped it), and these attack from the predicted label.
+R56_FREEZE_S1 = "seed 1 of ResNet56's aim-2 pair with the early freeze and the stream floor, attacks from the predicted label"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -404,6 +414,14 @@ VARIANTS = {
     "r20-intrain-0.5-freeze0.6-predicted": Variant("intrain", 0.5, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
                                                    sweep=PREDICTED, ref="r20-intrain-0.5-rerun-predicted"),
     "r20-dense-rerun-xeon": Variant("dense", None, DENSE_HERE, repeat=ON_XEON, sweep=PREDICTED),
+    "r20-intrain-0.5-freeze0.6-seed1-predicted": Variant("intrain", 0.5, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
+                                                         seed=1, sweep=PREDICTED_S1),
+    "r20-dense-seed1-epyc": Variant("dense", None, DENSE_HERE_S1, seed=1, repeat=ON_EPYC, sweep=PREDICTED_S1),
+    "r56-posttrain-0.3-seed1-predicted": Variant("posttrain", 0.3, R56_FREEZE_S1, seed=1, sweep=PREDICTED_S1,
+                                                 ref="r56-posttrain-0.3-predicted", model="resnet56"),
+    "r56-intrain-0.3-streams0.5-freeze0.6-seed1-predicted": Variant(
+        "intrain", 0.3, R56_FREEZE_S1, {"min_keep_stream": 0.5, "freeze_fraction": 0.6}, seed=1, sweep=PREDICTED_S1,
+        ref="r56-intrain-0.3-streams0.5-freeze0.6-predicted", model="resnet56"),
     "r20-intrain-0.3-freeze0.6-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
                                                    sweep=PREDICTED, ref="r20-intrain-0.3-rerun-streams"),
     "r20-intrain-0.3-freeze0.6-seed1-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
