@@ -417,10 +417,10 @@ VARIANTS = {
     "r20-intrain-0.5-freeze0.6-seed1-predicted": Variant("intrain", 0.5, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
                                                          seed=1, sweep=PREDICTED_S1),
     "r20-dense-seed1-epyc": Variant("dense", None, DENSE_HERE_S1, seed=1, repeat=ON_EPYC, sweep=PREDICTED_S1),
-    "r56-posttrain-0.3-seed1-predicted": Variant("posttrain", 0.3, R56_FREEZE_S1, seed=1, sweep=PREDICTED_S1,
+    "r56-posttrain-0.3-seed1-predicted": Variant("posttrain", 0.3, R56_FREEZE_S1, seed=1, sweep=PREDICTED,
                                                  ref="r56-posttrain-0.3-predicted", model="resnet56"),
     "r56-intrain-0.3-streams0.5-freeze0.6-seed1-predicted": Variant(
-        "intrain", 0.3, R56_FREEZE_S1, {"min_keep_stream": 0.5, "freeze_fraction": 0.6}, seed=1, sweep=PREDICTED_S1,
+        "intrain", 0.3, R56_FREEZE_S1, {"min_keep_stream": 0.5, "freeze_fraction": 0.6}, seed=1, sweep=PREDICTED,
         ref="r56-intrain-0.3-streams0.5-freeze0.6-predicted", model="resnet56"),
     "r20-intrain-0.3-freeze0.6-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
                                                    sweep=PREDICTED, ref="r20-intrain-0.3-rerun-streams"),
