@@ -380,7 +380,9 @@ def test_slim_at_freeze_trains_the_network_the_masked_run_would_ship(digits):
     FGSM's sign() turns a rounding-sized gradient difference into a whole eps step on that pixel.
     On one CI host that moved the weights by 0.015 by the end of the run; this host stayed below 1e-6.
     Even without the attack the rounding compounds over the steps: 2.9e-4 on an AMD EPYC host, so
-    the bound is 1e-3, still 260x below the momentum bug's 0.26.
+    the bound is 1e-3, still 260x below the momentum bug's 0.26. There the drift is spread over every
+    layer (weights 1e-5 to 1.3e-4, BatchNorm's running statistics up to 2.8e-4, which average the
+    activations that carry the rounding), not one tensor a cut got wrong.
     The evaluation PGD still uses sign(), so its accuracy may differ by one example.
     """
     base = dict(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, attack="none", **FAST)
@@ -392,7 +394,9 @@ def test_slim_at_freeze_trains_the_network_the_masked_run_would_ship(digits):
     assert slim.pruned_channels and slim.pruned_channels == shipped.pruned_channels
     a, b = shipped.model.state_dict(), slim.model.state_dict()
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-3
+    drift = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a}
+    worst = max(drift, key=drift.get)
+    assert drift[worst] < 1e-3, f"{worst} moved {drift[worst]:.2e}"
     assert [(h.val_clean, h.ops_ratio) for h in slim.history] == [(h.val_clean, h.ops_ratio) for h in masked.history]
     one_example = 1 / FAST["eval_size"]
     assert [h.val_pgd for h in slim.history] == pytest.approx([h.val_pgd for h in masked.history], abs=one_example)
