@@ -62,6 +62,8 @@ PAIRS = [
     Pair(1, "6 epochs, seed 1, masks frozen at epoch 3.6 (0.6, not 4.8), both on the AMD EPYC host (session 32)",
          (ABLATION, "r20-intrain-0.5-freeze0.6-seed1-predicted"), (ABLATION, "r20-dense-seed1-epyc"),
          "6 epochs, frozen at 0.6", timed_together=True),
+    Pair(1, "6 epochs, seed 1, masks frozen at epoch 3 (0.5, when the ramp reaches the target), against the AMD EPYC dense row",
+         (ABLATION, "r20-intrain-0.5-freeze0.5-seed1-predicted"), (ABLATION, "r20-dense-seed1-epyc")),
     Pair(1, "no pruning: in-train 0.5's widths trained from scratch, 6 epochs", (ABLATION, "r20-scratch-intrain-0.5"),
          (ABLATION, "r20-dense-rerun-predicted")),
     Pair(1, "no pruning: magnitude post-train 0.5's widths from scratch, 6 epochs", (ABLATION, "r20-scratch-posttrain-0.5"),
