@@ -263,19 +263,21 @@ R56_FREEZE_S2 = "seed 2 of ResNet56's aim-2 pair with the early freeze and the s
 FREEZE_AT_TARGET = "the shortest mask phase: masks freeze at 0.5 of the steps (epoch 3), when the budget's ramp reaches the target"
 #: Freezing at 0.5 gained +0.56 / +0.14 at seed 1 (one run, inside the seed spread), 1.98 / 1.18 behind
 #: dense. Seed 0 of it, beside seed 0's dense row on the same host (AMD EPYC, session 34): aim 1 at seed
-#: 0 on one host, timed together. Its recipe reference (the freeze at 0.6) trained on the Xeon host, so
-#: against that row the difference is not paired.
+#: 0 on one host, timed together. The seed-0 freeze at 0.6 trained on the Xeon host, whose runs part
+#: from these after epoch 1; this host repeats session 22's machine bit for bit (the dense row did, and
+#: the in-train row followed that machine's plain in-train 0.5 row up to the freeze), so that plain row
+#: (frozen at 0.8) is its paired reference.
 ON_EPYC_S0 = "on the AMD EPYC host of sessions 32-34, beside the in-train 0.5 row frozen at 0.5 at seed 0"
 DENSE_HERE_S0 = "the seed-0 dense row again on the AMD EPYC host, beside the in-train 0.5 row frozen at 0.5: aim 1 at seed 0 on one host"
 #: The dose curve at seed 1 (freeze 0.8 -> 0.6 -> 0.5: 65.56 -> 65.64 -> 66.20 clean) rose most at its
 #: last step. One step further: at 0.4 of the steps the ramp is halfway (limit 0.75 of the ops) and the
 #: projection cuts the rest to the target at once, by the masks' scores after 0.1 of the steps of
 #: learning from their magnitude start; the final architecture then trains for 0.6 of the steps.
+FREEZE_MID_RAMP = ("masks freeze at 0.4 of the steps (epoch 2.4), halfway up the budget's ramp: the projection cuts "
+                   "the rest to the target at once, by mask score")
 #: The freeze at 0.5 put in-train 0.5 1.32 (seed 0) and 1.98 (seed 1) behind dense on clean accuracy,
 #: mean 1.65 against the aim's 1.5: a third seed of the pair, side by side on one host (AMD EPYC).
 FREEZE_AT_TARGET_S2 = "seed 2 of aim 1 with the masks frozen at 0.5: in-train 0.5 beside dense, one host"
-FREEZE_MID_RAMP = ("masks freeze at 0.4 of the steps (epoch 2.4), halfway up the budget's ramp: the projection cuts "
-                   "the rest to the target at once, by mask score")
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -442,7 +444,7 @@ VARIANTS = {
                                                          ref="r20-intrain-0.5-freeze0.6-seed1-predicted"),
     "r20-dense-seed1-epyc": Variant("dense", None, DENSE_HERE_S1, seed=1, repeat=ON_EPYC, sweep=PREDICTED_S1),
     "r20-intrain-0.5-freeze0.5-predicted": Variant("intrain", 0.5, FREEZE_AT_TARGET, {"freeze_fraction": 0.5},
-                                                   sweep=PREDICTED, ref="r20-intrain-0.5-freeze0.6-predicted"),
+                                                   sweep=PREDICTED, ref="r20-intrain-0.5-rerun-predicted"),
     "r20-dense-epyc": Variant("dense", None, DENSE_HERE_S0, repeat=ON_EPYC_S0, sweep=PREDICTED),
     "r20-intrain-0.5-freeze0.5-seed2-predicted": Variant("intrain", 0.5, FREEZE_AT_TARGET_S2, {"freeze_fraction": 0.5},
                                                          seed=2, sweep=PREDICTED,
