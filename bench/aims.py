@@ -46,6 +46,8 @@ PAIRS = [
     Pair(1, "6 epochs, seed 1", (SEED1, "r20-intrain-0.5"), (SEED1, "r20-dense"), "6 epochs"),
     Pair(1, "6 epochs, seed 0 again on a second machine", (ABLATION, "r20-intrain-0.5-rerun-predicted"),
          (ABLATION, "r20-dense-rerun-predicted"), "6 epochs"),
+    Pair(1, "6 epochs, seed 2, against the AMD EPYC dense row (session 34)", (ABLATION, "r20-intrain-0.5-seed2-predicted"),
+         (ABLATION, "r20-dense-seed2-epyc"), "6 epochs"),
     Pair(1, "15 epochs, masks frozen at epoch 12 (0.8)", (E15, "r20-intrain-0.5"), (E15, "r20-dense")),
     Pair(1, "15 epochs, masks frozen at epoch 9 (0.6), seed 0", (ABLATION, "r20-intrain-0.5-e15-freeze0.6"),
          (E15, "r20-dense"), "15 epochs, frozen at 0.6"),
