@@ -451,7 +451,7 @@ VARIANTS = {
     "r20-dense-epyc": Variant("dense", None, DENSE_HERE_S0, repeat=ON_EPYC_S0, sweep=PREDICTED),
     "r20-intrain-0.5-freeze0.5-seed2-predicted": Variant("intrain", 0.5, FREEZE_AT_TARGET_S2, {"freeze_fraction": 0.5},
                                                          seed=2, sweep=PREDICTED,
-                                                         ref="r20-intrain-0.5-freeze0.5-predicted"),
+                                                         ref="r20-intrain-0.5-seed2-predicted"),
     "r20-dense-seed2-epyc": Variant("dense", None, FREEZE_AT_TARGET_S2, seed=2, sweep=PREDICTED),
     "r20-intrain-0.5-seed2-predicted": Variant("intrain", 0.5, PLAIN_S2, seed=2, sweep=PREDICTED),
     "r20-intrain-0.5-freeze0.4-predicted": Variant("intrain", 0.5, FREEZE_MID_RAMP, {"freeze_fraction": 0.4},
