@@ -286,6 +286,11 @@ PLAIN_S2 = "seed 2 of the table's in-train 0.5 command (masks frozen at 0.8): th
 #: which repeats session 22's machine, so that machine's plain in-train 0.3 row is its paired reference
 #: (and its magnitude 0.3 row the aim's).
 FREEZE_AT_TARGET_03 = "aim 2 with the best aim-1 recipe: in-train 0.3, masks frozen at 0.5 of the steps (epoch 3)"
+#: Seed 1 of that aim-2 pair, both rows side by side on one host: the seed-1 table's 0.3 rows trained
+#: on a machine whose in-train 0.3 run parts from this host's seed-1 runs in epoch 1 (39.8 / 17.2
+#: against 36.6 / 16.6 on the 500-image subset), so magnitude's row is trained again beside it.
+FREEZE_AT_TARGET_03_S1 = "seed 1 of aim 2 with the masks frozen at 0.5: in-train 0.3 beside magnitude post-train 0.3, one host"
+ON_EPYC_S1_03 = "on the AMD EPYC host of session 35, beside in-train 0.3 frozen at 0.5 at seed 1"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -483,6 +488,11 @@ VARIANTS = {
                                                    sweep=PREDICTED, ref="r20-intrain-0.3-rerun-streams"),
     "r20-intrain-0.3-freeze0.5-predicted": Variant("intrain", 0.3, FREEZE_AT_TARGET_03, {"freeze_fraction": 0.5},
                                                    sweep=PREDICTED, ref="r20-intrain-0.3-rerun-predicted"),
+    "r20-intrain-0.3-freeze0.5-seed1-predicted": Variant("intrain", 0.3, FREEZE_AT_TARGET_03_S1, {"freeze_fraction": 0.5},
+                                                         seed=1, sweep=PREDICTED,
+                                                         ref="r20-intrain-0.3-freeze0.5-predicted"),
+    "r20-posttrain-0.3-seed1-epyc": Variant("posttrain", 0.3, FREEZE_AT_TARGET_03_S1, seed=1, repeat=ON_EPYC_S1_03,
+                                            sweep=PREDICTED_S1),
     "r20-intrain-0.3-freeze0.6-seed1-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
                                                          seed=1, sweep=PREDICTED_S1,
                                                          ref="r20-intrain-0.3-seed1-rerun-streams"),
