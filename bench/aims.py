@@ -92,6 +92,8 @@ PAIRS = [
          (ABLATION, "r20-posttrain-0.3-rerun-predicted"), "vs magnitude"),
     Pair(2, "vs magnitude, 6 epochs, seed 0 again on a third host (session 26)", (ABLATION, "r20-intrain-0.3-rerun-streams"),
          (ABLATION, "r20-posttrain-0.3-rerun-streams"), "vs magnitude"),
+    Pair(2, "vs magnitude, 6 epochs, seed 1 again, both on the AMD EPYC host (session 35)",
+         (ABLATION, "r20-intrain-0.3-seed1-epyc"), (ABLATION, "r20-posttrain-0.3-seed1-epyc"), "vs magnitude"),
     Pair(2, "vs magnitude, 6 epochs, seed 0, the residual streams held at half width (min_keep_stream 0.5), third host",
          (ABLATION, "r20-intrain-0.3-streams0.5"), (ABLATION, "r20-posttrain-0.3-rerun-streams")),
     Pair(2, "vs magnitude, 6 epochs, seed 0, anti-windup for the budget's multiplier (dual_reset), third host",

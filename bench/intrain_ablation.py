@@ -291,6 +291,11 @@ FREEZE_AT_TARGET_03 = "aim 2 with the best aim-1 recipe: in-train 0.3, masks fro
 #: against 36.6 / 16.6 on the 500-image subset), so magnitude's row is trained again beside it.
 FREEZE_AT_TARGET_03_S1 = "seed 1 of aim 2 with the masks frozen at 0.5: in-train 0.3 beside magnitude post-train 0.3, one host"
 ON_EPYC_S1_03 = "on the AMD EPYC host of session 35, beside in-train 0.3 frozen at 0.5 at seed 1"
+#: At seed 0 the freeze at 0.5 cost in-train 0.3 0.30 / 0.68 against the plain recipe (paired), where
+#: it gained at 0.5: the plain in-train 0.3 command at seed 1 on the same host, the seed-1 freeze row's
+#: paired reference and, against magnitude's row beside it, a seed-1 aim-2 pair on one host.
+PLAIN_03_S1 = "seed 1 of the table's in-train 0.3 command on the AMD EPYC host: the seed-1 freeze-0.5 row's paired reference"
+ON_EPYC_S1_03_PLAIN = "on the AMD EPYC host of session 35, after magnitude post-train 0.3 at seed 1"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -493,6 +498,8 @@ VARIANTS = {
                                                          ref="r20-intrain-0.3-freeze0.5-predicted"),
     "r20-posttrain-0.3-seed1-epyc": Variant("posttrain", 0.3, FREEZE_AT_TARGET_03_S1, seed=1, repeat=ON_EPYC_S1_03,
                                             sweep=PREDICTED_S1),
+    "r20-intrain-0.3-seed1-epyc": Variant("intrain", 0.3, PLAIN_03_S1, seed=1, repeat=ON_EPYC_S1_03_PLAIN,
+                                          sweep=PREDICTED_S1),
     "r20-intrain-0.3-freeze0.6-seed1-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
                                                          seed=1, sweep=PREDICTED_S1,
                                                          ref="r20-intrain-0.3-seed1-rerun-streams"),
