@@ -84,6 +84,8 @@ PAIRS = [
          (ABLATION, "r20-dense-rerun-predicted")),
     Pair(1, "no pruning: the widths of in-train 0.5 frozen at 0.5 (seed 0) from scratch, 6 epochs, AMD EPYC host",
          (ABLATION, "r20-scratch-intrain-0.5-freeze0.5"), (ABLATION, "r20-dense-epyc")),
+    Pair(1, "no pruning: the widths of in-train 0.5 frozen at 0.5 (seed 1) from scratch, 6 epochs, AMD EPYC host",
+         (ABLATION, "r20-scratch-intrain-0.5-freeze0.5-seed1"), (ABLATION, "r20-dense-seed1-epyc")),
     Pair(1, "no pruning: uniform widths at 0.5 from scratch, 6 epochs", (ABLATION, "r20-scratch-uniform-0.5"),
          (ABLATION, "r20-dense-rerun-predicted")),
     Pair(2, "vs magnitude, 6 epochs, seed 0", (PREDICTED, "r20-intrain-0.3"), (PREDICTED, "r20-posttrain-0.3"), "vs magnitude"),

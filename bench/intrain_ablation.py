@@ -348,6 +348,9 @@ ABLATION_MODELS = MODELS.relative_to(REPO).as_posix()  # as the variants name th
 #: shorter mask phase better, or is it the training of the pruned network that gained?
 SCRATCH_FREEZE = ("the widths of in-train 0.5 frozen at 0.5 (seed 0) trained densely from the start: are its widths, "
                   "or its training, what the freeze gained?")
+#: Seed 0 of it put those widths from scratch 0.52 above the plain recipe's, one seed: seed 1, against
+#: the seed-1 scratch rows of the plain in-train and magnitude widths (66.06 and 65.16).
+SCRATCH_FREEZE_S1 = "seed 1 of the freeze-0.5 widths from scratch: the widths of in-train 0.5 frozen at 0.5 at seed 1"
 UNIFORM = "no search: every channel group cut to one width fraction at the same ops (uniform_architecture)"
 UNIFORM_DIR = "bench/models/uniform"
 
@@ -550,6 +553,9 @@ VARIANTS = {
     "r20-scratch-intrain-0.5-freeze0.5": Variant("dense", None, SCRATCH_FREEZE,
                                                  ref="r20-intrain-0.5-freeze0.5-predicted", **SCRATCH_ROW,
                                                  arch=f"{ABLATION_MODELS}/r20-intrain-0.5-freeze0.5-predicted.pt"),
+    "r20-scratch-intrain-0.5-freeze0.5-seed1": Variant(
+        "dense", None, SCRATCH_FREEZE_S1, seed=1, ref="r20-intrain-0.5-freeze0.5-seed1-predicted", sweep=PREDICTED_S1,
+        arch=f"{ABLATION_MODELS}/r20-intrain-0.5-freeze0.5-seed1-predicted.pt"),
     "r20-scratch-uniform-0.5": Variant("dense", 0.5, UNIFORM, ref="r20-scratch-intrain-0.5", **SCRATCH_ROW,
                                        arch=f"{UNIFORM_DIR}/resnet20-ops0.5.pt"),
     "r20-scratch-uniform-0.3": Variant("dense", 0.3, UNIFORM, ref="r20-scratch-intrain-0.3", **SCRATCH_ROW,
