@@ -294,6 +294,9 @@ ON_EPYC_S1_03 = "on the AMD EPYC host of session 35, beside in-train 0.3 frozen 
 #: At seed 0 the freeze at 0.5 cost in-train 0.3 0.30 / 0.68 against the plain recipe (paired), where
 #: it gained at 0.5: the plain in-train 0.3 command at seed 1 on the same host, the seed-1 freeze row's
 #: paired reference and, against magnitude's row beside it, a seed-1 aim-2 pair on one host.
+#: Aim 2 with the freeze at 0.5 came to +0.34 and +0.14 against magnitude at seeds 0 and 1: a third
+#: seed, the pair side by side on one host, so the recipe that is aim 1's best has three seeds at both aims.
+FREEZE_AT_TARGET_03_S2 = "seed 2 of aim 2 with the masks frozen at 0.5: in-train 0.3 beside magnitude post-train 0.3, one host"
 PLAIN_03_S1 = "seed 1 of the table's in-train 0.3 command on the AMD EPYC host: the seed-1 freeze-0.5 row's paired reference"
 ON_EPYC_S1_03_PLAIN = "on the AMD EPYC host of session 35, after magnitude post-train 0.3 at seed 1"
 
@@ -501,6 +504,10 @@ VARIANTS = {
                                                          ref="r20-intrain-0.3-freeze0.5-predicted"),
     "r20-posttrain-0.3-seed1-epyc": Variant("posttrain", 0.3, FREEZE_AT_TARGET_03_S1, seed=1, repeat=ON_EPYC_S1_03,
                                             sweep=PREDICTED_S1),
+    "r20-intrain-0.3-freeze0.5-seed2-predicted": Variant("intrain", 0.3, FREEZE_AT_TARGET_03_S2, {"freeze_fraction": 0.5},
+                                                         seed=2, sweep=PREDICTED,
+                                                         ref="r20-intrain-0.3-freeze0.5-predicted"),
+    "r20-posttrain-0.3-seed2-predicted": Variant("posttrain", 0.3, FREEZE_AT_TARGET_03_S2, seed=2, sweep=PREDICTED),
     "r20-intrain-0.3-seed1-epyc": Variant("intrain", 0.3, PLAIN_03_S1, seed=1, repeat=ON_EPYC_S1_03_PLAIN,
                                           sweep=PREDICTED_S1),
     "r20-intrain-0.3-freeze0.6-seed1-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
