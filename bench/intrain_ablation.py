@@ -294,11 +294,11 @@ ON_EPYC_S1_03 = "on the AMD EPYC host of session 35, beside in-train 0.3 frozen 
 #: At seed 0 the freeze at 0.5 cost in-train 0.3 0.30 / 0.68 against the plain recipe (paired), where
 #: it gained at 0.5: the plain in-train 0.3 command at seed 1 on the same host, the seed-1 freeze row's
 #: paired reference and, against magnitude's row beside it, a seed-1 aim-2 pair on one host.
+PLAIN_03_S1 = "seed 1 of the table's in-train 0.3 command on the AMD EPYC host: the seed-1 freeze-0.5 row's paired reference"
+ON_EPYC_S1_03_PLAIN = "on the AMD EPYC host of session 35, after magnitude post-train 0.3 at seed 1"
 #: Aim 2 with the freeze at 0.5 came to +0.34 and +0.14 against magnitude at seeds 0 and 1: a third
 #: seed, the pair side by side on one host, so the recipe that is aim 1's best has three seeds at both aims.
 FREEZE_AT_TARGET_03_S2 = "seed 2 of aim 2 with the masks frozen at 0.5: in-train 0.3 beside magnitude post-train 0.3, one host"
-PLAIN_03_S1 = "seed 1 of the table's in-train 0.3 command on the AMD EPYC host: the seed-1 freeze-0.5 row's paired reference"
-ON_EPYC_S1_03_PLAIN = "on the AMD EPYC host of session 35, after magnitude post-train 0.3 at seed 1"
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
