@@ -11,7 +11,11 @@ gradient means the loss itself would shrink the channel (its mask moves towards 
 Per stage and kind (a residual stream's channels, fed by the stem or a shortcut conv and feeding
 every block of the stage; or the channels inside one block), it reports the mean signed gradient,
 the share of channels with a positive one and the mean magnitude, with BatchNorm in eval mode
-(running statistics) and in train mode (batch statistics, as during training).
+(running statistics) and in train mode (batch statistics, as during training). Per channel group it
+also sums the gradients with respect to the 0/1 mask values: that sum is the loss's first-order push
+on the group's width as a whole, and the table gives its size against the sum of their magnitudes
+(the largest over the groups of a stage and kind). Near 0, the loss cannot tell the group's width
+from any other, only which of its channels to keep.
 
     python bench/mask_gradients.py                       # ResNet20 and ResNet56 dense rows of the table
     python bench/mask_gradients.py --render
@@ -26,11 +30,15 @@ import random
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cifar10_table import DATA, REPO, commit, machine  # noqa: E402
 from render import _provenance, replace_section  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 RESULTS = HERE / "results" / "mask_gradients.json"
 MODELS = ("bench/models/r20-dense.pt", "bench/models/r56-dense.pt")
@@ -81,7 +89,18 @@ def mask_gradients(model_file: str, x, y, train_mode: bool, batch: int) -> dict[
             for total, g in zip(sums[loss], grads):
                 total += g.detach() / len(batches)
     names = [g.name for g in masked.masks.groups]
-    return {loss: list(zip(names, grads)) for loss, grads in sums.items()}
+    slopes = [0.5 * (1 - torch.tanh(p.detach()) ** 2) for p in params]
+    return {loss: [(n, g, g / slope) for n, g, slope in zip(names, grads, slopes)] for loss, grads in sums.items()}
+
+
+def width_share(per_binary: torch.Tensor) -> float:
+    """|sum| / sum of |.| of one group's gradients with respect to its 0/1 mask values (all on here).
+
+    The sum is the loss's first-order push on the group's width as a whole: scaling every channel of
+    the group by s changes the loss by s times it. A group whose every consumer is followed by a
+    BatchNorm on batch statistics (a block's inner channels: relu, conv, BN) cannot feel that
+    scale, so the sum is zero there and the loss only trades its channels against each other."""
+    return float(per_binary.sum().abs() / per_binary.abs().sum().clamp_min(1e-30))
 
 
 def summarize(per_mask: list) -> list[dict]:
@@ -89,25 +108,30 @@ def summarize(per_mask: list) -> list[dict]:
     import torch
 
     pools: dict[tuple[int, str], list] = {}
-    for name, g in per_mask:
+    shares: dict[tuple[int, str], list] = {}
+    for name, g, g_binary in per_mask:
         pools.setdefault(group_kind(name), []).append(g.flatten())
+        shares.setdefault(group_kind(name), []).append(width_share(g_binary))
     rows = []
     for (stage, kind), gs in sorted(pools.items()):
         g = torch.cat(gs)
-        rows.append({"stage": stage, "kind": kind, "channels": g.numel(), "signed_mean": float(g.mean()),
-                     "share_positive": float((g > 0).float().mean()), "mean_abs": float(g.abs().mean())})
+        rows.append({"stage": stage, "kind": kind, "channels": g.numel(), "groups": len(gs),
+                     "signed_mean": float(g.mean()), "share_positive": float((g > 0).float().mean()),
+                     "mean_abs": float(g.abs().mean()), "width_share_max": max(shares[(stage, kind)])})
     return rows
 
 
 def render(doc: dict) -> None:
-    lines = ["| model | BatchNorm | loss | stage | channels of | n | mean gradient | share > 0 (loss shrinks it) | mean \\|gradient\\| |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| model | BatchNorm | loss | stage | channels of | n | mean gradient | share > 0 (loss shrinks it) | "
+             "mean \\|gradient\\| | width push: \\|Σ\\| / Σ\\|·\\|, largest of the groups |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for model, modes in doc["models"].items():
         for mode, losses in modes.items():
             for loss, rows in losses.items():
                 for r in rows:
+                    share = f"{r['width_share_max']:.1e} ({r['groups']})" if "width_share_max" in r else "–"
                     lines.append(f"| {Path(model).stem} | {mode} | {loss} | {r['stage']} | {r['kind']} | {r['channels']} | "
-                                 f"{r['signed_mean']:+.1e} | {r['share_positive']:.2f} | {r['mean_abs']:.1e} |")
+                                 f"{r['signed_mean']:+.1e} | {r['share_positive']:.2f} | {r['mean_abs']:.1e} | {share} |")
     body = "\n".join(lines) + "\n\n" + _provenance(doc, RESULTS) + (
         f" {doc['images']} training images (seed {doc['seed']}), batches of {doc['batch']}; masks set from group "
         "magnitude on the dense row's final weights.")

@@ -197,3 +197,27 @@ def test_min_keep_stream_sets_the_floor_of_the_streams_only():
         for p in masks.params:
             p.fill_(-1.0)  # all off: every group at its floor
     assert [int(h.sum()) for h in masks.hard()] == [masks.min_channels(i) for i in range(len(masks))]
+
+
+def _width_shares(masked, x, y) -> dict[str, float]:
+    """|sum| / sum of |.| of each group's loss gradient with respect to its 0/1 mask values."""
+    params = list(masked.masks.params)
+    grads = torch.autograd.grad(nn.functional.cross_entropy(masked(x), y), params)
+    slopes = [0.5 * (1 - torch.tanh(p.detach()) ** 2) for p in params]
+    return {group.name: float((g / s).sum().abs() / (g / s).abs().sum())
+            for group, g, s in zip(masked.masks.groups, grads, slopes)}
+
+
+def test_batchnorm_leaves_the_loss_no_say_in_a_group_width_only_the_last_stream_feels_it():
+    """Why the budget, not the loss, sets the widths (README, bench/mask_gradients.py): with BatchNorm on
+    batch statistics after every consumer of a group, scaling the whole group leaves the loss unchanged,
+    so the mask gradients of its channels sum to zero. Only ResNet20's stage-3 stream, read by the
+    classifier through the pooling, escapes; on running statistics (eval) no group does."""
+    torch.manual_seed(0)
+    masked = attach_masks(create_model("resnet20"), "channel", torch.rand(1, 3, 16, 16))
+    x, y = torch.rand(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    train_shares = _width_shares(masked.train(), x, y)
+    last_stream = "net.layer3.0.shortcut.0"
+    assert all(share < 1e-4 for name, share in train_shares.items() if name != last_stream)
+    assert train_shares[last_stream] > 1e-2
+    assert min(_width_shares(masked.eval(), x, y).values()) > 1e-3
