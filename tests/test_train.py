@@ -28,6 +28,7 @@ from rcomp.train import (
     is_catastrophic_overfitting,
     lr_at,
     lr_at_step,
+    running_stat_norms,
     train,
 )
 
@@ -588,3 +589,47 @@ def test_min_keep_stream_must_be_a_fraction_of_channel_groups(digits, value, reg
     config = TrainConfig(regularity=regularity, target_ops=0.5, min_keep_stream=value, **FAST)
     with pytest.raises(ConfigError, match="min_keep_stream"):
         train(config, digits, _model(digits), out_dir=None, log=_quiet)
+
+
+def test_running_stat_norms_normalize_by_running_statistics_that_still_track_the_batch():
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(4).train()
+    norm.running_mean.normal_()
+    reference = torch.nn.BatchNorm2d(4).train()
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(8, 4, 5, 5) * 3 + 1
+    reference(x)  # a training-mode forward: what the running statistics must become
+    with running_stat_norms(torch.nn.Sequential(norm)):
+        y = norm(x)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(norm, name), getattr(reference, name))
+    expected = torch.nn.functional.batch_norm(x, reference.running_mean, reference.running_var, norm.weight, norm.bias,
+                                              training=False, eps=norm.eps)
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert norm.training and not norm._forward_pre_hooks
+
+
+def test_mask_norm_stats_running_holds_only_while_the_masks_learn(digits, monkeypatch):
+    config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, mask_start=0.25, warmup_fraction=0.2,
+                         freeze_fraction=0.6, mask_norm_stats="running", **FAST)
+    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
+    norm = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    seen, in_step = [], [False]  # (global step, frozen, BatchNorm in training mode) of every training forward
+    norm.register_forward_hook(lambda m, i, o: seen.append((trainer.global_step, trainer.frozen, m.training))
+                               if in_step[0] else None)
+    step = trainer._step
+
+    def recording_step(*args):
+        in_step[0] = True
+        step(*args)
+        in_step[0] = False
+
+    monkeypatch.setattr(trainer, "_step", recording_step)
+    result = trainer.run(resume=False)
+    learning = {mode for g, frozen, mode in seen if trainer.start_step <= g and not frozen}
+    waiting_or_frozen = {mode for g, frozen, mode in seen if g < trainer.start_step or frozen}
+    assert learning == {False} and waiting_or_frozen == {True}
+    assert any(frozen for _, frozen, _ in seen) and any(g < trainer.start_step for g, _, _ in seen)
+    assert result.budget_status["satisfied"]
+    with pytest.raises(ConfigError, match="mask_norm_stats"):
+        TrainConfig(mask_norm_stats="frozen").validate()

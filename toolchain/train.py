@@ -71,6 +71,8 @@ from rcomp.errors import CheckpointError, ConfigError, NumericalError, RcompErro
 GUARD_SIZE = 256
 #: How the masks are set when they start learning: all at ``MASK_INIT``, or from group magnitude.
 MASK_INITS = ("constant", "magnitude")
+#: What BatchNorm normalizes by in the steps that train the masks (:func:`running_stat_norms`).
+MASK_NORM_STATS = ("batch", "running")
 #: Config fields a resumed run may change (machine settings); anything else must match.
 _MACHINE_FIELDS = ("device", "num_workers", "progress")
 
@@ -112,6 +114,7 @@ class TrainConfig:
     cost_exponent: float = 0.5     # budget gradient of a unit scaled by (its cost / mean cost) ** -cost_exponent
     mask_start: float = 0.0        # fraction of the steps trained dense before the masks and the budget start
     mask_init: str = "constant"    # constant | magnitude: masks set from group magnitude when they start
+    mask_norm_stats: str = "batch"  # batch | running: what BatchNorm normalizes by while the masks learn
     eval_size: int = 500
     eval_pgd_steps: int = 10
     eval_every: int = 1
@@ -146,6 +149,9 @@ class TrainConfig:
             raise ConfigError(f"peak_fraction must be in (0, 1), got {self.peak_fraction}", key="peak_fraction")
         if self.mask_init not in MASK_INITS:
             raise ConfigError(f"unknown mask_init {self.mask_init!r}; expected {' or '.join(MASK_INITS)}", key="mask_init")
+        if self.mask_norm_stats not in MASK_NORM_STATS:
+            raise ConfigError(f"unknown mask_norm_stats {self.mask_norm_stats!r}; expected {' or '.join(MASK_NORM_STATS)}",
+                              key="mask_norm_stats")
         if self.channel_multiple < 1:
             raise ConfigError(f"channel_multiple must be at least 1, got {self.channel_multiple}", key="channel_multiple")
         if self.channel_multiple > 1 and self.regularity == "weight":
@@ -167,6 +173,44 @@ class TrainConfig:
         if not 0.0 <= self.mask_start < self.freeze_fraction:
             raise ConfigError(f"mask_start must be in [0, freeze_fraction={self.freeze_fraction}), got {self.mask_start}",
                               key="mask_start")
+
+
+@contextlib.contextmanager
+def running_stat_norms(model: nn.Module):
+    """BatchNorm normalizes by its running statistics, which still track every batch that passes.
+
+    Why: on batch statistics a BatchNorm undoes any common scale of its inputs, so the loss cannot
+    feel the width of a channel group all of whose consumers it follows (a block's inner channels,
+    every residual stream but the last): the mask gradients of such a group sum to zero and only
+    the budget decides its width (``bench/mask_gradients.py``). On running statistics the loss
+    sees what switching channels off does to the next layers. The running statistics are updated
+    from the batch *before* it is normalized (the usual momentum), so they follow the weights as
+    batch statistics would, a few steps behind."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    handles = [m.register_forward_pre_hook(_track_batch_statistics) for m in norms]
+    for m in norms:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.training = True
+        for h in handles:
+            h.remove()
+
+
+def _track_batch_statistics(norm: nn.modules.batchnorm._BatchNorm, inputs) -> None:
+    """What a training-mode BatchNorm does to its running statistics, done before an eval-mode forward."""
+    x = inputs[0].detach()
+    dims = [d for d in range(x.dim()) if d != 1]
+    n = x.numel() // x.shape[1]
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+        mean, var = x.float().mean(dims), x.float().var(dims, unbiased=False) * n / max(n - 1, 1)
+        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+        norm.running_var.lerp_(var.to(norm.running_var.dtype), momentum)
 
 
 def set_channel_floors(masks, config: TrainConfig) -> None:
@@ -542,7 +586,7 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         attack = ATTACKS[self.attack]
-        with self._autocast():
+        with self._autocast(), self._mask_norm_stats():
             x_in = attack(self.model, x, y, eps=self.cfg.eps, alpha=self._alpha(), generator=g_att,
                           predicted_labels=self.cfg.attack_labels == "predicted") if attack else x
             logits = self.net(x_in)  # through DDP: this backward all-reduces the gradients
@@ -565,6 +609,12 @@ class _Trainer:
             self.controller.update(self.global_step / self.total_steps)
         _accumulate(totals, lr, loss, penalty, logits, y)
         self._maybe_freeze()
+
+    def _mask_norm_stats(self):
+        """BatchNorm on running statistics while the masks learn, with ``mask_norm_stats: running``."""
+        if self.cfg.mask_norm_stats == "running" and self.masks is not None and not self.frozen and self._masks_learning():
+            return running_stat_norms(self.model)
+        return contextlib.nullcontext()
 
     def _autocast(self):
         """fp16 autocast for the training forwards (attack and loss) with ``amp`` on CUDA; evaluation stays fp32."""
