@@ -181,11 +181,13 @@ def running_stat_norms(model: nn.Module):
 
     Why: on batch statistics a BatchNorm undoes any common scale of its inputs, so the loss cannot
     feel the width of a channel group all of whose consumers it follows (a block's inner channels,
-    every residual stream but the last): the mask gradients of such a group sum to zero and only
-    the budget decides its width (``bench/mask_gradients.py``). On running statistics the loss
+    every residual stream but the last): the mask gradients of such a group sum to zero and the
+    loss never asks for its width (``bench/mask_gradients.py``). On running statistics the loss
     sees what switching channels off does to the next layers. The running statistics are updated
     from the batch *before* it is normalized (the usual momentum), so they follow the weights as
-    batch statistics would, a few steps behind."""
+    batch statistics would, a few steps behind. The weights train on them too in those steps, and
+    on CIFAR-10 that cost a ResNet20 run 15 points (README, ``-bnrunning-``): an experiment, off
+    by default."""
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
     handles = [m.register_forward_pre_hook(_track_batch_statistics) for m in norms]
