@@ -599,7 +599,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._backward(loss, penalty)
         self._clip_and_check(epoch, step)
-        masks_active = self.masks is not None and not self.frozen and self._masks_learning()
+        masks_active = self._masks_active()
         before = self.masks.on_states() if masks_active else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -614,7 +614,7 @@ class _Trainer:
 
     def _mask_norm_stats(self):
         """BatchNorm on running statistics while the masks learn, with ``mask_norm_stats: running``."""
-        if self.cfg.mask_norm_stats == "running" and self.masks is not None and not self.frozen and self._masks_learning():
+        if self.cfg.mask_norm_stats == "running" and self._masks_active():
             return running_stat_norms(self.model)
         return contextlib.nullcontext()
 
@@ -704,6 +704,10 @@ class _Trainer:
             self.masks.freeze(not learning)
             if self.net is not self.model:  # training data-parallel: DDP reduces only what trains
                 self._wrap_ddp()
+
+    def _masks_active(self) -> bool:
+        """Whether this step trains masks: there are some, they have started and not yet frozen."""
+        return self.masks is not None and not self.frozen and self._masks_learning()
 
     def _masks_learning(self) -> bool:
         """Whether the step being taken trains the masks (derived from the step: resumes need no flag)."""
