@@ -315,6 +315,15 @@ FREEZE_AT_TARGET_03_S3 = ("seed 3 of aim 2 with the masks frozen at 0.5: in-trai
 #: paired reference. (A 0.5 row was declared beside it and dropped untrained after this one lost 15.)
 MASK_NORM_RUNNING = ("the loss sees the groups' widths: BatchNorm on running statistics while the masks learn "
                      "(mask_norm_stats running)")
+#: The running-statistics row lost 15 points but changed two things: the masks' signal, and the
+#: weights trained without batch statistics at the LR peak. Here only the masks' task gradient comes
+#: from running statistics, in a second pass over the same adversarial batch; the weights train on
+#: batch statistics as in the reference (mask_norm_stats mask-pass). Declared before training: aim 2
+#: at seeds 0 and 1 (the paired references and magnitude rows of both seeds are from this host) and
+#: aim 1 at seed 0, three runs side by side on the AMD EPYC host (session 37).
+MASK_PASS = ("only the masks see widths: their task gradient from a second pass on running statistics, the weights "
+             "on batch statistics (mask_norm_stats mask-pass)")
+MASK_PASS_RECIPE = {"freeze_fraction": 0.5, "mask_norm_stats": "mask-pass"}
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -535,6 +544,13 @@ VARIANTS = {
     "r20-intrain-0.3-freeze0.5-bnrunning-predicted": Variant(
         "intrain", 0.3, MASK_NORM_RUNNING, {"freeze_fraction": 0.5, "mask_norm_stats": "running"}, sweep=PREDICTED,
         ref="r20-intrain-0.3-freeze0.5-predicted"),
+    "r20-intrain-0.3-freeze0.5-maskpass-predicted": Variant("intrain", 0.3, MASK_PASS, MASK_PASS_RECIPE,
+                                                            sweep=PREDICTED, ref="r20-intrain-0.3-freeze0.5-predicted"),
+    "r20-intrain-0.3-freeze0.5-maskpass-seed1-predicted": Variant(
+        "intrain", 0.3, MASK_PASS, MASK_PASS_RECIPE, seed=1, sweep=PREDICTED,
+        ref="r20-intrain-0.3-freeze0.5-seed1-predicted"),
+    "r20-intrain-0.5-freeze0.5-maskpass-predicted": Variant("intrain", 0.5, MASK_PASS, MASK_PASS_RECIPE,
+                                                            sweep=PREDICTED, ref="r20-intrain-0.5-freeze0.5-predicted"),
     "r20-intrain-0.3-seed1-epyc": Variant("intrain", 0.3, PLAIN_03_S1, seed=1, repeat=ON_EPYC_S1_03_PLAIN,
                                           sweep=PREDICTED_S1),
     "r20-intrain-0.3-freeze0.6-seed1-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},

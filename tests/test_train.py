@@ -633,3 +633,64 @@ def test_mask_norm_stats_running_holds_only_while_the_masks_learn(digits, monkey
     assert result.budget_status["satisfied"]
     with pytest.raises(ConfigError, match="mask_norm_stats"):
         TrainConfig(mask_norm_stats="frozen").validate()
+
+
+def _norms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_mask_pass_gives_the_masks_the_running_statistics_gradient_and_the_weights_their_own(digits):
+    config = TrainConfig(epochs=1, regularity="channel", target_ops=0.5, mask_norm_stats="mask-pass", **FAST)
+    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
+    trainer._maybe_start_masks()
+    trainer._masks_require_grad()
+    x, y = trainer.guard_batch
+    trainer.model(x)  # the first pass: it moves the running statistics away from their start
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in _norms(trainer.model)]
+    mask_grads = trainer._mask_pass_gradients(x, y)
+    assert all(torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var) and m.training
+               for m, (mean, var) in zip(_norms(trainer.model), stats))
+    masks, weights = list(trainer.masks.params), [p for p in trainer.model.model.parameters()]
+    for m in _norms(trainer.model):
+        m.eval()
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(trainer.model(x), y), masks, allow_unused=True)
+    for m in _norms(trainer.model):
+        m.train()
+    for got, want, p in zip(mask_grads, expected, masks):
+        assert torch.allclose(got, want if want is not None else torch.zeros_like(p), atol=1e-7)
+
+    def gradients(replacement):
+        loss = torch.nn.functional.cross_entropy(trainer.model(x), y)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._backward(loss, trainer._penalty(), replacement)
+        return [p.grad.clone() if p.grad is not None else None for p in masks + weights]
+
+    plain = gradients(None)
+    passed = gradients(mask_grads)
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(plain[len(masks):], passed[len(masks):]))
+    budget_only = [p - q for p, q in zip(passed[:len(masks)], mask_grads)]  # what the budget added
+    batch_stats = [p - b for p, b in zip(plain[:len(masks)], budget_only)]
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(batch_stats, mask_grads))
+
+
+def test_mask_pass_adds_one_running_statistics_forward_to_the_steps_that_train_the_masks(digits, monkeypatch):
+    config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, mask_start=0.25, warmup_fraction=0.2,
+                         freeze_fraction=0.6, mask_norm_stats="mask-pass", **FAST)
+    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
+    norm = _norms(trainer.model)[0]
+    seen, in_step = [], [False]
+    norm.register_forward_hook(lambda m, i, o: seen.append((trainer.global_step, trainer.frozen, m.training))
+                               if in_step[0] else None)
+    step = trainer._step
+
+    def recording_step(*args):
+        in_step[0] = True
+        step(*args)
+        in_step[0] = False
+
+    monkeypatch.setattr(trainer, "_step", recording_step)
+    result = trainer.run(resume=False)
+    learning_steps = {g for g, frozen, _ in seen if trainer.start_step <= g and not frozen}
+    eval_passes = [g for g, _, training in seen if not training]
+    assert learning_steps and sorted(eval_passes) == sorted(learning_steps)
+    assert result.budget_status["satisfied"]

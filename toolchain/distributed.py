@@ -151,6 +151,18 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def average_tensors(tensors: list) -> None:
+    """Average each tensor over the ranks in place: gradients computed outside DDP's own backward."""
+    if not _initialized():
+        return
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    for t in tensors:
+        dist.all_reduce(t)
+        t.div_(size)
+
+
 def all_true(flag: bool) -> bool:
     """True when ``flag`` holds on every rank: one rank's fault stops all of them at the same step."""
     return all_reduce_sum([0.0 if flag else 1.0])[0] == 0.0

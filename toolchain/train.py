@@ -71,8 +71,10 @@ from rcomp.errors import CheckpointError, ConfigError, NumericalError, RcompErro
 GUARD_SIZE = 256
 #: How the masks are set when they start learning: all at ``MASK_INIT``, or from group magnitude.
 MASK_INITS = ("constant", "magnitude")
-#: What BatchNorm normalizes by in the steps that train the masks (:func:`running_stat_norms`).
-MASK_NORM_STATS = ("batch", "running")
+#: What BatchNorm normalizes by in the steps that train the masks (:func:`running_stat_norms`):
+#: batch statistics, running statistics for the whole step, or running statistics in a second pass
+#: that gives the masks their task gradient while the weights keep training on batch statistics.
+MASK_NORM_STATS = ("batch", "running", "mask-pass")
 #: Config fields a resumed run may change (machine settings); anything else must match.
 _MACHINE_FIELDS = ("device", "num_workers", "progress")
 
@@ -114,7 +116,7 @@ class TrainConfig:
     cost_exponent: float = 0.5     # budget gradient of a unit scaled by (its cost / mean cost) ** -cost_exponent
     mask_start: float = 0.0        # fraction of the steps trained dense before the masks and the budget start
     mask_init: str = "constant"    # constant | magnitude: masks set from group magnitude when they start
-    mask_norm_stats: str = "batch"  # batch | running: what BatchNorm normalizes by while the masks learn
+    mask_norm_stats: str = "batch"  # batch | running | mask-pass: what BatchNorm normalizes by while the masks learn
     eval_size: int = 500
     eval_pgd_steps: int = 10
     eval_every: int = 1
@@ -176,7 +178,7 @@ class TrainConfig:
 
 
 @contextlib.contextmanager
-def running_stat_norms(model: nn.Module):
+def running_stat_norms(model: nn.Module, track: bool = True):
     """BatchNorm normalizes by its running statistics, which still track every batch that passes.
 
     Why: on batch statistics a BatchNorm undoes any common scale of its inputs, so the loss cannot
@@ -187,10 +189,11 @@ def running_stat_norms(model: nn.Module):
     from the batch *before* it is normalized (the usual momentum), so they follow the weights as
     batch statistics would, a few steps behind. The weights train on them too in those steps, and
     on CIFAR-10 that cost a ResNet20 run 15 points (README, ``-bnrunning-``): an experiment, off
-    by default."""
+    by default. With ``track=False`` the statistics stay as they are: a second pass over a batch
+    the first pass has already counted."""
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    handles = [m.register_forward_pre_hook(_track_batch_statistics) for m in norms]
+    handles = [m.register_forward_pre_hook(_track_batch_statistics) for m in norms] if track else []
     for m in norms:
         m.training = False
     try:
@@ -596,8 +599,9 @@ class _Trainer:
         penalty = self._penalty()
         total = loss + penalty
         self._check_finite(total, "loss", epoch, step)
+        mask_grads = self._mask_pass_gradients(x_in, y)
         self.optimizer.zero_grad(set_to_none=True)
-        self._backward(loss, penalty)
+        self._backward(loss, penalty, mask_grads)
         self._clip_and_check(epoch, step)
         masks_active = self._masks_active()
         before = self.masks.on_states() if masks_active else None
@@ -618,26 +622,54 @@ class _Trainer:
             return running_stat_norms(self.model)
         return contextlib.nullcontext()
 
+    def _mask_pass_gradients(self, x_in: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None] | None:
+        """The masks' task-loss gradient from a second pass on running statistics (``mask_norm_stats: mask-pass``).
+
+        Why a second pass: on batch statistics the loss cannot ask for a group's width (see
+        :func:`running_stat_norms`), and training the weights on running statistics as well cost
+        15 points. Here only the masks see running statistics: the same adversarial batch goes
+        through the model again with every BatchNorm in eval mode (its statistics already counted
+        by the first pass), and the gradient reaches the masks alone. It costs a forward and an
+        input backward in the steps that train the masks. None when the step takes no such pass.
+        """
+        if self.cfg.mask_norm_stats != "mask-pass" or not self._masks_active():
+            return None
+        params = list(self.masks.params)
+        with running_stat_norms(self.model, track=False):
+            loss = F.cross_entropy(self.model(x_in.detach()).float(), y)
+        grads = [g if g is not None else torch.zeros_like(p)
+                 for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
+        distributed.average_tensors(grads)  # outside DDP's backward: average over the ranks here
+        return grads
+
     def _autocast(self):
         """fp16 autocast for the training forwards (attack and loss) with ``amp`` on CUDA; evaluation stays fp32."""
         return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
 
-    def _backward(self, loss: torch.Tensor, penalty: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor, penalty: torch.Tensor,
+                  mask_grads: list[torch.Tensor] | None = None) -> None:
         """Task-loss gradient as is; the budget gradient of each mask rescaled by its cost share.
 
         Under DDP ``loss.backward()`` averages every gradient over the ranks, the masks' included.
         The budget gradient depends on the masks alone, identical on every rank, so adding it
         after that all-reduce (and after unscaling, under AMP) keeps the ranks identical.
+        ``mask_grads`` (from :meth:`_mask_pass_gradients`) replace the masks' task-loss gradient.
         """
-        if self.budget_scale is None or not penalty.requires_grad:
+        if mask_grads is None and (self.budget_scale is None or not penalty.requires_grad):
             self.scaler.scale(loss + penalty).backward()
             self.scaler.unscale_(self.optimizer)
             return
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         params = list(self.masks.params)
+        if mask_grads is not None:
+            for p, g in zip(params, mask_grads):
+                p.grad = g
+        if not penalty.requires_grad:
+            return
         grads = torch.autograd.grad(penalty, params, allow_unused=True)
-        for p, g, scale in zip(params, grads, self.budget_scale):
+        scales = self.budget_scale or [1.0] * len(params)
+        for p, g, scale in zip(params, grads, scales):
             if g is not None:
                 p.grad = g * scale if p.grad is None else p.grad + g * scale
 
