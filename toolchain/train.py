@@ -622,7 +622,7 @@ class _Trainer:
             return running_stat_norms(self.model)
         return contextlib.nullcontext()
 
-    def _mask_pass_gradients(self, x_in: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None] | None:
+    def _mask_pass_gradients(self, x_in: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor] | None:
         """The masks' task-loss gradient from a second pass on running statistics (``mask_norm_stats: mask-pass``).
 
         Why a second pass: on batch statistics the loss cannot ask for a group's width (see
@@ -636,7 +636,7 @@ class _Trainer:
             return None
         params = list(self.masks.params)
         with running_stat_norms(self.model, track=False):
-            loss = F.cross_entropy(self.model(x_in.detach()).float(), y)
+            loss = F.cross_entropy(self.model(x_in.detach()), y)
         grads = [g if g is not None else torch.zeros_like(p)
                  for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
         distributed.average_tensors(grads)  # outside DDP's backward: average over the ranks here
