@@ -243,11 +243,9 @@ def render_training(doc: dict) -> None:
     replace_section("mask_gradients_training", body)
 
 
-def measure_training(args) -> None:
-    """The --training table: the mid-training masked state against the dense row's final weights."""
+def sample_and_header(args) -> tuple:
+    """The seeded image sample both tables measure on, and the results header (command, commit, machine, date)."""
     import torch
-
-    from rcomp.reports import write_json_atomic
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
@@ -255,6 +253,14 @@ def measure_training(args) -> None:
     doc = {"command": " ".join(["python bench/mask_gradients.py", *sys.argv[1:]]), "commit": commit(),
            "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "images": args.images, "batch": args.batch, "seed": args.seed, "eps": EPS, "models": {}}
+    return x, y, doc
+
+
+def measure_training(args) -> None:
+    """The --training table: the mid-training masked state against the dense row's final weights."""
+    from rcomp.reports import write_json_atomic
+
+    x, y, doc = sample_and_header(args)
     states = {"r20-dense (final weights)": lambda: magnitude_masked(MODELS[0], x.shape[1:]),
               "r20 mask-pass run, epoch 2 (step 704)": lambda: masked_from_training(TRAINING_STATE, x.shape[1:])}
     for label, build in states.items():
@@ -283,16 +289,9 @@ def main() -> None:
     if args.training:
         measure_training(args)
         return
-    import torch
-
     from rcomp.reports import write_json_atomic
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
-    x, y = training_images(args.data.removeprefix("imagefolder:"), args.images, args.seed)
-    doc = {"command": " ".join(["python bench/mask_gradients.py", *sys.argv[1:]]), "commit": commit(),
-           "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "images": args.images, "batch": args.batch, "seed": args.seed, "eps": EPS, "models": {}}
+    x, y, doc = sample_and_header(args)
     for model_file in args.models.split(","):
         doc["models"][model_file] = {}
         for mode, train_mode in (("eval", False), ("train", True)):

@@ -609,14 +609,22 @@ def test_running_stat_norms_normalize_by_running_statistics_that_still_track_the
     assert norm.training and not norm._forward_pre_hooks
 
 
-def test_mask_norm_stats_running_holds_only_while_the_masks_learn(digits, monkeypatch):
-    config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, mask_start=0.25, warmup_fraction=0.2,
-                         freeze_fraction=0.6, mask_norm_stats="running", **FAST)
-    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
-    norm = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
-    seen, in_step = [], [False]  # (global step, frozen, BatchNorm in training mode) of every training forward
-    norm.register_forward_hook(lambda m, i, o: seen.append((trainer.global_step, trainer.frozen, m.training))
-                               if in_step[0] else None)
+def _norms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _mask_phase_config(mask_norm_stats: str) -> TrainConfig:
+    """Two epochs: dense until 0.25, masks learning until the freeze at 0.6, frozen after."""
+    return TrainConfig(epochs=2, regularity="channel", target_ops=0.5, mask_start=0.25, warmup_fraction=0.2,
+                       freeze_fraction=0.6, mask_norm_stats=mask_norm_stats, **FAST)
+
+
+def _run_recording_norm_modes(trainer, monkeypatch):
+    """Run the trainer; return its result and (global step, frozen, BatchNorm in training mode) of
+    every forward through the first BatchNorm inside a training step."""
+    seen, in_step = [], [False]
+    _norms(trainer.model)[0].register_forward_hook(
+        lambda m, i, o: seen.append((trainer.global_step, trainer.frozen, m.training)) if in_step[0] else None)
     step = trainer._step
 
     def recording_step(*args):
@@ -625,7 +633,12 @@ def test_mask_norm_stats_running_holds_only_while_the_masks_learn(digits, monkey
         in_step[0] = False
 
     monkeypatch.setattr(trainer, "_step", recording_step)
-    result = trainer.run(resume=False)
+    return trainer.run(resume=False), seen
+
+
+def test_mask_norm_stats_running_holds_only_while_the_masks_learn(digits, monkeypatch):
+    trainer = _Trainer(_mask_phase_config("running"), digits, _model(digits), None, _quiet)
+    result, seen = _run_recording_norm_modes(trainer, monkeypatch)
     learning = {mode for g, frozen, mode in seen if trainer.start_step <= g and not frozen}
     waiting_or_frozen = {mode for g, frozen, mode in seen if g < trainer.start_step or frozen}
     assert learning == {False} and waiting_or_frozen == {True}
@@ -633,10 +646,6 @@ def test_mask_norm_stats_running_holds_only_while_the_masks_learn(digits, monkey
     assert result.budget_status["satisfied"]
     with pytest.raises(ConfigError, match="mask_norm_stats"):
         TrainConfig(mask_norm_stats="frozen").validate()
-
-
-def _norms(model):
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 def test_mask_pass_gives_the_masks_the_running_statistics_gradient_and_the_weights_their_own(digits):
@@ -674,22 +683,8 @@ def test_mask_pass_gives_the_masks_the_running_statistics_gradient_and_the_weigh
 
 
 def test_mask_pass_adds_one_running_statistics_forward_to_the_steps_that_train_the_masks(digits, monkeypatch):
-    config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, mask_start=0.25, warmup_fraction=0.2,
-                         freeze_fraction=0.6, mask_norm_stats="mask-pass", **FAST)
-    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
-    norm = _norms(trainer.model)[0]
-    seen, in_step = [], [False]
-    norm.register_forward_hook(lambda m, i, o: seen.append((trainer.global_step, trainer.frozen, m.training))
-                               if in_step[0] else None)
-    step = trainer._step
-
-    def recording_step(*args):
-        in_step[0] = True
-        step(*args)
-        in_step[0] = False
-
-    monkeypatch.setattr(trainer, "_step", recording_step)
-    result = trainer.run(resume=False)
+    trainer = _Trainer(_mask_phase_config("mask-pass"), digits, _model(digits), None, _quiet)
+    result, seen = _run_recording_norm_modes(trainer, monkeypatch)
     learning_steps = {g for g, frozen, _ in seen if trainer.start_step <= g and not frozen}
     eval_passes = [g for g, _, training in seen if not training]
     assert learning_steps and sorted(eval_passes) == sorted(learning_steps)
