@@ -324,6 +324,15 @@ MASK_NORM_RUNNING = ("the loss sees the groups' widths: BatchNorm on running sta
 MASK_PASS = ("only the masks see widths: their task gradient from a second pass on running statistics, the weights "
              "on batch statistics (mask_norm_stats mask-pass)")
 MASK_PASS_RECIPE = {"freeze_fraction": 0.5, "mask_norm_stats": "mask-pass"}
+#: The mask-pass rows lost 2.5-4 points; bench/mask_gradients.py --training shows why: in the middle
+#: of FastAT the loss falls when the logits shrink (slope +1.08 on running statistics) and every
+#: width scales them, so the pass asked for narrower groups nearly everywhere. The same pass with
+#: its loss blind to the logits' scale (rcomp.train.scale_blind) can only ask for widths that change
+#: its answers. Declared before training: aim 2 at seeds 0 and 1, two runs side by side on the AMD
+#: EPYC host (session 37), against the same paired references as the mask-pass rows.
+MASK_PASS_DIRECTION = ("the mask pass blind to the logits' scale: their task gradient from running statistics without "
+                       "the component along the logits (mask_norm_stats mask-pass-direction)")
+MASK_PASS_DIRECTION_RECIPE = {"freeze_fraction": 0.5, "mask_norm_stats": "mask-pass-direction"}
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -551,6 +560,12 @@ VARIANTS = {
         ref="r20-intrain-0.3-freeze0.5-seed1-predicted"),
     "r20-intrain-0.5-freeze0.5-maskpass-predicted": Variant("intrain", 0.5, MASK_PASS, MASK_PASS_RECIPE,
                                                             sweep=PREDICTED, ref="r20-intrain-0.5-freeze0.5-predicted"),
+    "r20-intrain-0.3-freeze0.5-maskdir-predicted": Variant("intrain", 0.3, MASK_PASS_DIRECTION,
+                                                           MASK_PASS_DIRECTION_RECIPE, sweep=PREDICTED,
+                                                           ref="r20-intrain-0.3-freeze0.5-predicted"),
+    "r20-intrain-0.3-freeze0.5-maskdir-seed1-predicted": Variant(
+        "intrain", 0.3, MASK_PASS_DIRECTION, MASK_PASS_DIRECTION_RECIPE, seed=1, sweep=PREDICTED,
+        ref="r20-intrain-0.3-freeze0.5-seed1-predicted"),
     "r20-intrain-0.3-seed1-epyc": Variant("intrain", 0.3, PLAIN_03_S1, seed=1, repeat=ON_EPYC_S1_03_PLAIN,
                                           sweep=PREDICTED_S1),
     "r20-intrain-0.3-freeze0.6-seed1-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},

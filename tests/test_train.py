@@ -29,6 +29,7 @@ from rcomp.train import (
     lr_at,
     lr_at_step,
     running_stat_norms,
+    scale_blind,
     train,
 )
 
@@ -609,6 +610,20 @@ def test_running_stat_norms_normalize_by_running_statistics_that_still_track_the
     assert norm.training and not norm._forward_pre_hooks
 
 
+def test_scale_blind_logits_keep_their_values_and_lose_the_gradient_along_themselves():
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 10) * 4).requires_grad_()
+    y = torch.randint(0, 10, (6,))
+    blind = scale_blind(logits)
+    assert torch.allclose(blind, logits)
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(blind, y), logits)
+    (raw,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), logits)
+    assert torch.allclose((grad * logits).sum(1), torch.zeros(6), atol=1e-6)  # nothing along the scale
+    assert (raw * logits).sum(1).abs().max() > 1e-2  # which the plain loss had
+    radial = (raw * logits).sum(1, keepdim=True) / (logits * logits).sum(1, keepdim=True) * logits
+    assert torch.allclose(grad, raw - radial, atol=1e-6)  # and the rest of its gradient unchanged
+
+
 def _norms(model):
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
@@ -682,8 +697,10 @@ def test_mask_pass_gives_the_masks_the_running_statistics_gradient_and_the_weigh
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(batch_stats, mask_grads))
 
 
-def test_mask_pass_adds_one_running_statistics_forward_to_the_steps_that_train_the_masks(digits, monkeypatch):
-    trainer = _Trainer(_mask_phase_config("mask-pass"), digits, _model(digits), None, _quiet)
+@pytest.mark.parametrize("mask_pass", ["mask-pass", "mask-pass-direction"])
+def test_mask_pass_adds_one_running_statistics_forward_to_the_steps_that_train_the_masks(digits, monkeypatch,
+                                                                                        mask_pass):
+    trainer = _Trainer(_mask_phase_config(mask_pass), digits, _model(digits), None, _quiet)
     result, seen = _run_recording_norm_modes(trainer, monkeypatch)
     learning_steps = {g for g, frozen, _ in seen if trainer.start_step <= g and not frozen}
     eval_passes = [g for g, _, training in seen if not training]

@@ -73,8 +73,10 @@ GUARD_SIZE = 256
 MASK_INITS = ("constant", "magnitude")
 #: What BatchNorm normalizes by in the steps that train the masks (:func:`running_stat_norms`):
 #: batch statistics, running statistics for the whole step, or running statistics in a second pass
-#: that gives the masks their task gradient while the weights keep training on batch statistics.
-MASK_NORM_STATS = ("batch", "running", "mask-pass")
+#: that gives the masks their task gradient while the weights keep training on batch statistics
+#: (``mask-pass-direction``: that pass's loss blind to the logits' scale, :func:`scale_blind`).
+MASK_PASSES = ("mask-pass", "mask-pass-direction")
+MASK_NORM_STATS = ("batch", "running", *MASK_PASSES)
 #: Config fields a resumed run may change (machine settings); anything else must match.
 _MACHINE_FIELDS = ("device", "num_workers", "progress")
 
@@ -116,7 +118,7 @@ class TrainConfig:
     cost_exponent: float = 0.5     # budget gradient of a unit scaled by (its cost / mean cost) ** -cost_exponent
     mask_start: float = 0.0        # fraction of the steps trained dense before the masks and the budget start
     mask_init: str = "constant"    # constant | magnitude: masks set from group magnitude when they start
-    mask_norm_stats: str = "batch"  # batch | running | mask-pass: what BatchNorm normalizes by while the masks learn
+    mask_norm_stats: str = "batch"  # batch | running | mask-pass[-direction]: BatchNorm's statistics while masks learn
     eval_size: int = 500
     eval_pgd_steps: int = 10
     eval_every: int = 1
@@ -203,6 +205,18 @@ def running_stat_norms(model: nn.Module, track: bool = True):
             m.training = True
         for h in handles:
             h.remove()
+
+
+def scale_blind(logits: torch.Tensor) -> torch.Tensor:
+    """Each example's logits at their own norm, the norm held constant: the same values, but the
+    loss's gradient loses its component along the logits (their scale).
+
+    Why: in the middle of FastAT the model gets most attacked examples wrong and the loss falls
+    when the logits shrink; on running statistics every channel group's width scales the logits,
+    so the mask pass asked for narrower groups nearly everywhere (``bench/mask_gradients.py
+    --training``). Blind to the scale, the loss can only ask for widths that change its answers."""
+    norm = logits.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return logits / norm * norm.detach()
 
 
 def _track_batch_statistics(norm: nn.modules.batchnorm._BatchNorm, inputs) -> None:
@@ -632,11 +646,14 @@ class _Trainer:
         by the first pass), and the gradient reaches the masks alone. It costs a forward and an
         input backward in the steps that train the masks. None when the step takes no such pass.
         """
-        if self.cfg.mask_norm_stats != "mask-pass" or not self._masks_active():
+        if self.cfg.mask_norm_stats not in MASK_PASSES or not self._masks_active():
             return None
         params = list(self.masks.params)
         with running_stat_norms(self.model, track=False):
-            loss = F.cross_entropy(self.model(x_in.detach()), y)
+            logits = self.model(x_in.detach())
+        if self.cfg.mask_norm_stats == "mask-pass-direction":
+            logits = scale_blind(logits)
+        loss = F.cross_entropy(logits, y)
         grads = [g if g is not None else torch.zeros_like(p)
                  for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
         distributed.average_tensors(grads)  # outside DDP's backward: average over the ranks here
