@@ -142,13 +142,15 @@ def logit_temperature_slope(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float(((logits.softmax(1) * logits).sum(1) - logits.gather(1, y[:, None]).squeeze(1)).mean())
 
 
-def width_pushes(masked, x, y, train_mode: bool, batch: int) -> dict:
+def width_pushes(masked, x, y, train_mode: bool, batch: int, scale_blind: bool = False) -> dict:
     """Per group the FGSM loss's signed push on its width (sum of the 0/1-mask gradients), and the
-    FGSM accuracy, loss and logit-temperature slope, over the batches of ``x``."""
+    FGSM accuracy, loss and logit-temperature slope, over the batches of ``x``. With ``scale_blind``
+    the loss is taken as ``mask_norm_stats: mask-pass-direction`` takes it (the pushes only)."""
     import torch
     import torch.nn.functional as F
 
     from rcomp.attacks import fgsm
+    from rcomp.train import scale_blind as blind
 
     params = list(masked.masks.params)
     sums = [torch.zeros_like(p) for p in params]
@@ -158,13 +160,13 @@ def width_pushes(masked, x, y, train_mode: bool, batch: int) -> dict:
     for start in batches:
         xb, yb = x[start:start + batch], y[start:start + batch]
         logits = masked(fgsm(masked, xb, yb, eps=EPS).detach())
-        loss = F.cross_entropy(logits, yb)
+        loss = F.cross_entropy(blind(logits) if scale_blind else logits, yb)
         for total, g in zip(sums, torch.autograd.grad(loss, params)):
             total += g.detach() / len(batches)
         logits = logits.detach()
         totals["fgsm_acc"] += float((logits.argmax(1) == yb).float().mean()) / len(batches)
         totals["fgsm_loss"] += float(loss.detach()) / len(batches)
-        totals["logit_slope"] += logit_temperature_slope(logits, yb) / len(batches)
+        totals["logit_slope"] += 0.0 if scale_blind else logit_temperature_slope(logits, yb) / len(batches)
     masked.eval()
     groups = []
     for group, g, p in zip(masked.masks.groups, sums, params):
@@ -172,7 +174,7 @@ def width_pushes(masked, x, y, train_mode: bool, batch: int) -> dict:
         stage, kind = group_kind(group.name)
         groups.append({"name": group.name, "stage": stage, "kind": kind, "push": float(per_binary.sum()),
                        "share": width_share(per_binary)})
-    return {**totals, "groups": groups}
+    return {**totals, "scale_blind": scale_blind, "groups": groups}
 
 
 def width_share(per_binary: torch.Tensor) -> float:
@@ -233,7 +235,7 @@ def render_training(doc: dict) -> None:
             stream_cells = " / ".join(f"{g['push']:+.2g} ({g['share']:.2f})" for g in streams)
             pushed = [g for g in groups if g["share"] >= NO_PUSH]
             narrower = sum(g["push"] > 0 for g in pushed)
-            lines.append(f"| {label} | {mode} | {100 * r['fgsm_acc']:.1f} % | {r['fgsm_loss']:.3f} | {r['logit_slope']:+.3f} | "
+            lines.append(f"| {label} | {mode} | {100 * r['fgsm_acc']:.1f} % | {r['fgsm_loss']:.3f} | {'0 (blind)' if r.get('scale_blind') else format(r['logit_slope'], '+.3f')} | "
                          f"{narrower} / {len(pushed) - narrower} / {len(groups) - len(pushed)} | {stream_cells} | "
                          f"{min(blocks):+.2g} to {max(blocks):+.2g} |")
     body = "\n".join(lines) + "\n\n" + _provenance(doc, TRAINING_RESULTS) + (
@@ -261,12 +263,16 @@ def measure_training(args) -> None:
     from rcomp.reports import write_json_atomic
 
     x, y, doc = sample_and_header(args)
-    states = {"r20-dense (final weights)": lambda: magnitude_masked(MODELS[0], x.shape[1:]),
-              "r20 mask-pass run, epoch 2 (step 704)": lambda: masked_from_training(TRAINING_STATE, x.shape[1:])}
-    for label, build in states.items():
+    def mid_training():
+        return masked_from_training(TRAINING_STATE, x.shape[1:])
+
+    states = {"r20-dense (final weights)": (lambda: magnitude_masked(MODELS[0], x.shape[1:]), False),
+              "r20 mask-pass run, epoch 2 (step 704)": (mid_training, False),
+              "the same, the loss blind to the logits' scale (mask-pass-direction)": (mid_training, True)}
+    for label, (build, blind) in states.items():
         doc["models"][label] = {}
         for mode, train_mode in (("eval", False), ("train", True)):
-            doc["models"][label][mode] = width_pushes(build(), x, y, train_mode, args.batch)
+            doc["models"][label][mode] = width_pushes(build(), x, y, train_mode, args.batch, scale_blind=blind)
             print(f"{label} BN {mode}: done", flush=True)
     write_json_atomic(TRAINING_RESULTS, doc)
     render_training(doc)
