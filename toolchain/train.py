@@ -637,7 +637,8 @@ class _Trainer:
         return contextlib.nullcontext()
 
     def _mask_pass_gradients(self, x_in: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor] | None:
-        """The masks' task-loss gradient from a second pass on running statistics (``mask_norm_stats: mask-pass``).
+        """The masks' task-loss gradient from a second pass on running statistics (``mask_norm_stats:
+        mask-pass``; ``mask-pass-direction`` takes its loss through :func:`scale_blind`).
 
         Why a second pass: on batch statistics the loss cannot ask for a group's width (see
         :func:`running_stat_norms`), and training the weights on running statistics as well cost
