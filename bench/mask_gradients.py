@@ -98,8 +98,16 @@ def mask_gradients(model_file: str, x, y, train_mode: bool, batch: int) -> dict[
             for total, g in zip(sums[loss], grads):
                 total += g.detach() / len(batches)
     names = [g.name for g in masked.masks.groups]
-    slopes = [0.5 * (1 - torch.tanh(p.detach()) ** 2) for p in params]
+    slopes = [ste_slope(p) for p in params]
     return {loss: [(n, g, g / slope) for n, g, slope in zip(names, grads, slopes)] for loss, grads in sums.items()}
+
+
+def ste_slope(mask: torch.Tensor) -> torch.Tensor:
+    """d binary / d mask of the straight-through estimate: a gradient with respect to the mask
+    divided by it is the gradient with respect to the 0/1 value the forward used."""
+    import torch
+
+    return 0.5 * (1 - torch.tanh(mask.detach()) ** 2)
 
 
 def magnitude_masked(model_file: str, input_shape):
@@ -170,7 +178,7 @@ def width_pushes(masked, x, y, train_mode: bool, batch: int, scale_blind: bool =
     masked.eval()
     groups = []
     for group, g, p in zip(masked.masks.groups, sums, params):
-        per_binary = g / (0.5 * (1 - torch.tanh(p.detach()) ** 2))
+        per_binary = g / ste_slope(p)
         stage, kind = group_kind(group.name)
         groups.append({"name": group.name, "stage": stage, "kind": kind, "push": float(per_binary.sum()),
                        "share": width_share(per_binary)})
@@ -235,7 +243,8 @@ def render_training(doc: dict) -> None:
             stream_cells = " / ".join(f"{g['push']:+.2g} ({g['share']:.2f})" for g in streams)
             pushed = [g for g in groups if g["share"] >= NO_PUSH]
             narrower = sum(g["push"] > 0 for g in pushed)
-            lines.append(f"| {label} | {mode} | {100 * r['fgsm_acc']:.1f} % | {r['fgsm_loss']:.3f} | {'0 (blind)' if r.get('scale_blind') else format(r['logit_slope'], '+.3f')} | "
+            slope = "0 (blind)" if r.get("scale_blind") else f"{r['logit_slope']:+.3f}"
+            lines.append(f"| {label} | {mode} | {100 * r['fgsm_acc']:.1f} % | {r['fgsm_loss']:.3f} | {slope} | "
                          f"{narrower} / {len(pushed) - narrower} / {len(groups) - len(pushed)} | {stream_cells} | "
                          f"{min(blocks):+.2g} to {max(blocks):+.2g} |")
     body = "\n".join(lines) + "\n\n" + _provenance(doc, TRAINING_RESULTS) + (
@@ -263,6 +272,7 @@ def measure_training(args) -> None:
     from rcomp.reports import write_json_atomic
 
     x, y, doc = sample_and_header(args)
+
     def mid_training():
         return masked_from_training(TRAINING_STATE, x.shape[1:])
 

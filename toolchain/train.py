@@ -625,7 +625,7 @@ class _Trainer:
             self.masks.limit_switch_off(before, max(1, math.ceil(self.cfg.max_switch_off * self.masks.num_units)))
             self.masks.clip_()
         self.global_step += 1
-        if self.controller is not None and not self.frozen and self._masks_learning():
+        if self.controller is not None and self._masks_active():
             self.controller.update(self.global_step / self.total_steps)
         _accumulate(totals, lr, loss, penalty, logits, y)
         self._maybe_freeze()
@@ -749,7 +749,7 @@ class _Trainer:
         """
         if self.masks is None:
             return
-        learning = not self.frozen and self._masks_learning()
+        learning = self._masks_active()
         if any(p.requires_grad != learning for p in self.masks.params):
             self.masks.freeze(not learning)
             if self.net is not self.model:  # training data-parallel: DDP reduces only what trains
@@ -772,7 +772,7 @@ class _Trainer:
         return self.masks.weight_magnitudes()
 
     def _penalty(self) -> torch.Tensor:
-        if self.controller is None or self.frozen or not self._masks_learning():
+        if self.controller is None or not self._masks_active():
             return torch.zeros((), device=self.device)
         return self.controller.penalty(self.global_step / self.total_steps).to(self.device)
 
