@@ -333,6 +333,16 @@ MASK_PASS_RECIPE = {"freeze_fraction": 0.5, "mask_norm_stats": "mask-pass"}
 MASK_PASS_DIRECTION = ("the mask pass blind to the logits' scale: their task gradient from running statistics without "
                        "the component along the logits (mask_norm_stats mask-pass-direction)")
 MASK_PASS_DIRECTION_RECIPE = {"freeze_fraction": 0.5, "mask_norm_stats": "mask-pass-direction"}
+#: Neither view of running statistics gave the masks a width signal that helps; this one measures
+#: widths on the batch statistics the weights train with: every 10 mask-learning steps each group's
+#: next channel (on, lowest mask) is switched off in turn, the loss's rise on the step's adversarial
+#: batch kept as a running value, and every mask of the group gets minus that value through the
+#: STE slope (rcomp.width_probe, width_probe_every 10). Declared before training: aim 2 at seeds 0
+#: and 1 and aim 1 at seed 0, three runs side by side on the AMD EPYC host (session 38), against the
+#: same paired references as the mask-pass rows.
+WIDTH_PROBE = ("a removal-based width signal: every 10 mask steps each group's next channel switched off in turn, "
+               "the loss's rise becomes the group's width gradient (width_probe_every 10)")
+WIDTH_PROBE_RECIPE = {"freeze_fraction": 0.5, "width_probe_every": 10}
 
 #: In training the stream masks get the loudest gradient but hardly a one-sided one
 #: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
@@ -566,6 +576,13 @@ VARIANTS = {
     "r20-intrain-0.3-freeze0.5-maskdir-seed1-predicted": Variant(
         "intrain", 0.3, MASK_PASS_DIRECTION, MASK_PASS_DIRECTION_RECIPE, seed=1, sweep=PREDICTED,
         ref="r20-intrain-0.3-freeze0.5-seed1-predicted"),
+    "r20-intrain-0.3-freeze0.5-probe-predicted": Variant("intrain", 0.3, WIDTH_PROBE, WIDTH_PROBE_RECIPE,
+                                                         sweep=PREDICTED, ref="r20-intrain-0.3-freeze0.5-predicted"),
+    "r20-intrain-0.3-freeze0.5-probe-seed1-predicted": Variant(
+        "intrain", 0.3, WIDTH_PROBE, WIDTH_PROBE_RECIPE, seed=1, sweep=PREDICTED,
+        ref="r20-intrain-0.3-freeze0.5-seed1-predicted"),
+    "r20-intrain-0.5-freeze0.5-probe-predicted": Variant("intrain", 0.5, WIDTH_PROBE, WIDTH_PROBE_RECIPE,
+                                                         sweep=PREDICTED, ref="r20-intrain-0.5-freeze0.5-predicted"),
     "r20-intrain-0.3-seed1-epyc": Variant("intrain", 0.3, PLAIN_03_S1, seed=1, repeat=ON_EPYC_S1_03_PLAIN,
                                           sweep=PREDICTED_S1),
     "r20-intrain-0.3-freeze0.6-seed1-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},

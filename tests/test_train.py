@@ -20,6 +20,7 @@ from rcomp.errors import CheckpointError, ConfigError, NumericalError, TrainingC
 from rcomp.masks import MASK_INIT, MaskedModel, MaskSet
 from rcomp.models import create_model
 from rcomp.surgery import remove_channels
+from rcomp.width_probe import PROBE_MOMENTUM
 from rcomp.train import (
     CatastrophicOverfittingGuard,
     TrainConfig,
@@ -706,3 +707,112 @@ def test_mask_pass_adds_one_running_statistics_forward_to_the_steps_that_train_t
     eval_passes = [g for g, _, training in seen if not training]
     assert learning_steps and sorted(eval_passes) == sorted(learning_steps)
     assert result.budget_status["satisfied"]
+
+
+# --------------------------------------------------------------------------------------------
+# the width probe (rcomp.width_probe)
+
+
+def _probe_trainer(digits, every: int = 1):
+    """A trainer whose masks have just started learning, with the width probe on."""
+    config = TrainConfig(epochs=1, regularity="channel", target_ops=0.5, width_probe_every=every, **FAST)
+    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
+    trainer._maybe_start_masks()
+    trainer._masks_require_grad()
+    return trainer
+
+
+def test_width_probe_prices_each_groups_next_channel_by_switching_it_off(digits):
+    trainer = _probe_trainer(digits)
+    masks, model, probe = trainer.masks, trainer.model, trainer.width_probe
+    with torch.no_grad():
+        for p in masks.params:
+            p.copy_(torch.linspace(0.1, 0.9, p.numel()).flip(0))  # channel 0 strongest, the last one next to go
+        masks.params[0][: masks.params[0].numel() - masks.min_channels(0)] = -0.5  # group 0 at its floor
+    x, y = trainer.guard_batch
+    before = [p.detach().clone() for p in masks.params]
+    stats = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in _norms(model)]
+    rises = probe.measure(model, x, y)
+    assert all(torch.equal(p, b) for p, b in zip(masks.params, before))  # every switched channel came back
+    assert all(torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+               and int(m.num_batches_tracked) == n and m.training for m, (mean, var, n) in zip(_norms(model), stats))
+    assert math.isnan(rises[0]) and not torch.isnan(rises[1:]).any()
+
+    def loss():
+        """The loss on batch statistics, as the step sees it, without counting the batch (set by hand)."""
+        for m in _norms(model):
+            m.track_running_stats = False
+        with torch.no_grad():
+            value = torch.nn.functional.cross_entropy(model(x), y)
+        for m in _norms(model):
+            m.track_running_stats = True
+        return value
+
+    base = loss()
+    for i in range(1, len(masks)):
+        with torch.no_grad():
+            masks.params[i][-1] = -1.0
+        expected = loss() - base
+        with torch.no_grad():
+            masks.params[i].copy_(before[i])
+        assert rises[i] == pytest.approx(float(expected), abs=1e-6)
+    assert rises[1:].abs().max() > 1e-4  # switching a channel off changes the loss at all
+
+
+def test_width_probe_adds_minus_each_groups_value_through_the_ste_slope_and_leaves_the_weights(digits):
+    trainer = _probe_trainer(digits)
+    masks, probe = list(trainer.masks.params), trainer.width_probe
+    weights = list(trainer.model.model.parameters())
+    x, y = trainer.guard_batch
+    rises = torch.linspace(-0.01, 0.03, len(masks))
+    rises[0] = float("nan")  # a group at its floor: no measurement, its value stays
+    probe.update(rises)
+    probe.update(rises * 2)
+    expected_values = rises * (1 + PROBE_MOMENTUM)  # first measurement taken as is, then one running step
+    assert probe.values[0] == 0 and torch.allclose(probe.values[1:], expected_values[1:])
+
+    def gradients(with_probe: bool):
+        trainer.width_probe = probe if with_probe else None
+        loss = torch.nn.functional.cross_entropy(trainer.model(x), y)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._backward(loss, trainer._penalty())
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in masks + weights]
+
+    plain, probed = gradients(False), gradients(True)
+    for value, p, a, b in zip(probe.values.tolist(), masks, plain, probed):
+        slope = 0.5 * (1 - torch.tanh(p.detach()) ** 2)
+        assert torch.allclose(b - a, -value * slope, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(plain[len(masks):], probed[len(masks):]))
+
+
+def test_width_probe_measures_every_n_steps_of_the_mask_phase_and_resumes_with_its_values(digits, tmp_path,
+                                                                                          monkeypatch):
+    config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, mask_start=0.2, freeze_fraction=0.6,
+                         width_probe_every=4, **FAST)
+    trainer = _Trainer(config, digits, _model(digits), tmp_path / "a", _quiet)
+    measured_at, measure = [], trainer.width_probe.measure
+
+    def recording_measure(*args):
+        measured_at.append((trainer.global_step, trainer.frozen))
+        return measure(*args)
+
+    monkeypatch.setattr(trainer.width_probe, "measure", recording_measure)
+    result = trainer.run(resume=False)
+    freeze = freeze_step(config, trainer.total_steps)
+    assert [g for g, _ in measured_at] == list(range(trainer.start_step, freeze, 4))
+    assert not any(frozen for _, frozen in measured_at)
+    assert result.budget_status["satisfied"]
+    state = torch.load(tmp_path / "a" / "checkpoints" / "ckpt-epoch0002.pt", weights_only=False)
+    assert state["width_probe"]["measured"] and any(state["width_probe"]["measured"])
+    resumed = _Trainer(config, digits, _model(digits), tmp_path / "a", _quiet)
+    resumed.ckpt.load_latest = lambda map_location: (state, tmp_path / "a" / "checkpoints" / "ckpt-epoch0002.pt")
+    resumed._resume()
+    assert resumed.width_probe.values.tolist() == state["width_probe"]["values"]
+
+
+@pytest.mark.parametrize("settings", [dict(regularity="weight", target_ops=0.5), dict(regularity="channel"),
+                                      dict(regularity="channel", target_ops=0.5, width_probe_every=-1)])
+def test_width_probe_needs_channel_masks_a_budget_and_a_positive_interval(digits, settings):
+    config = TrainConfig(**{"width_probe_every": 5, **settings}, **FAST)
+    with pytest.raises(ConfigError, match="width_probe_every"):
+        train(config, digits, _model(digits), out_dir=None, log=_quiet)

@@ -66,6 +66,7 @@ from rcomp import distributed
 from rcomp.attacks import ATTACK_LABELS, ATTACKS, AccuracyResult, evaluate, fgsm, pgd
 from rcomp.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from rcomp.errors import CheckpointError, ConfigError, NumericalError, RcompError, TrainingCollapse
+from rcomp.width_probe import WidthProbe
 
 #: Training examples of the fixed batch the guard attacks every epoch.
 GUARD_SIZE = 256
@@ -119,6 +120,7 @@ class TrainConfig:
     mask_start: float = 0.0        # fraction of the steps trained dense before the masks and the budget start
     mask_init: str = "constant"    # constant | magnitude: masks set from group magnitude when they start
     mask_norm_stats: str = "batch"  # batch | running | mask-pass[-direction]: BatchNorm's statistics while masks learn
+    width_probe_every: int = 0     # every N mask-learning steps, price each group's next channel (rcomp.width_probe)
     eval_size: int = 500
     eval_pgd_steps: int = 10
     eval_every: int = 1
@@ -156,6 +158,13 @@ class TrainConfig:
         if self.mask_norm_stats not in MASK_NORM_STATS:
             raise ConfigError(f"unknown mask_norm_stats {self.mask_norm_stats!r}; expected {' or '.join(MASK_NORM_STATS)}",
                               key="mask_norm_stats")
+        if self.width_probe_every < 0:
+            raise ConfigError(f"width_probe_every must be 0 (off) or more, got {self.width_probe_every}",
+                              key="width_probe_every")
+        if self.width_probe_every and (self.regularity != "channel" or not self.has_budget):
+            raise ConfigError("width_probe_every prices channel groups' widths against a budget; it needs "
+                              f"regularity: channel and a budget, got {self.regularity or 'none'}",
+                              key="width_probe_every")
         if self.channel_multiple < 1:
             raise ConfigError(f"channel_multiple must be at least 1, got {self.channel_multiple}", key="channel_multiple")
         if self.channel_multiple > 1 and self.regularity == "weight":
@@ -454,6 +463,7 @@ class _Trainer:
         if self.masks is not None and self.masks.regularity == "channel":
             set_channel_floors(self.masks, config)
         self.budget_scale = self._budget_gradient_scale()
+        self.width_probe = WidthProbe(self.masks, config.width_probe_every) if config.width_probe_every else None
         self.optimizer = self._optimizer()
         self.guard = CatastrophicOverfittingGuard(config.co_drop)
         self.ckpt = CheckpointManager(Path(out_dir) / "checkpoints", warn=log) if out_dir is not None else None
@@ -614,6 +624,7 @@ class _Trainer:
         total = loss + penalty
         self._check_finite(total, "loss", epoch, step)
         mask_grads = self._mask_pass_gradients(x_in, y)
+        self._probe_widths(x_in, y)
         self.optimizer.zero_grad(set_to_none=True)
         self._backward(loss, penalty, mask_grads)
         self._clip_and_check(epoch, step)
@@ -660,6 +671,21 @@ class _Trainer:
         distributed.average_tensors(grads)  # outside DDP's backward: average over the ranks here
         return grads
 
+    def _probe_widths(self, x_in: torch.Tensor, y: torch.Tensor) -> None:
+        """Every ``width_probe_every`` steps of the mask phase, price each group's next channel
+        (:class:`rcomp.width_probe.WidthProbe`) on the step's adversarial batch."""
+        if self.width_probe is None or not self._masks_active():
+            return
+        if self.width_probe.due(self.global_step - self.start_step):
+            with self._autocast():
+                self.width_probe.update(self.width_probe.measure(self.model, x_in.detach(), y))
+
+    def _width_gradients(self) -> list[torch.Tensor] | None:
+        """The probe's width term for each mask, in the steps that train the masks; None otherwise."""
+        if self.width_probe is None or not self._masks_active():
+            return None
+        return self.width_probe.gradients()
+
     def _autocast(self):
         """fp16 autocast for the training forwards (attack and loss) with ``amp`` on CUDA; evaluation stays fp32."""
         return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
@@ -671,9 +697,11 @@ class _Trainer:
         Under DDP ``loss.backward()`` averages every gradient over the ranks, the masks' included.
         The budget gradient depends on the masks alone, identical on every rank, so adding it
         after that all-reduce (and after unscaling, under AMP) keeps the ranks identical.
-        ``mask_grads`` (from :meth:`_mask_pass_gradients`) replace the masks' task-loss gradient.
+        ``mask_grads`` (from :meth:`_mask_pass_gradients`) replace the masks' task-loss gradient;
+        the width probe's term (:meth:`_width_gradients`, identical on every rank) is added to it.
         """
-        if mask_grads is None and (self.budget_scale is None or not penalty.requires_grad):
+        widths = self._width_gradients()
+        if mask_grads is None and widths is None and (self.budget_scale is None or not penalty.requires_grad):
             self.scaler.scale(loss + penalty).backward()
             self.scaler.unscale_(self.optimizer)
             return
@@ -683,6 +711,8 @@ class _Trainer:
         if mask_grads is not None:
             for p, g in zip(params, mask_grads):
                 p.grad = g
+        for p, g in zip(params, widths or []):
+            p.grad = g if p.grad is None else p.grad + g
         if not penalty.requires_grad:
             return
         grads = torch.autograd.grad(penalty, params, allow_unused=True)
@@ -1032,6 +1062,7 @@ class _Trainer:
             "scaler": self.scaler.state_dict(),
             "pruned_channels": self.pruned_channels,  # when set, "model" is the slim network and "masks" the masks
             "masks": self.masks.state_dict() if self.pruned_channels is not None else None,
+            "width_probe": self.width_probe.state_dict() if self.width_probe is not None else None,
         }
 
     def _resume(self) -> int | None:
@@ -1070,6 +1101,8 @@ class _Trainer:
         self.history = [EpochLog(**h) for h in state["history"]]
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.width_probe is not None and state.get("width_probe") is not None:
+            self.width_probe.load_state_dict(state["width_probe"])
         restore_rng_state(state["rng"])
 
     def _check_compatible(self, state: dict, path: Path) -> None:
