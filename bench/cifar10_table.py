@@ -459,9 +459,11 @@ def add_timing(rows: dict, untimed: bool) -> None:
 
 
 #: Per-epoch fields kept with a row: enough to see catastrophic overfitting (training-batch accuracy
-#: under the training attack above clean accuracy, guard PGD collapsing) and the masks' schedule.
+#: under the training attack above clean accuracy, guard PGD collapsing), the masks' schedule, and
+#: what a step of the mask phase costs against one after the freeze (``seconds``; rows collected
+#: before session 38 lack it).
 EPOCH_FIELDS = ("epoch", "train_adv_acc", "val_clean", "val_pgd", "train_fgsm", "train_pgd", "ops_ratio",
-                "masks_flipped", "guard")
+                "masks_flipped", "guard", "seconds")
 
 
 def epochs_log(history: list[dict]) -> list[dict]:
