@@ -79,6 +79,9 @@ PAIRS = [
     Pair(1, "6 epochs, seed 0, masks frozen at 0.5, their task gradient from a second pass on running statistics "
             "(mask-pass), against the AMD EPYC dense row",
          (ABLATION, "r20-intrain-0.5-freeze0.5-maskpass-predicted"), (ABLATION, "r20-dense-epyc")),
+    Pair(1, "6 epochs, seed 0, masks frozen at 0.5, a removal-based width signal (width_probe_every 10), against "
+            "the AMD EPYC dense row",
+         (ABLATION, "r20-intrain-0.5-freeze0.5-probe-predicted"), (ABLATION, "r20-dense-epyc")),
     Pair(1, "6 epochs, seed 0, masks frozen at epoch 2.4 (0.4, halfway up the ramp), against the AMD EPYC dense row",
          (ABLATION, "r20-intrain-0.5-freeze0.4-predicted"), (ABLATION, "r20-dense-epyc"), "6 epochs, frozen at 0.4"),
     Pair(1, "6 epochs, seed 1, masks frozen at epoch 2.4 (0.4), against the AMD EPYC dense row",
@@ -135,6 +138,12 @@ PAIRS = [
     Pair(2, "vs magnitude, 6 epochs, seed 1, masks frozen at 0.5, the mask pass blind to the logits' scale "
             "(mask-pass-direction), both on the AMD EPYC host",
          (ABLATION, "r20-intrain-0.3-freeze0.5-maskdir-seed1-predicted"), (ABLATION, "r20-posttrain-0.3-seed1-epyc")),
+    Pair(2, "vs magnitude, 6 epochs, seed 0, masks frozen at 0.5, a removal-based width signal (width_probe_every "
+            "10), on the AMD EPYC host, which repeats the second machine",
+         (ABLATION, "r20-intrain-0.3-freeze0.5-probe-predicted"), (ABLATION, "r20-posttrain-0.3-rerun-predicted")),
+    Pair(2, "vs magnitude, 6 epochs, seed 1, masks frozen at 0.5, a removal-based width signal (width_probe_every "
+            "10), both on the AMD EPYC host",
+         (ABLATION, "r20-intrain-0.3-freeze0.5-probe-seed1-predicted"), (ABLATION, "r20-posttrain-0.3-seed1-epyc")),
     Pair(2, "vs magnitude, 6 epochs, seed 0, masks frozen at epoch 3.6 (0.6, not 4.8), third host",
          (ABLATION, "r20-intrain-0.3-freeze0.6-predicted"), (ABLATION, "r20-posttrain-0.3-rerun-streams")),
     Pair(2, "vs magnitude, 6 epochs, seed 1, masks frozen at epoch 3.6 (0.6, not 4.8)",
