@@ -163,8 +163,8 @@ class TrainConfig:
                               key="width_probe_every")
         if self.width_probe_every and (self.regularity != "channel" or not self.has_budget):
             raise ConfigError("width_probe_every prices channel groups' widths against a budget; it needs "
-                              f"regularity: channel and a budget, got {self.regularity or 'none'}",
-                              key="width_probe_every")
+                              f"regularity: channel and a budget, got regularity {self.regularity or 'none'} and "
+                              f"{'a' if self.has_budget else 'no'} budget", key="width_probe_every")
         if self.channel_multiple < 1:
             raise ConfigError(f"channel_multiple must be at least 1, got {self.channel_multiple}", key="channel_multiple")
         if self.channel_multiple > 1 and self.regularity == "weight":
