@@ -11,8 +11,8 @@ on with the lowest mask) and records how much the loss on the step's adversarial
 A running mean of that rise is the group's *marginal value* ``v_g``; each mask of the group then
 gets ``-v_g`` (through the straight-through slope) on top of its task gradient: the width
 derivative the batch-statistics gradient lacks, in the loss's own units (one 0/1 mask unit = one
-channel). The budget's multiplier rises to match, so groups whose next channel costs the loss
-least give up their width first.
+channel). The budget's controller still holds the total, so the intent is that groups whose next
+channel costs the loss least give up their width first.
 
 It costs one forward without gradients per group and one for the baseline, every ``every`` steps
 of the mask phase only: at ``every`` 10 a ResNet20 mask-phase epoch took 1.35-1.42x an epoch after
