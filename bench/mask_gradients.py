@@ -84,6 +84,7 @@ def mask_gradients(model_file: str, x, y, train_mode: bool, batch: int) -> dict[
     import torch.nn.functional as F
 
     from rcomp.attacks import fgsm
+    from rcomp.masks import ste_slope
 
     masked = magnitude_masked(model_file, x.shape[1:])
     params = list(masked.masks.params)
@@ -100,14 +101,6 @@ def mask_gradients(model_file: str, x, y, train_mode: bool, batch: int) -> dict[
     names = [g.name for g in masked.masks.groups]
     slopes = [ste_slope(p) for p in params]
     return {loss: [(n, g, g / slope) for n, g, slope in zip(names, grads, slopes)] for loss, grads in sums.items()}
-
-
-def ste_slope(mask: torch.Tensor) -> torch.Tensor:
-    """d binary / d mask of the straight-through estimate: a gradient with respect to the mask
-    divided by it is the gradient with respect to the 0/1 value the forward used."""
-    import torch
-
-    return 0.5 * (1 - torch.tanh(mask.detach()) ** 2)
 
 
 def magnitude_masked(model_file: str, input_shape):
@@ -158,6 +151,7 @@ def width_pushes(masked, x, y, train_mode: bool, batch: int, scale_blind: bool =
     import torch.nn.functional as F
 
     from rcomp.attacks import fgsm
+    from rcomp.masks import ste_slope
     from rcomp.train import scale_blind as blind
 
     params = list(masked.masks.params)

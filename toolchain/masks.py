@@ -54,6 +54,13 @@ def ste_binarize(m: torch.Tensor) -> torch.Tensor:
     return soft + (torch.round(soft) - soft).detach()
 
 
+def ste_slope(m: torch.Tensor) -> torch.Tensor:
+    """d Mb / d M as :func:`ste_binarize` passes it back, ``0.5 * (1 - tanh(M)^2)``: what turns a
+    gradient with respect to the 0/1 value the forward used into one with respect to ``M`` (and
+    dividing by it, back)."""
+    return 0.5 * (1 - torch.tanh(m.detach()) ** 2)
+
+
 @dataclass(frozen=True)
 class LayerSlice:
     """Channels of one module that belong to a group: local index ``idxs[j]`` is root channel ``root_idxs[j]``."""

@@ -30,7 +30,7 @@ from torch import nn
 
 from rcomp import distributed
 from rcomp.errors import RcompError
-from rcomp.masks import ChannelMasks
+from rcomp.masks import ChannelMasks, ste_slope
 
 #: Weight of the newest measurement in a group's running marginal value (about the last five count).
 PROBE_MOMENTUM = 0.2
@@ -116,11 +116,7 @@ class WidthProbe:
 
     def gradients(self) -> list[torch.Tensor]:
         """Each mask's width term: ``-v_g`` through the straight-through slope of its binarization."""
-        grads = []
-        for value, p in zip(self.values.tolist(), self.masks.params):
-            slope = 0.5 * (1.0 - torch.tanh(p.detach()) ** 2)
-            grads.append(-value * slope)
-        return grads
+        return [-value * ste_slope(p) for value, p in zip(self.values.tolist(), self.masks.params)]
 
     def state_dict(self) -> dict:
         return {"values": self.values.tolist(), "measured": self.measured.tolist()}
