@@ -226,3 +226,7 @@ if __name__ == "__main__":
     from aims import render_aims  # the aims' pairs draw on every table
 
     render_aims()
+    from main_job import RESULTS as MAIN_JOB, render_table as main_job_table
+
+    if MAIN_JOB.exists():
+        replace_section("main_job", main_job_table(json.loads(MAIN_JOB.read_text())))

@@ -578,3 +578,14 @@ def test_the_mask_overhead_benchmark_times_one_function_in_every_state(monkeypat
     assert not any(p.requires_grad for s in module.STATES[2:] for p in nets[s].masks.params)
     seconds = module.measure(rounds=1, batch=2)
     assert set(seconds) == set(nets) and all(v > 0 for v in seconds.values())
+
+
+def test_the_main_job_benchmark_runs_the_command_the_readme_gives(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("main_job_under_test", BENCH / "main_job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (BENCH.parent / "README.md").read_text()
+    section = readme.split("## Run the main job", 1)[1]
+    command = section.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+    assert command == " ".join(module.COMMAND)

@@ -396,3 +396,40 @@ def test_arch_from_is_refused_with_a_budget_or_another_model(job, tmp_path, extr
                        "--no-progress", "--out", tmp_path / "x")
     assert code == 2 and message in output, output
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def _main_job_benchmark(monkeypatch):
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("main_job_under_test", bench / "main_job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_main_job_benchmark_reads_its_row_from_the_jobs_own_files(job, tmp_path, monkeypatch):
+    """bench/main_job.py's figures are the report's and train.json's, not its own measurements; a job
+    that stopped before its report is recorded as such; rows are appended, never rewritten."""
+    bench = _main_job_benchmark(monkeypatch)
+    out = job[0]
+    report, train = (json.loads((out / name).read_text()) for name in ("report.json", "train.json"))
+    row = bench.job_figures(out)
+    assert row["verdict"] == "PASS" and report["passed"]
+    assert row["epochs"] == 4 and len(row["ops_ratio_per_epoch"]) == 4
+    assert row["ops_ratio"] == train["macs"] / train["dense_macs"] <= 0.5
+    assert row["mops"] == pytest.approx(report["metrics"]["mops"], rel=0.01)  # fvcore's count and the graph's
+    assert row["onnx_adv_acc"] == report["metrics"]["adv_acc"]
+    assert [c["name"] for c in row["checks"]] == [r["name"] for r in report["rows"]]
+    assert bench.job_figures(tmp_path / "missing") == {"verdict": bench.NO_REPORT}
+
+    results = tmp_path / "main_job.json"
+    first = bench.record({**row, "rcomp_command": "rcomp prune", "exit_code": 0, "wall_seconds": 60.0}, "", results)
+    failed = {"verdict": bench.NO_REPORT, "rcomp_command": "rcomp prune", "exit_code": 3, "wall_seconds": 6.0}
+    doc = bench.record(failed, "a note", results)
+    assert doc["runs"][0] == first["runs"][0] and len(doc["runs"]) == 2
+    table = bench.render_table(doc).splitlines()
+    assert "| PASS | 4 |" in table[2] and f"({row['ops_ratio']:.3f})" in table[2]
+    assert "| 3 | " + bench.NO_REPORT in table[3]
+    assert "note: a note" in table[5] and "Newest run, epoch by epoch" not in "\n".join(table)
