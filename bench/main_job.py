@@ -78,8 +78,9 @@ def job_figures(folder: Path) -> dict:
 def record(row: dict, note: str, results: Path = RESULTS) -> dict:
     """Append ``row`` with its provenance; earlier rows stay as they are."""
     doc = json.loads(results.read_text()) if results.exists() else {"runs": []}
-    doc["runs"].append({**row, "command": " ".join(["python"] + sys.argv), "commit": commit(), "dirty": dirty(), "machine": machine(),
-                        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "note": note})
+    doc["runs"].append({**row, "command": " ".join(["python"] + sys.argv), "commit": commit(), "dirty": dirty(),
+                        "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                        "note": note})
     write_json_atomic(results, doc)
     return doc
 
