@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from cifar10_table import commit, dirty, machine  # noqa: E402
-from render import _provenance, replace_section  # noqa: E402
+from render import _pct, _provenance, replace_section  # noqa: E402
 
 from rcomp.reports import write_json_atomic  # noqa: E402
 
@@ -85,10 +85,6 @@ def record(row: dict, note: str, results: Path = RESULTS) -> dict:
     return doc
 
 
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
-
-
 def render_table(doc: dict) -> str:
     """One line per run, oldest first, then the newest run's epochs; the source named is the committed file."""
     lines = ["| commit | date | host | exit | verdict | epochs | MOps (of dense) | params of dense | "
@@ -102,7 +98,7 @@ def render_table(doc: dict) -> str:
             lines.append(head + f"{NO_REPORT} | – | – | – | – | {r['wall_seconds'] / 60:.1f} min |")
             continue
         lines.append(head + f"{r['verdict']} | {r['epochs']} | {r['mops']:.2f} ({r['ops_ratio']:.3f}) | "
-                     f"{r['params_ratio']:.3f} | {_pct(r['onnx_clean_acc'])} / {_pct(r['onnx_adv_acc'])} "
+                     f"{r['params_ratio']:.3f} | {_pct(r['onnx_clean_acc'], 1)} / {_pct(r['onnx_adv_acc'], 1)} "
                      f"({r['n_examples']}) | {r['wall_seconds'] / 60:.1f} min |")
     newest = doc["runs"][-1]
     lines += ["", _provenance(newest, RESULTS) + f" The newest row ran `{newest['rcomp_command']}`"
@@ -110,7 +106,7 @@ def render_table(doc: dict) -> str:
     if newest["verdict"] != NO_REPORT:
         lines += ["", "Newest run, epoch by epoch: ops of dense "
                   + ", ".join(f"{v:.2f}" for v in newest["ops_ratio_per_epoch"]) + "; validation clean accuracy "
-                  + ", ".join(_pct(v) for v in newest["val_clean_per_epoch"]) + " %."]
+                  + ", ".join(_pct(v, 1) for v in newest["val_clean_per_epoch"]) + " %."]
     return "\n".join(lines)
 
 

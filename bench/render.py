@@ -25,8 +25,8 @@ def replace_section(marker: str, body: str, readme: Path = README) -> None:
     write_text_atomic(readme, pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text))
 
 
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.2f}"
+def _pct(v, digits: int = 2) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f}"
 
 
 def _provenance(doc: dict, path: Path) -> str:

@@ -1,4 +1,9 @@
-"""Shared fixtures: one intra-op thread, and a small MLP trained on near-identical prototypes."""
+"""Shared fixtures: one intra-op thread, a small MLP trained on near-identical prototypes, and the
+bench scripts loaded from their files."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +40,23 @@ def trained():
         opt.step()
     model.zero_grad(set_to_none=True)
     return model, *prototype_data(200, 1)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def load_bench(monkeypatch):
+    """``load_bench("name")``: bench/name.py as module ``name_under_test`` (bench/ is no package). The
+    bench folder goes on sys.path, as the scripts import each other by name, and the module into
+    sys.modules, where dataclasses look their module up; both are undone after the test."""
+
+    def load(name: str):
+        monkeypatch.syspath_prepend(str(BENCH))
+        spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,6 +1,5 @@
 """The CIFAR-10 sweep's bookkeeping: run locks, the shared dense phase, cost ratios (no training here)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,11 +14,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture
-def table(tmp_path, monkeypatch):
+def table(tmp_path, monkeypatch, load_bench):
     """bench/cifar10_table.py with its folders moved into tmp_path."""
-    spec = importlib.util.spec_from_file_location("cifar10_table_under_test", BENCH / "cifar10_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("cifar10_table")
     for name, sub in (("RUNS_DIR", "runs"), ("MODELS", "models"), ("SHARED", "shared")):
         monkeypatch.setattr(module, name, tmp_path / sub)
     (tmp_path / "runs").mkdir()
@@ -27,12 +24,9 @@ def table(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def render():
+def render(load_bench):
     """bench/render.py, loaded from its file (bench/ is no package)."""
-    spec = importlib.util.spec_from_file_location("render_under_test", BENCH / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("render")
 
 
 ARGS = SimpleNamespace(epochs=6, attack="nfgsm", lr=0.2, seed=0)
@@ -151,13 +145,9 @@ def test_a_dense_phase_taken_over_from_another_sweep_is_no_cost_reference(table)
 
 
 @pytest.fixture
-def ablation(tmp_path, monkeypatch):
+def ablation(tmp_path, monkeypatch, load_bench):
     """bench/intrain_ablation.py with its run folder moved into tmp_path."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("intrain_ablation_under_test", BENCH / "intrain_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_bench("intrain_ablation")
     monkeypatch.setattr(module, "RUNS_DIR", tmp_path / "ablation")
     monkeypatch.setattr(module, "PARKED", tmp_path / "parked")
     monkeypatch.setattr(module, "MODELS", tmp_path / "models")
@@ -515,14 +505,9 @@ def test_the_uniform_architecture_keeps_one_fraction_of_every_group_within_the_o
 
 
 @pytest.fixture
-def aims(monkeypatch):
+def aims(load_bench):
     """bench/aims.py, loaded from its file; it imports bench/render.py by name."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("aims_under_test", BENCH / "aims.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("aims")
 
 
 def test_every_aim_pair_names_a_collected_row_or_an_ablation_variant_still_to_run(aims, ablation):
@@ -556,15 +541,12 @@ def test_the_aims_table_leaves_out_a_pair_still_training_and_averages_a_group_af
     assert "still training" not in aims.render_table(rows)
 
 
-def test_the_mask_overhead_benchmark_times_one_function_in_every_state(monkeypatch):
+def test_the_mask_overhead_benchmark_times_one_function_in_every_state(load_bench):
     """Its networks with masks all on compute the plain network's logits, and the slim one the frozen one's,
     so their timings compare like with like."""
     import torch
 
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("mask_overhead_under_test", BENCH / "mask_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("mask_overhead")
     nets = module.networks()
     assert list(nets) == [*module.STATES, module.SLIM]
     x = torch.rand(4, 3, 32, 32)
@@ -580,11 +562,8 @@ def test_the_mask_overhead_benchmark_times_one_function_in_every_state(monkeypat
     assert set(seconds) == set(nets) and all(v > 0 for v in seconds.values())
 
 
-def test_the_main_job_benchmark_runs_the_command_the_readme_gives(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("main_job_under_test", BENCH / "main_job.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_the_main_job_benchmark_runs_the_command_the_readme_gives(load_bench):
+    module = load_bench("main_job")
     readme = (BENCH.parent / "README.md").read_text()
     section = readme.split("## Run the main job", 1)[1]
     command = section.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()

@@ -398,21 +398,10 @@ def test_arch_from_is_refused_with_a_budget_or_another_model(job, tmp_path, extr
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
-def _main_job_benchmark(monkeypatch):
-    import importlib.util
-
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("main_job_under_test", bench / "main_job.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_main_job_benchmark_reads_its_row_from_the_jobs_own_files(job, tmp_path, monkeypatch):
+def test_the_main_job_benchmark_reads_its_row_from_the_jobs_own_files(job, tmp_path, load_bench):
     """bench/main_job.py's figures are the report's and train.json's, not its own measurements; a job
     that stopped before its report is recorded as such; rows are appended, never rewritten."""
-    bench = _main_job_benchmark(monkeypatch)
+    bench = load_bench("main_job")
     out = job[0]
     report, train = (json.loads((out / name).read_text()) for name in ("report.json", "train.json"))
     row = bench.job_figures(out)
