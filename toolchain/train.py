@@ -109,6 +109,7 @@ class TrainConfig:
     lr_restart: bool = False       # a new LR cycle over the steps after the mask freeze (warm restart)
     slim_at_freeze: bool = False   # channel masks: remove the switched-off channels at the freeze, train the slim net
     finetune_epochs: int | None = None  # post-train methods: fine-tune this long after a dense phase of all epochs
+    hflip: bool = True             # random horizontal flips in augmentation; off for data whose mirror image is another class (traffic signs)
     mask_lr_scale: float = 1.0
     mask_momentum: float | None = None  # None: the weights' momentum
     mask_weight_decay: float | None = None  # None: the weights' weight decay (the poster's shared regulariser)
@@ -606,7 +607,7 @@ class _Trainer:
             return x
         from rcomp.data import augment_batch
 
-        return augment_batch(x, padding=max(1, round(x.shape[-1] / 8)), flip=True, generator=generator)
+        return augment_batch(x, padding=max(1, round(x.shape[-1] / 8)), flip=self.cfg.hflip, generator=generator)
 
     def _step(self, x, y, epoch: int, step: int, g_att, totals: dict) -> None:
         self._maybe_start_masks()
