@@ -95,13 +95,24 @@ def test_recipe_finetune_epochs_must_be_a_positive_integer(tmp_path, value):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("line", ["grad_clip: abc", "mops: abc", "mask_momentum: -0.5", "mask_weight_decay: -1e-4", "min_keep_stream: abc", "min_keep_stream: 2"])
+@pytest.mark.parametrize("line", ["grad_clip: abc", "mops: abc", "mask_weight_decay: -1e-4", "min_keep_stream: abc", "min_keep_stream: 2"])
 def test_recipe_optional_numbers_are_checked_as_numbers(tmp_path, line):
     """Keys whose default is None (off) were once taken as text and failed mid-run with a traceback."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(line + "\n")
     code, out = run("train", "--model", "tiny_cnn", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
     assert code == 2 and line.split(":")[0] in out and "expected a number" in out, out
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("line", ["lr_restart: true", "mask_norm_stats: batch", "width_probe_every: 10",
+                                  "mask_momentum: 0.99", "mask_lr_scale: 0.1"])
+def test_recipe_naming_a_removed_option_says_it_was_removed_and_where_it_last_existed(tmp_path, line):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 2\n" + line + "\n")
+    code, out = run("train", "--model", "tiny_cnn", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert f"{line.split(':')[0]}: was removed" in out and "6311216" in out, out
     assert not (tmp_path / "o").exists()
 
 

@@ -1,5 +1,6 @@
 """Training: budgets met for both regularities, baselines, numerical faults, the CO guard, kill/resume."""
 
+import dataclasses
 import json
 import math
 import os
@@ -20,17 +21,13 @@ from rcomp.errors import CheckpointError, ConfigError, NumericalError, TrainingC
 from rcomp.masks import MASK_INIT, MaskedModel, MaskSet
 from rcomp.models import create_model
 from rcomp.surgery import remove_channels
-from rcomp.width_probe import PROBE_MOMENTUM
 from rcomp.train import (
     CatastrophicOverfittingGuard,
     TrainConfig,
     _Trainer,
-    freeze_step,
     is_catastrophic_overfitting,
     lr_at,
     lr_at_step,
-    running_stat_norms,
-    scale_blind,
     train,
 )
 
@@ -151,42 +148,6 @@ def test_schedules():
     assert lr_at(cyclic, 0.2) == pytest.approx(0.1) and lr_at(cyclic, 0.7) == pytest.approx(0.1)
     cosine = TrainConfig(lr_max=0.2, schedule="cosine")
     assert lr_at(cosine, 0.0) == pytest.approx(0.2) and lr_at(cosine, 0.5) == pytest.approx(0.1)
-
-
-def test_lr_restart_starts_a_new_cycle_after_the_freeze():
-    plain = TrainConfig(lr_max=0.2, peak_fraction=0.4, target_ops=0.5, regularity="channel", freeze_fraction=0.6)
-    restart = TrainConfig(**{**plain.__dict__, "lr_restart": True})
-    assert freeze_step(restart, 100) == 60 and freeze_step(restart, 7) == 5  # the first step with step/T >= 0.6
-    for step in (1, 40, 60):  # up to the freeze both schedules are the one cycle
-        assert lr_at_step(restart, step, 100) == lr_at_step(plain, step, 100) == lr_at(plain, step / 100)
-    assert lr_at_step(plain, 61, 100) == pytest.approx(0.2 * 39 / 60)
-    assert lr_at_step(restart, 61, 100) == pytest.approx(0.2 * (1 / 40) / 0.4)  # from ~0 again
-    assert lr_at_step(restart, 76, 100) == pytest.approx(0.2)  # a full peak 40 % into the 40 remaining steps
-    assert lr_at_step(restart, 100, 100) == 0.0
-
-
-def test_lr_restart_needs_a_budget(digits):
-    with pytest.raises(ConfigError, match="lr_restart"):
-        train(TrainConfig(lr_restart=True, **FAST), digits, _model(digits), out_dir=None, log=_quiet)
-
-
-@pytest.mark.slow
-def test_lr_restart_restarts_at_the_step_the_masks_freeze(digits, monkeypatch):
-    seen = {}
-
-    def record_lr(self, *args, **kwargs):
-        seen.setdefault(self.global_step, self.optimizer.param_groups[0]["lr"])
-        return original(self, *args, **kwargs)
-
-    original = _Trainer._maybe_freeze
-    monkeypatch.setattr(_Trainer, "_maybe_freeze", record_lr)
-    lines = []
-    config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, freeze_fraction=0.5, lr_restart=True, **FAST)
-    train(config, digits, _model(digits), out_dir=None, log=lines.append)
-    frozen_at = int(next(line for line in lines if "frozen at step" in line).split("at step ")[1].split("/")[0])
-    total = max(seen)
-    assert frozen_at == freeze_step(config, total)
-    assert seen[frozen_at] > 0.05 and seen[frozen_at + 1] < 0.02  # the step after the freeze starts from ~0
 
 
 def test_budget_without_regularity_is_a_config_error(digits):
@@ -444,9 +405,8 @@ def _whole_and_resumed_from_epoch_2(config, digits, tmp_path):
     return whole, train(config, digits, _model(digits), out_dir=tmp_path / "b", resume=True, log=_quiet)
 
 
-@pytest.mark.parametrize("lr_restart", [False, True])
-def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path, lr_restart):
-    config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, lr_restart=lr_restart,
+def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path):
+    config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5,
                          **FAST)  # frozen during epoch 2
     whole, resumed = _whole_and_resumed_from_epoch_2(config, digits, tmp_path)
     assert resumed.resumed_from == 2 and resumed.projection == whole.projection
@@ -479,6 +439,24 @@ def test_resume_refuses_a_different_recipe(digits, tmp_path):
     with pytest.raises(CheckpointError, match="lr_max"):
         train(TrainConfig(epochs=1, **{**FAST, "lr_max": 0.05}), digits, _model(digits), out_dir=tmp_path,
               resume=True, log=_quiet)
+
+
+@pytest.mark.parametrize("old_key, value, refused", [("lr_restart", True, True), ("lr_restart", False, False),
+                                                      ("mask_norm_stats", "running", True)])
+def test_resume_of_a_checkpoint_that_used_a_removed_option_is_refused(digits, tmp_path, old_key, value, refused):
+    """A checkpoint written before an option was removed holds its key: at its "off" value the run
+    trained as rcomp does now and resumes; with the option on it is refused, naming the commit."""
+    config = TrainConfig(epochs=2, **FAST)
+    train(dataclasses.replace(config, epochs=1), digits, _model(digits), out_dir=tmp_path, log=_quiet)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    state, _ = manager.load_latest(map_location="cpu")
+    state["config"] = {**state["config"], "epochs": 2, old_key: value}
+    manager.save(state, 1)
+    if refused:
+        with pytest.raises(ConfigError, match=f"{old_key}: was removed .*commit 6311216"):
+            train(config, digits, _model(digits), out_dir=tmp_path, resume=True, log=_quiet)
+    else:
+        assert train(config, digits, _model(digits), out_dir=tmp_path, resume=True, log=_quiet).resumed_from == 1
 
 
 def _run(out: Path, *args: str) -> subprocess.Popen:
@@ -590,229 +568,4 @@ def test_mask_weight_decay_overrides_the_weights_decay_for_the_masks_only(digits
 def test_min_keep_stream_must_be_a_fraction_of_channel_groups(digits, value, regularity):
     config = TrainConfig(regularity=regularity, target_ops=0.5, min_keep_stream=value, **FAST)
     with pytest.raises(ConfigError, match="min_keep_stream"):
-        train(config, digits, _model(digits), out_dir=None, log=_quiet)
-
-
-def test_running_stat_norms_normalize_by_running_statistics_that_still_track_the_batch():
-    torch.manual_seed(0)
-    norm = torch.nn.BatchNorm2d(4).train()
-    norm.running_mean.normal_()
-    reference = torch.nn.BatchNorm2d(4).train()
-    reference.load_state_dict(norm.state_dict())
-    x = torch.randn(8, 4, 5, 5) * 3 + 1
-    reference(x)  # a training-mode forward: what the running statistics must become
-    with running_stat_norms(torch.nn.Sequential(norm)):
-        y = norm(x)
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert torch.allclose(getattr(norm, name), getattr(reference, name))
-    expected = torch.nn.functional.batch_norm(x, reference.running_mean, reference.running_var, norm.weight, norm.bias,
-                                              training=False, eps=norm.eps)
-    assert torch.allclose(y, expected, atol=1e-6)
-    assert norm.training and not norm._forward_pre_hooks
-
-
-def test_scale_blind_logits_keep_their_values_and_lose_the_gradient_along_themselves():
-    torch.manual_seed(0)
-    logits = (torch.randn(6, 10) * 4).requires_grad_()
-    y = torch.randint(0, 10, (6,))
-    blind = scale_blind(logits)
-    assert torch.allclose(blind, logits)
-    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(blind, y), logits)
-    (raw,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), logits)
-    assert torch.allclose((grad * logits).sum(1), torch.zeros(6), atol=1e-6)  # nothing along the scale
-    assert (raw * logits).sum(1).abs().max() > 1e-2  # which the plain loss had
-    radial = (raw * logits).sum(1, keepdim=True) / (logits * logits).sum(1, keepdim=True) * logits
-    assert torch.allclose(grad, raw - radial, atol=1e-6)  # and the rest of its gradient unchanged
-
-
-def _norms(model):
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
-def _mask_phase_config(mask_norm_stats: str) -> TrainConfig:
-    """Two epochs: dense until 0.25, masks learning until the freeze at 0.6, frozen after."""
-    return TrainConfig(epochs=2, regularity="channel", target_ops=0.5, mask_start=0.25, warmup_fraction=0.2,
-                       freeze_fraction=0.6, mask_norm_stats=mask_norm_stats, **FAST)
-
-
-def _run_recording_norm_modes(trainer, monkeypatch):
-    """Run the trainer; return its result and (global step, frozen, BatchNorm in training mode) of
-    every forward through the first BatchNorm inside a training step."""
-    seen, in_step = [], [False]
-    _norms(trainer.model)[0].register_forward_hook(
-        lambda m, i, o: seen.append((trainer.global_step, trainer.frozen, m.training)) if in_step[0] else None)
-    step = trainer._step
-
-    def recording_step(*args):
-        in_step[0] = True
-        step(*args)
-        in_step[0] = False
-
-    monkeypatch.setattr(trainer, "_step", recording_step)
-    return trainer.run(resume=False), seen
-
-
-def test_mask_norm_stats_running_holds_only_while_the_masks_learn(digits, monkeypatch):
-    trainer = _Trainer(_mask_phase_config("running"), digits, _model(digits), None, _quiet)
-    result, seen = _run_recording_norm_modes(trainer, monkeypatch)
-    learning = {mode for g, frozen, mode in seen if trainer.start_step <= g and not frozen}
-    waiting_or_frozen = {mode for g, frozen, mode in seen if g < trainer.start_step or frozen}
-    assert learning == {False} and waiting_or_frozen == {True}
-    assert any(frozen for _, frozen, _ in seen) and any(g < trainer.start_step for g, _, _ in seen)
-    assert result.budget_status["satisfied"]
-    with pytest.raises(ConfigError, match="mask_norm_stats"):
-        TrainConfig(mask_norm_stats="frozen").validate()
-
-
-def test_mask_pass_gives_the_masks_the_running_statistics_gradient_and_the_weights_their_own(digits):
-    config = TrainConfig(epochs=1, regularity="channel", target_ops=0.5, mask_norm_stats="mask-pass", **FAST)
-    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
-    trainer._maybe_start_masks()
-    trainer._masks_require_grad()
-    x, y = trainer.guard_batch
-    trainer.model(x)  # the first pass: it moves the running statistics away from their start
-    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in _norms(trainer.model)]
-    mask_grads = trainer._mask_pass_gradients(x, y)
-    assert all(torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var) and m.training
-               for m, (mean, var) in zip(_norms(trainer.model), stats))
-    masks, weights = list(trainer.masks.params), [p for p in trainer.model.model.parameters()]
-    for m in _norms(trainer.model):
-        m.eval()
-    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(trainer.model(x), y), masks, allow_unused=True)
-    for m in _norms(trainer.model):
-        m.train()
-    for got, want, p in zip(mask_grads, expected, masks):
-        assert torch.allclose(got, want if want is not None else torch.zeros_like(p), atol=1e-7)
-
-    def gradients(replacement):
-        loss = torch.nn.functional.cross_entropy(trainer.model(x), y)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._backward(loss, trainer._penalty(), replacement)
-        return [p.grad.clone() if p.grad is not None else None for p in masks + weights]
-
-    plain = gradients(None)
-    passed = gradients(mask_grads)
-    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(plain[len(masks):], passed[len(masks):]))
-    budget_only = [p - q for p, q in zip(passed[:len(masks)], mask_grads)]  # what the budget added
-    batch_stats = [p - b for p, b in zip(plain[:len(masks)], budget_only)]
-    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(batch_stats, mask_grads))
-
-
-@pytest.mark.parametrize("mask_pass", ["mask-pass", "mask-pass-direction"])
-def test_mask_pass_adds_one_running_statistics_forward_to_the_steps_that_train_the_masks(digits, monkeypatch,
-                                                                                        mask_pass):
-    trainer = _Trainer(_mask_phase_config(mask_pass), digits, _model(digits), None, _quiet)
-    result, seen = _run_recording_norm_modes(trainer, monkeypatch)
-    learning_steps = {g for g, frozen, _ in seen if trainer.start_step <= g and not frozen}
-    eval_passes = [g for g, _, training in seen if not training]
-    assert learning_steps and sorted(eval_passes) == sorted(learning_steps)
-    assert result.budget_status["satisfied"]
-
-
-# --------------------------------------------------------------------------------------------
-# the width probe (rcomp.width_probe)
-
-
-def _probe_trainer(digits, every: int = 1):
-    """A trainer whose masks have just started learning, with the width probe on."""
-    config = TrainConfig(epochs=1, regularity="channel", target_ops=0.5, width_probe_every=every, **FAST)
-    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
-    trainer._maybe_start_masks()
-    trainer._masks_require_grad()
-    return trainer
-
-
-def test_width_probe_prices_each_groups_next_channel_by_switching_it_off(digits):
-    trainer = _probe_trainer(digits)
-    masks, model, probe = trainer.masks, trainer.model, trainer.width_probe
-    with torch.no_grad():
-        for p in masks.params:
-            p.copy_(torch.linspace(0.1, 0.9, p.numel()).flip(0))  # channel 0 strongest, the last one next to go
-        masks.params[0][: masks.params[0].numel() - masks.min_channels(0)] = -0.5  # group 0 at its floor
-    x, y = trainer.guard_batch
-    before = [p.detach().clone() for p in masks.params]
-    stats = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in _norms(model)]
-    rises = probe.measure(model, x, y)
-    assert all(torch.equal(p, b) for p, b in zip(masks.params, before))  # every switched channel came back
-    assert all(torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
-               and int(m.num_batches_tracked) == n and m.training for m, (mean, var, n) in zip(_norms(model), stats))
-    assert math.isnan(rises[0]) and not torch.isnan(rises[1:]).any()
-
-    def loss():
-        """The loss on batch statistics, as the step sees it, without counting the batch (set by hand)."""
-        for m in _norms(model):
-            m.track_running_stats = False
-        with torch.no_grad():
-            value = torch.nn.functional.cross_entropy(model(x), y)
-        for m in _norms(model):
-            m.track_running_stats = True
-        return value
-
-    base = loss()
-    for i in range(1, len(masks)):
-        with torch.no_grad():
-            masks.params[i][-1] = -1.0
-        expected = loss() - base
-        with torch.no_grad():
-            masks.params[i].copy_(before[i])
-        assert rises[i] == pytest.approx(float(expected), abs=1e-6)
-    assert rises[1:].abs().max() > 1e-4  # switching a channel off changes the loss at all
-
-
-def test_width_probe_adds_minus_each_groups_value_through_the_ste_slope_and_leaves_the_weights(digits):
-    trainer = _probe_trainer(digits)
-    masks, probe = list(trainer.masks.params), trainer.width_probe
-    weights = list(trainer.model.model.parameters())
-    x, y = trainer.guard_batch
-    rises = torch.linspace(-0.01, 0.03, len(masks))
-    rises[0] = float("nan")  # a group at its floor: no measurement, its value stays
-    probe.update(rises)
-    probe.update(rises * 2)
-    expected_values = rises * (1 + PROBE_MOMENTUM)  # first measurement taken as is, then one running step
-    assert probe.values[0] == 0 and torch.allclose(probe.values[1:], expected_values[1:])
-
-    def gradients(with_probe: bool):
-        trainer.width_probe = probe if with_probe else None
-        loss = torch.nn.functional.cross_entropy(trainer.model(x), y)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._backward(loss, trainer._penalty())
-        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in masks + weights]
-
-    plain, probed = gradients(False), gradients(True)
-    for value, p, a, b in zip(probe.values.tolist(), masks, plain, probed):
-        slope = 0.5 * (1 - torch.tanh(p.detach()) ** 2)
-        assert torch.allclose(b - a, -value * slope, atol=1e-7)
-    assert all(torch.equal(a, b) for a, b in zip(plain[len(masks):], probed[len(masks):]))
-
-
-def test_width_probe_measures_every_n_steps_of_the_mask_phase_and_resumes_with_its_values(digits, tmp_path,
-                                                                                          monkeypatch):
-    config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, mask_start=0.2, freeze_fraction=0.6,
-                         width_probe_every=4, **FAST)
-    trainer = _Trainer(config, digits, _model(digits), tmp_path / "a", _quiet)
-    measured_at, measure = [], trainer.width_probe.measure
-
-    def recording_measure(*args):
-        measured_at.append((trainer.global_step, trainer.frozen))
-        return measure(*args)
-
-    monkeypatch.setattr(trainer.width_probe, "measure", recording_measure)
-    result = trainer.run(resume=False)
-    freeze = freeze_step(config, trainer.total_steps)
-    assert [g for g, _ in measured_at] == list(range(trainer.start_step, freeze, 4))
-    assert not any(frozen for _, frozen in measured_at)
-    assert result.budget_status["satisfied"]
-    state = torch.load(tmp_path / "a" / "checkpoints" / "ckpt-epoch0002.pt", weights_only=False)
-    assert state["width_probe"]["measured"] and any(state["width_probe"]["measured"])
-    resumed = _Trainer(config, digits, _model(digits), tmp_path / "a", _quiet)
-    resumed.ckpt.load_latest = lambda map_location: (state, tmp_path / "a" / "checkpoints" / "ckpt-epoch0002.pt")
-    resumed._resume()
-    assert resumed.width_probe.values.tolist() == state["width_probe"]["values"]
-
-
-@pytest.mark.parametrize("settings", [dict(regularity="weight", target_ops=0.5), dict(regularity="channel"),
-                                      dict(regularity="channel", target_ops=0.5, width_probe_every=-1)])
-def test_width_probe_needs_channel_masks_a_budget_and_a_positive_interval(digits, settings):
-    config = TrainConfig(**{"width_probe_every": 5, **settings}, **FAST)
-    with pytest.raises(ConfigError, match="width_probe_every"):
         train(config, digits, _model(digits), out_dir=None, log=_quiet)

@@ -97,7 +97,6 @@ def _eps_checker(name: str):
 _RANGE_EXCEPTIONS = {
     "finetune_epochs": integer(ge=1),
     "momentum": number(ge=0),
-    "mask_momentum": number(ge=0),
     "mask_weight_decay": number(ge=0),
     "weight_decay": number(ge=0),
     "co_drop": number(ge=0),
@@ -130,7 +129,12 @@ def _checker_for(name: str, default: Any):
 
 def load_recipe(path: str) -> dict:
     """A training recipe: a YAML mapping of TrainConfig keys, unknown keys rejected."""
-    values = validate(read_yaml(path), _recipe_schema(), source=str(path))
+    data = read_yaml(path)
+    if isinstance(data, dict):
+        from rcomp.recipe import reject_removed_keys
+
+        reject_removed_keys(data, str(path))
+    values = validate(data, _recipe_schema(), source=str(path))
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -297,16 +301,33 @@ def recipe_hash(config) -> str:
 
 
 class StagedOutput:
-    """Builds ``OUT.partial/`` and swaps it into ``OUT/`` when complete."""
+    """Builds ``OUT.partial/`` and swaps it into ``OUT/`` when complete.
+
+    Used as a context manager for the life of a job: it checks OUT before any work (an existing
+    file there is an error, never moved aside), holds OUT's lock (a second job on OUT exits 2 at
+    once, rcomp.guards.OutputLock), and on a failure removes a ``OUT.partial/`` that holds no file,
+    while one with checkpoints stays for ``--resume``.
+    """
 
     def __init__(self, out: Path, resume: bool):
         from rcomp.distributed import is_main
+        from rcomp.guards import OutputLock, check_output_dir
 
         self.final = Path(out)
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.owner = is_main()  # under torchrun rank 0 alone touches the folder
+        self.lock = None
         if not self.owner:
             return
+        check_output_dir(self.final)
+        self.lock = OutputLock(self.final).acquire()
+        try:
+            self._prepare(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _prepare(self, resume: bool) -> None:
         if self.partial.exists() and not resume:
             if any(self.partial.glob("**/ckpt-*.pt")):
                 raise RcompError(f"{self.partial} holds an interrupted run: pass --resume to continue it, or delete it")
@@ -330,6 +351,22 @@ class StagedOutput:
         if old.exists():
             shutil.rmtree(old)
         return self.final
+
+    def __enter__(self) -> "StagedOutput":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Release the lock; after a failure drop an ``OUT.partial/`` with nothing in it to resume."""
+        try:
+            if exc_type is not None and self.owner and self.partial.is_dir() and not _holds_files(self.partial):
+                shutil.rmtree(self.partial, ignore_errors=True)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+
+def _holds_files(folder: Path) -> bool:
+    return any(p.is_file() for p in folder.rglob("*"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,10 +540,10 @@ def _plain(obj):
 
 
 def run_train(job: Job) -> TrainOutcome | None:
-    bundle = load_job_data(job)
-    staged = StagedOutput(job.out, job.resume)
-    outcome = _train_stage(job, bundle, staged)
-    staged.publish()
+    with StagedOutput(job.out, job.resume) as staged:  # checked and locked before the data loads
+        bundle = load_job_data(job)
+        outcome = _train_stage(job, bundle, staged)
+        staged.publish()
     return outcome
 
 
@@ -530,11 +567,16 @@ class PruneOutcome:
 
 def run_prune(job: Job, log=print) -> PruneOutcome | None:
     """The whole pipeline against ``job.profile``; the exit code follows the check."""
+    with StagedOutput(job.out, job.resume) as staged:  # checked and locked before the data loads
+        return _prune_into(job, staged, log)
+
+
+def _prune_into(job: Job, staged: StagedOutput, log) -> PruneOutcome | None:
+    """run_prune's stages, inside its locked output folder."""
     from rcomp.export.check import run_check
     from rcomp.reports import write_json_atomic, write_text_atomic
 
     bundle = load_job_data(job, log)
-    staged = StagedOutput(job.out, job.resume)
     outcome = _train_stage(job, bundle, staged, log)
     if outcome is None:  # torchrun, rank > 0: training is done, rank 0 exports and checks
         return None

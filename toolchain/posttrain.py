@@ -140,7 +140,7 @@ def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phas
     out_dir = Path(out_dir)
     dense_epochs, tune_epochs = split_epochs(config.epochs, finetune_epochs=config.finetune_epochs)
     dense_cfg = dataclasses.replace(config, epochs=dense_epochs, regularity=None, target_ops=None,
-                                    target_params=None, mops=None, params=None, lr_restart=False,
+                                    target_params=None, mops=None, params=None,
                                     slim_at_freeze=False, finetune_epochs=None)
     started = time.perf_counter()
     stage = out_dir / f"{method}-pruned.pt"

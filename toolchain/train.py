@@ -8,12 +8,10 @@ onto the budget once and the masks freeze; the weights then keep training on the
 architecture, so the network that is evaluated and exported is the one that was fine-tuned.
 With ``mask_start`` > 0 the run begins dense (masks on and still, no budget) and the masks start
 learning at that fraction of the steps, optionally from group magnitude (``mask_init``); the budget
-schedule then starts from there. With ``lr_restart`` the steps after the freeze get a learning-rate
-cycle of their own (a warm restart on the final architecture, as post-train fine-tuning has).
-With ``slim_at_freeze`` the channels the frozen masks switch off are removed right at the freeze
-(torch-pruning, as the shipped model's are), so the steps after it train the smaller network
-instead of the whole masked one: the same network at the cut (float rounding differs from there
-on), in less time per step.
+schedule then starts from there. With ``slim_at_freeze`` the channels the frozen masks switch off
+are removed right at the freeze (torch-pruning, as the shipped model's are), so the steps after it
+train the smaller network instead of the whole masked one: the same network at the cut (float
+rounding differs from there on), in less time per step.
 
 Reproducibility: data order, augmentation and every attack draw from generators seeded by
 ``(seed, epoch)`` only, and checkpoints carry every global RNG state, so a run resumed from its
@@ -66,18 +64,12 @@ from rcomp import distributed
 from rcomp.attacks import ATTACK_LABELS, ATTACKS, AccuracyResult, evaluate, fgsm, pgd
 from rcomp.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from rcomp.errors import CheckpointError, ConfigError, NumericalError, RcompError, TrainingCollapse
-from rcomp.width_probe import WidthProbe
+from rcomp.recipe import reject_removed_keys
 
 #: Training examples of the fixed batch the guard attacks every epoch.
 GUARD_SIZE = 256
 #: How the masks are set when they start learning: all at ``MASK_INIT``, or from group magnitude.
 MASK_INITS = ("constant", "magnitude")
-#: What BatchNorm normalizes by in the steps that train the masks (:func:`running_stat_norms`):
-#: batch statistics, running statistics for the whole step, or running statistics in a second pass
-#: that gives the masks their task gradient while the weights keep training on batch statistics
-#: (``mask-pass-direction``: that pass's loss blind to the logits' scale, :func:`scale_blind`).
-MASK_PASSES = ("mask-pass", "mask-pass-direction")
-MASK_NORM_STATS = ("batch", "running", *MASK_PASSES)
 #: Config fields a resumed run may change (machine settings); anything else must match.
 _MACHINE_FIELDS = ("device", "num_workers", "progress")
 
@@ -106,12 +98,9 @@ class TrainConfig:
     dual_reset: bool = False     # anti-windup: a positive multiplier drops to 0 once its constraint holds
     warmup_fraction: float = 0.3
     freeze_fraction: float = 0.8
-    lr_restart: bool = False       # a new LR cycle over the steps after the mask freeze (warm restart)
     slim_at_freeze: bool = False   # channel masks: remove the switched-off channels at the freeze, train the slim net
     finetune_epochs: int | None = None  # post-train methods: fine-tune this long after a dense phase of all epochs
     hflip: bool = True             # random horizontal flips in augmentation; off for data whose mirror image is another class (traffic signs)
-    mask_lr_scale: float = 1.0
-    mask_momentum: float | None = None  # None: the weights' momentum
     mask_weight_decay: float | None = None  # None: the weights' weight decay (the poster's shared regulariser)
     max_switch_off: float = 0.002  # fraction of mask units that may switch off per step (at least 1)
     min_keep: float = 0.2          # fraction of every channel group that stays (torch-pruning's 1 - max_pruning_ratio)
@@ -120,8 +109,6 @@ class TrainConfig:
     cost_exponent: float = 0.5     # budget gradient of a unit scaled by (its cost / mean cost) ** -cost_exponent
     mask_start: float = 0.0        # fraction of the steps trained dense before the masks and the budget start
     mask_init: str = "constant"    # constant | magnitude: masks set from group magnitude when they start
-    mask_norm_stats: str = "batch"  # batch | running | mask-pass[-direction]: BatchNorm's statistics while masks learn
-    width_probe_every: int = 0     # every N mask-learning steps, price each group's next channel (rcomp.width_probe)
     eval_size: int = 500
     eval_pgd_steps: int = 10
     eval_every: int = 1
@@ -156,16 +143,6 @@ class TrainConfig:
             raise ConfigError(f"peak_fraction must be in (0, 1), got {self.peak_fraction}", key="peak_fraction")
         if self.mask_init not in MASK_INITS:
             raise ConfigError(f"unknown mask_init {self.mask_init!r}; expected {' or '.join(MASK_INITS)}", key="mask_init")
-        if self.mask_norm_stats not in MASK_NORM_STATS:
-            raise ConfigError(f"unknown mask_norm_stats {self.mask_norm_stats!r}; expected {' or '.join(MASK_NORM_STATS)}",
-                              key="mask_norm_stats")
-        if self.width_probe_every < 0:
-            raise ConfigError(f"width_probe_every must be 0 (off) or more, got {self.width_probe_every}",
-                              key="width_probe_every")
-        if self.width_probe_every and (self.regularity != "channel" or not self.has_budget):
-            raise ConfigError("width_probe_every prices channel groups' widths against a budget; it needs "
-                              f"regularity: channel and a budget, got regularity {self.regularity or 'none'} and "
-                              f"{'a' if self.has_budget else 'no'} budget", key="width_probe_every")
         if self.channel_multiple < 1:
             raise ConfigError(f"channel_multiple must be at least 1, got {self.channel_multiple}", key="channel_multiple")
         if self.channel_multiple > 1 and self.regularity == "weight":
@@ -175,9 +152,6 @@ class TrainConfig:
         if self.min_keep_stream is not None and self.regularity == "weight":
             raise ConfigError("min_keep_stream is a floor on residual-stream channel groups; weight masks have none",
                               key="min_keep_stream")
-        if self.lr_restart and not self.has_budget:
-            raise ConfigError("lr_restart restarts the learning rate at the mask freeze, which needs a budget",
-                              key="lr_restart")
         if self.slim_at_freeze and self.regularity != "channel":
             raise ConfigError("slim_at_freeze removes the channels that channel masks switch off; "
                               f"it needs regularity: channel, got {self.regularity or 'none'}", key="slim_at_freeze")
@@ -187,59 +161,6 @@ class TrainConfig:
         if not 0.0 <= self.mask_start < self.freeze_fraction:
             raise ConfigError(f"mask_start must be in [0, freeze_fraction={self.freeze_fraction}), got {self.mask_start}",
                               key="mask_start")
-
-
-@contextlib.contextmanager
-def running_stat_norms(model: nn.Module, track: bool = True):
-    """BatchNorm normalizes by its running statistics, which still track every batch that passes.
-
-    Why: on batch statistics a BatchNorm undoes any common scale of its inputs, so the loss cannot
-    feel the width of a channel group all of whose consumers it follows (a block's inner channels,
-    every residual stream but the last): the mask gradients of such a group sum to zero and the
-    loss never asks for its width (``bench/mask_gradients.py``). On running statistics the loss
-    sees what switching channels off does to the next layers. The running statistics are updated
-    from the batch *before* it is normalized (the usual momentum), so they follow the weights as
-    batch statistics would, a few steps behind. The weights train on them too in those steps, and
-    on CIFAR-10 that cost a ResNet20 run 15 points (README, ``-bnrunning-``): an experiment, off
-    by default. With ``track=False`` the statistics stay as they are: a second pass over a batch
-    the first pass has already counted."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    handles = [m.register_forward_pre_hook(_track_batch_statistics) for m in norms] if track else []
-    for m in norms:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.training = True
-        for h in handles:
-            h.remove()
-
-
-def scale_blind(logits: torch.Tensor) -> torch.Tensor:
-    """Each example's logits at their own norm, the norm held constant: the same values, but the
-    loss's gradient loses its component along the logits (their scale).
-
-    Why: in the middle of FastAT the model gets most attacked examples wrong and the loss falls
-    when the logits shrink; on running statistics every channel group's width scales the logits,
-    so the mask pass asked for narrower groups nearly everywhere (``bench/mask_gradients.py
-    --training``). Blind to the scale, the loss can only ask for widths that change its answers."""
-    norm = logits.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return logits / norm * norm.detach()
-
-
-def _track_batch_statistics(norm: nn.modules.batchnorm._BatchNorm, inputs) -> None:
-    """What a training-mode BatchNorm does to its running statistics, done before an eval-mode forward."""
-    x = inputs[0].detach()
-    dims = [d for d in range(x.dim()) if d != 1]
-    n = x.numel() // x.shape[1]
-    with torch.no_grad():
-        norm.num_batches_tracked.add_(1)
-        momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-        mean, var = x.float().mean(dims), x.float().var(dims, unbiased=False) * n / max(n - 1, 1)
-        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
-        norm.running_var.lerp_(var.to(norm.running_var.dtype), momentum)
 
 
 def set_channel_floors(masks, config: TrainConfig) -> None:
@@ -315,25 +236,8 @@ def lr_at(config: TrainConfig, progress: float) -> float:
     return config.lr_max * (p / peak if p <= peak else (1.0 - p) / (1.0 - peak))
 
 
-def freeze_step(config: TrainConfig, total_steps: int) -> int:
-    """The optimizer step after which the masks are projected and frozen (``BudgetController.should_freeze``)."""
-    step = math.ceil(config.freeze_fraction * total_steps)
-    while step > 0 and (step - 1) / total_steps >= config.freeze_fraction:
-        step -= 1
-    return step
-
-
 def lr_at_step(config: TrainConfig, step: int, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (1-based) of ``total_steps``.
-
-    With ``lr_restart`` the steps after the mask freeze get a cycle of their own, from zero to
-    ``lr_max`` and back: the warm restart on a fixed architecture that the post-train methods'
-    fine-tuning phase gets for free, so in-train pruning can be compared with and without it.
-    """
-    if config.lr_restart:
-        restart = freeze_step(config, total_steps)
-        if restart < step <= total_steps:
-            return lr_at(config, (step - restart) / (total_steps - restart))
+    """Learning rate of optimizer step ``step`` (1-based) of ``total_steps``."""
     return lr_at(config, step / total_steps)
 
 
@@ -464,7 +368,6 @@ class _Trainer:
         if self.masks is not None and self.masks.regularity == "channel":
             set_channel_floors(self.masks, config)
         self.budget_scale = self._budget_gradient_scale()
-        self.width_probe = WidthProbe(self.masks, config.width_probe_every) if config.width_probe_every else None
         self.optimizer = self._optimizer()
         self.guard = CatastrophicOverfittingGuard(config.co_drop)
         self.ckpt = CheckpointManager(Path(out_dir) / "checkpoints", warn=log) if out_dir is not None else None
@@ -527,13 +430,11 @@ class _Trainer:
         c = self.cfg
         if self.masks is not None:
             weights = self.model.parameters() if self.pruned_channels is not None else self.model.weight_parameters()
-            mask_momentum = c.momentum if c.mask_momentum is None else c.mask_momentum
-            groups = [{"params": list(weights), "lr_scale": 1.0},
-                      {"params": list(self.masks.parameters()), "lr_scale": c.mask_lr_scale,
-                       "momentum": mask_momentum, "nesterov": c.nesterov and mask_momentum > 0,
+            groups = [{"params": list(weights)},
+                      {"params": list(self.masks.parameters()),
                        "weight_decay": c.weight_decay if c.mask_weight_decay is None else c.mask_weight_decay}]
         else:
-            groups = [{"params": list(self.model.parameters()), "lr_scale": 1.0}]
+            groups = [{"params": list(self.model.parameters())}]
         return torch.optim.SGD(groups, lr=c.lr_max, momentum=c.momentum, weight_decay=c.weight_decay,
                                nesterov=c.nesterov and c.momentum > 0)
 
@@ -614,9 +515,9 @@ class _Trainer:
         self._masks_require_grad()
         lr = lr_at_step(self.cfg, self.global_step + 1, self.total_steps) * self.lr_factor
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = lr
         attack = ATTACKS[self.attack]
-        with self._autocast(), self._mask_norm_stats():
+        with self._autocast():
             x_in = attack(self.model, x, y, eps=self.cfg.eps, alpha=self._alpha(), generator=g_att,
                           predicted_labels=self.cfg.attack_labels == "predicted") if attack else x
             logits = self.net(x_in)  # through DDP: this backward all-reduces the gradients
@@ -624,10 +525,8 @@ class _Trainer:
         penalty = self._penalty()
         total = loss + penalty
         self._check_finite(total, "loss", epoch, step)
-        mask_grads = self._mask_pass_gradients(x_in, y)
-        self._probe_widths(x_in, y)
         self.optimizer.zero_grad(set_to_none=True)
-        self._backward(loss, penalty, mask_grads)
+        self._backward(loss, penalty)
         self._clip_and_check(epoch, step)
         masks_active = self._masks_active()
         before = self.masks.on_states() if masks_active else None
@@ -642,80 +541,24 @@ class _Trainer:
         _accumulate(totals, lr, loss, penalty, logits, y)
         self._maybe_freeze()
 
-    def _mask_norm_stats(self):
-        """BatchNorm on running statistics while the masks learn, with ``mask_norm_stats: running``."""
-        if self.cfg.mask_norm_stats == "running" and self._masks_active():
-            return running_stat_norms(self.model)
-        return contextlib.nullcontext()
-
-    def _mask_pass_gradients(self, x_in: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor] | None:
-        """The masks' task-loss gradient from a second pass on running statistics (``mask_norm_stats:
-        mask-pass``; ``mask-pass-direction`` takes its loss through :func:`scale_blind`).
-
-        Why a second pass: on batch statistics the loss cannot ask for a group's width (see
-        :func:`running_stat_norms`), and training the weights on running statistics as well cost
-        15 points. Here only the masks see running statistics: the same adversarial batch goes
-        through the model again with every BatchNorm in eval mode (its statistics already counted
-        by the first pass), and the gradient reaches the masks alone. It costs a forward and an
-        input backward in the steps that train the masks. None when the step takes no such pass.
-        """
-        if self.cfg.mask_norm_stats not in MASK_PASSES or not self._masks_active():
-            return None
-        params = list(self.masks.params)
-        with running_stat_norms(self.model, track=False):
-            logits = self.model(x_in.detach())
-        if self.cfg.mask_norm_stats == "mask-pass-direction":
-            logits = scale_blind(logits)
-        loss = F.cross_entropy(logits, y)
-        grads = [g if g is not None else torch.zeros_like(p)
-                 for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
-        distributed.average_tensors(grads)  # outside DDP's backward: average over the ranks here
-        return grads
-
-    def _probe_widths(self, x_in: torch.Tensor, y: torch.Tensor) -> None:
-        """Every ``width_probe_every`` steps of the mask phase, price each group's next channel
-        (:class:`rcomp.width_probe.WidthProbe`) on the step's adversarial batch."""
-        if self.width_probe is None or not self._masks_active():
-            return
-        if self.width_probe.due(self.global_step - self.start_step):
-            with self._autocast():
-                self.width_probe.update(self.width_probe.measure(self.model, x_in.detach(), y))
-
-    def _width_gradients(self) -> list[torch.Tensor] | None:
-        """The probe's width term for each mask, in the steps that train the masks; None otherwise."""
-        if self.width_probe is None or not self._masks_active():
-            return None
-        return self.width_probe.gradients()
-
     def _autocast(self):
         """fp16 autocast for the training forwards (attack and loss) with ``amp`` on CUDA; evaluation stays fp32."""
         return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
 
-    def _backward(self, loss: torch.Tensor, penalty: torch.Tensor,
-                  mask_grads: list[torch.Tensor] | None = None) -> None:
+    def _backward(self, loss: torch.Tensor, penalty: torch.Tensor) -> None:
         """Task-loss gradient as is; the budget gradient of each mask rescaled by its cost share.
 
         Under DDP ``loss.backward()`` averages every gradient over the ranks, the masks' included.
         The budget gradient depends on the masks alone, identical on every rank, so adding it
         after that all-reduce (and after unscaling, under AMP) keeps the ranks identical.
-        ``mask_grads`` (from :meth:`_mask_pass_gradients`) replace the masks' task-loss gradient;
-        the width probe's term (:meth:`_width_gradients`, identical on every rank) is added to it.
         """
-        widths = self._width_gradients()
-        if mask_grads is None and widths is None and (self.budget_scale is None or not penalty.requires_grad):
+        if self.budget_scale is None or not penalty.requires_grad:
             self.scaler.scale(loss + penalty).backward()
             self.scaler.unscale_(self.optimizer)
             return
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         params = list(self.masks.params)
-        if mask_grads is not None:
-            for p, g in zip(params, mask_grads):
-                p.grad = g
-        for p, g in zip(params, widths or []):
-            p.grad = g if p.grad is None else p.grad + g
-        if not penalty.requires_grad:
-            return
         grads = torch.autograd.grad(penalty, params, allow_unused=True)
         scales = self.budget_scale or [1.0] * len(params)
         for p, g, scale in zip(params, grads, scales):
@@ -1063,7 +906,6 @@ class _Trainer:
             "scaler": self.scaler.state_dict(),
             "pruned_channels": self.pruned_channels,  # when set, "model" is the slim network and "masks" the masks
             "masks": self.masks.state_dict() if self.pruned_channels is not None else None,
-            "width_probe": self.width_probe.state_dict() if self.width_probe is not None else None,
         }
 
     def _resume(self) -> int | None:
@@ -1102,12 +944,11 @@ class _Trainer:
         self.history = [EpochLog(**h) for h in state["history"]]
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if self.width_probe is not None and state.get("width_probe") is not None:
-            self.width_probe.load_state_dict(state["width_probe"])
         restore_rng_state(state["rng"])
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         saved, now = state.get("config", {}), asdict(self.cfg)
+        reject_removed_keys(saved, str(path), only_changed=True)
         defaults = asdict(TrainConfig())  # a field added since the checkpoint was written had its default then
         diff = [k for k in now if k not in _MACHINE_FIELDS and saved.get(k, defaults[k]) != now[k]]
         if diff:
