@@ -88,20 +88,42 @@ def create_model(
     in_channels: int = 3,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    factory_kwargs: dict | None = None,
+    normalizes: bool = False,
 ) -> nn.Module:
-    """Build a registered model with its normalization layer in front.
+    """Build a model by reference with its normalization layer in front.
 
+    ``name`` is a zoo name, ``torchvision:NAME``, ``file.py:factory`` or ``package.module:factory``
+    (:mod:`rcomp.models.reference`); ``factory_kwargs`` go to a non-zoo factory, and
+    ``normalizes=True`` leaves out the ``Normalize`` layer (the user's module normalizes itself).
     ``mean``/``std`` default to 0.5 per channel; the data module passes the dataset's own.
     """
-    info = get_model_info(name)
+    from rcomp.models.reference import build_foreign, is_zoo_name
+
+    zoo = is_zoo_name(name)
+    if zoo and (factory_kwargs or normalizes):
+        raise RcompError(f"--model-kwargs / --model-normalizes apply to torchvision: and file/module models, not zoo {name!r}")
+    info = get_model_info(name) if zoo else None
     if num_classes < 2:
         raise RcompError(f"num_classes must be at least 2, got {num_classes}")
     mean = list(mean) if mean is not None else [0.5] * in_channels
     std = list(std) if std is not None else [0.5] * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise RcompError(f"mean/std need {in_channels} values, got {len(mean)}/{len(std)}")
-    net = info.builder(num_classes=num_classes, in_channels=in_channels)
+    if zoo:
+        net = info.builder(num_classes=num_classes, in_channels=in_channels)
+    else:
+        net = build_foreign(name, num_classes, in_channels, factory_kwargs)
+        if normalizes:
+            return net
     return Classifier(Normalize(mean, std), net)
+
+
+def default_input(name: str) -> tuple[int, int, int]:
+    """(C, H, W) to train ``name`` at when no profile says: the zoo's design size, else 3x32x32."""
+    from rcomp.models.reference import DEFAULT_FOREIGN_INPUT, is_zoo_name
+
+    return get_model_info(name).default_input if is_zoo_name(name) else DEFAULT_FOREIGN_INPUT
 
 
 def find_classifier(model: nn.Module) -> nn.Module:

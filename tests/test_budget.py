@@ -70,20 +70,32 @@ def test_weight_regularity_counts_nonzeros():
     assert all(p.grad is not None for p in masked.masks.params)
 
 
-def test_grouped_conv_is_refused():
+@pytest.mark.parametrize("regularity", ["weight", "channel"])
+def test_grouped_conv_left_alone_and_costed_exactly(regularity):
+    """A non-depthwise grouped conv (ResNeXt, RegNet) is never channel-masked: the groups touching it
+    are left alone and reported, the rest is pruned, and the cost model still matches fvcore."""
+    import copy
+
     class Grouped(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Conv2d(3, 8, 3, padding=1)
             self.b = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.c = nn.Conv2d(8, 8, 1)
             self.fc = nn.Linear(8, 2)
 
         def forward(self, x):
-            return self.fc(self.b(self.a(x)).mean((2, 3)))
+            return self.fc(self.c(self.b(self.a(x))).mean((2, 3)))
 
-    masked = attach_masks(Grouped(), "weight", X)
-    with pytest.raises(RcompError, match="grouped convolution with groups=2"):
-        CostModel.build(masked, X)
+    model = Grouped()
+    fvcore = count_model(copy.deepcopy(model), X.shape)
+    masked = attach_masks(model, regularity, X)
+    cost = CostModel.build(masked, X)
+    assert (cost.dense_ops, cost.dense_params) == (fvcore.macs, fvcore.params)
+    if regularity == "channel":
+        assert [g.name for g in masked.masks.groups] == ["c"]
+        assert {name for name, _ in masked.masks.skipped} == {"a", "b"}
+        assert all("grouped convolution (groups=2)" in why for _, why in masked.masks.skipped)
 
 
 def test_constraints_from_targets_and_profile():

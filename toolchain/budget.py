@@ -40,6 +40,9 @@ from rcomp.errors import RcompError
 from rcomp.masks import ChannelMasks, MaskedModel, WeightMasks
 
 METRICS = ("ops", "params")
+#: Every metric a budget can constrain; "latency" (ms, a latency table's p50 prediction) needs
+#: :meth:`CostModel.attach_latency`.
+CONSTRAINT_METRICS = (*METRICS, "latency")
 #: Bound on the Lagrange multipliers, so a long violation (masks lag the schedule) cannot wind
 #: the pressure up without limit and overshoot far once the masks move.
 MAX_MULTIPLIER = 5.0
@@ -51,13 +54,13 @@ _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.m
 class Constraint:
     """One budget: ``value(metric) <= limit`` on the pruned model (absolute MACs or params)."""
 
-    metric: str  # "ops" (MACs) or "params"
-    limit: float  # absolute: MACs or parameter count
+    metric: str  # "ops" (MACs), "params" or "latency" (ms, p50 by a latency table)
+    limit: float  # absolute: MACs, parameter count or milliseconds
     source: str = ""  # e.g. "--target-ops 0.5" or "profile jetson: budgets.mops"
 
     def __post_init__(self):
-        if self.metric not in METRICS:
-            raise RcompError(f"unknown budget metric {self.metric!r}; expected 'ops' or 'params'")
+        if self.metric not in CONSTRAINT_METRICS:
+            raise RcompError(f"unknown budget metric {self.metric!r}; expected 'ops', 'params' or 'latency'")
         try:
             limit = float(self.limit)
         except (TypeError, ValueError):
@@ -228,6 +231,9 @@ def _weighted_layer(name: str, module: nn.Conv2d | nn.Linear, positions: float) 
     kind = _conv_kind(name, module)
     kk = float(math.prod(module.kernel_size))
     layer = _Layer(name, kind, module.out_channels, module.in_channels)
+    if kind == "gconv":  # never masked (rcomp.masks leaves its groups alone): out * in / groups is exact
+        kind = layer.kind = "conv"
+        kk /= module.groups
     if kind == "conv":
         layer.ops_a, layer.params_a, layer.params_b = kk * positions, kk, bias
     else:
@@ -287,11 +293,14 @@ def _record_positions(model: nn.Module, example_input: Tensor) -> dict[str, floa
     return positions
 
 
-def _conv_kind(name: str, conv: nn.Conv2d) -> str:
+def _conv_kind(name: str, conv: nn.Conv2d, masked: bool = False) -> str:
+    """conv, dwconv, or gconv: another grouped convolution, which channel masks never cover."""
     if conv.groups == 1:
         return "conv"
     if conv.groups == conv.in_channels == conv.out_channels:
         return "dwconv"
+    if not masked:
+        return "gconv"
     raise RcompError(
         f"grouped convolution with groups={conv.groups} is not supported ({name}: "
         f"{conv.in_channels}->{conv.out_channels}); only groups=1 and depthwise convolutions are"
@@ -306,6 +315,8 @@ class CostModel:
         self.regularity: str = ""
         self.dense_ops: float = 0.0
         self.dense_params: float = 0.0
+        self.latency: LatencyCost | None = None  # set by attach_latency
+        self.dense_latency: float = 0.0
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -430,19 +441,43 @@ class CostModel:
             return self.ops()
         if metric == "params":
             return self.params()
+        if metric == "latency":
+            return self.latency_ms()
         raise RcompError(f"unknown budget metric {metric!r}; expected 'ops' or 'params'")
 
     def values(self) -> dict[str, Tensor]:
-        """Both metrics from one pass over the masks."""
+        """Both metrics from one pass over the masks (and the latency, with a table attached)."""
         ops, params = self._evaluate()
-        return {"ops": ops, "params": params}
+        out = {"ops": ops, "params": params}
+        if self.latency is not None:
+            out["latency"] = self.latency_ms()
+        return out
 
     def dense_value(self, metric: str) -> float:
         if metric == "ops":
             return self.dense_ops
         if metric == "params":
             return self.dense_params
-        raise RcompError(f"unknown budget metric {metric!r}; expected 'ops' or 'params'")
+        if metric == "latency" and self.latency is not None:
+            return self.dense_latency
+        raise RcompError(f"unknown budget metric {metric!r}; expected 'ops', 'params' or 'latency' (with a latency table)")
+
+    # ---------------------------------------------------------------- latency
+    def attach_latency(self, table: dict) -> "CostModel":
+        """Cost the masks' latency by a per-layer table (:mod:`rcomp.export.latency_table`) too."""
+        if self.regularity != "channel":
+            raise RcompError("a latency budget prices channel widths; it needs regularity: channel")
+        self.latency = LatencyCost(table, self._layers)
+        with torch.no_grad():
+            self.dense_latency = float(self.latency.value(*self._active(self._unit_vector(dense=True))))
+        return self
+
+    def latency_ms(self) -> Tensor:
+        """The table's p50 prediction (ms) of the pruned network: exact at the table's widths,
+        bilinear between them, with the STE gradient to the masks."""
+        if self.latency is None:
+            raise RcompError("no latency table attached to this cost model")
+        return self.latency.value(*self._active(self._unit_vector()))
 
     def layer_table(self) -> list[dict]:
         """Per costed layer (hard masks): name, kind, active in / out, macs, params."""
@@ -612,8 +647,11 @@ class BudgetController:
     # ---------------------------------------------------------------- status
     def status(self) -> dict:
         with torch.no_grad():
-            v = self.cost.values()
-        ops, params = float(v["ops"]), float(v["params"])
+            v = {m: float(x) for m, x in self.cost.values().items()}
+        ops, params = v["ops"], v["params"]
+        latency = {} if "latency" not in v else {
+            "latency_ms": v["latency"], "dense_latency_ms": self.cost.dense_latency,
+            "latency_ratio": v["latency"] / self.cost.dense_latency if self.cost.dense_latency else 0.0}
         return {
             "ops": int(round(ops)),
             "params": int(round(params)),
@@ -626,14 +664,15 @@ class BudgetController:
                     "metric": c.metric,
                     "limit": c.limit,
                     "source": c.source,
-                    "value": ops if c.metric == "ops" else params,
-                    "satisfied": (ops if c.metric == "ops" else params) <= c.limit,
+                    "value": v[c.metric],
+                    "satisfied": v[c.metric] <= c.limit,
                 }
                 for c in self.constraints
             ],
             "limits": self._limits(),
             "multipliers": list(self.multipliers),
-            "satisfied": all((ops if c.metric == "ops" else params) <= c.limit for c in self.constraints),
+            "satisfied": all(v[c.metric] <= c.limit for c in self.constraints),
+            **latency,
         }
 
     def satisfied(self) -> bool:
@@ -662,6 +701,8 @@ class BudgetController:
         after = self.status()
         if not after["satisfied"]:  # cannot happen unless the incremental arithmetic drifted
             raise RcompError(f"budget projection failed: {after['constraints']}")
+        latency = {} if "latency_ms" not in after else {
+            "latency_ms_before": before["latency_ms"], "latency_ms_after": after["latency_ms"]}
         return {
             "ops_before": before["ops"],
             "ops_after": after["ops"],
@@ -672,6 +713,7 @@ class BudgetController:
             "units_turned_off": changed["off"],
             "limits": self._limits(),
             "satisfied": after["satisfied"],
+            **latency,
         }
 
     def _project_channel(self) -> dict:
@@ -751,6 +793,9 @@ class _ChannelProjection:
             a, b = self.coefs[m]
             self.value[m] = sum(a[i] * self.out[i] * self.inn[i] + b[i] * self.out[i] for i in range(len(self.out)))
         self.value["params"] += cost._const_params
+        self.latency = cost.latency
+        if self.latency is not None:
+            self.value["latency"] = self.latency.value_at(self.out, self.inn)
         self.on_count = [0] * len(self.masks)
         for k, on in enumerate(self.state):
             self.on_count[self.group_of[k]] += int(on)
@@ -758,6 +803,9 @@ class _ChannelProjection:
     def delta(self, k: int, sign: float) -> dict[str, float]:
         d = {}
         for m in self.limits:
+            if m == "latency":
+                d[m] = self.latency.delta_at(self.out, self.inn, self.units[k], sign)
+                continue
             a, b = self.coefs[m]
             t = 0.0
             for li, ao, ai in self.units[k]:
@@ -783,7 +831,7 @@ class _ChannelProjection:
     def _raise_over_budget(self, fewest: str) -> None:
         raise RcompError(
             f"budget cannot be met with the fewest channels every group keeps{fewest}: minimum "
-            + ", ".join(f"{m} {self.value[m]:,.0f} > limit {lim:,.0f}" for m, lim in self.limits.items()
+            + ", ".join(f"{m} {self.value[m]:,.4g} > limit {lim:,.4g}" for m, lim in self.limits.items()
                         if self.value[m] > lim)
         )
 
@@ -872,3 +920,125 @@ class _ChannelProjection:
             "on": sum(1 for a, b in zip(self.initial, self.state) if b and not a),
             "off": sum(1 for a, b in zip(self.initial, self.state) if a and not b),
         }
+
+
+# --------------------------------------------------------------------------------------------
+# latency
+# --------------------------------------------------------------------------------------------
+
+
+class LatencyCost:
+    """A latency table's p50 prediction (ms) of the pruned network, from each conv's active widths.
+
+    ``value = scale * (overhead + fixed + sum_conv table(out_active, in_active))``: each conv's
+    measured grid (widths in multiples of the profile's ``channel_multiple``) interpolated
+    bilinearly in its active output and input channels, so the value is exact at the widths the
+    projection snaps to and its gradient reaches the masks through the active counts (STE) in
+    between. ``scale`` is the table's whole-model calibration (1 when its raw sum was close).
+    """
+
+    def __init__(self, table: dict, layers: list):
+        from rcomp.export import latency_table as lt
+
+        self._lt = lt
+        by_name = {e["name"]: e for e in table["layers"]}
+        self.entries: list[tuple[int, dict]] = []
+        for li, layer in enumerate(layers):
+            if layer.kind not in ("conv", "dwconv"):
+                continue
+            e = by_name.pop(layer.name, None)
+            if e is None or (e["out"], e["in"]) != (layer.out_total, layer.in_total):
+                have = f"{e['in']}->{e['out']}" if e else "nothing"
+                raise RcompError(f"the latency table (model {table.get('model')}) has {have} for conv {layer.name} "
+                                 f"({layer.in_total}->{layer.out_total}): it was measured for another architecture")
+            self.entries.append((li, e))
+        if by_name:
+            raise RcompError(f"the latency table names convs this model lacks ({', '.join(sorted(by_name)[:3])}, ...): "
+                             "it was measured for another architecture")
+        self.const = float(table["overhead_ms"]) + float(table["fixed_ms"])
+        self.scale = lt.scale_of(table)
+        self.p90_over_p50 = float((table.get("calibration") or {}).get("p90_over_p50") or 1.0)
+
+    @staticmethod
+    def _axis(widths: list[int], x: Tensor):
+        """Grid indices around ``x`` and the (differentiable) weight of the upper one."""
+        if len(widths) == 1:
+            return 0, 0, x * 0.0
+        lo, hi, _ = LatencyCost._segment(widths, float(x.detach()))
+        return lo, hi, (x - widths[lo]) / float(widths[hi] - widths[lo])
+
+    @staticmethod
+    def _segment(widths, x):
+        from rcomp.export.latency_table import _segment
+
+        return _segment(widths, x)
+
+    def value(self, out: Tensor, inn: Tensor) -> Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=out.device) + self.const
+        for li, e in self.entries:
+            o0, o1, t = self._axis(e["out_widths"], out[li])
+            depthwise = e["group"] != 1
+            i0, i1, s = (0, 0, out[li] * 0.0) if depthwise else self._axis(e["in_widths"], inn[li])
+            g = e["p50_ms"]
+            v = (1 - t) * (1 - s) * g[o0][i0] + t * (1 - s) * g[o1][i0] + (1 - t) * s * g[o0][i1] + t * s * g[o1][i1]
+            total = total + v.clamp_min(0.0)
+        return total * self.scale
+
+    def value_at(self, out: list[float], inn: list[float]) -> float:
+        """:meth:`value` on plain lists (the projection's incremental state)."""
+        return self.scale * (self.const + sum(self._layer(e, out[li], inn[li]) for li, e in self.entries))
+
+    def _layer(self, e: dict, out: float, inn: float) -> float:
+        return self._lt.interpolate(e, out, inn if e["group"] == 1 else 0)
+
+    def delta_at(self, out: list[float], inn: list[float], unit: list, sign: float) -> float:
+        """The change of :meth:`value_at` when one mask unit (``(layer, d_out, d_in)`` triplets) flips."""
+        by_layer = {li: e for li, e in self.entries}
+        d = 0.0
+        for li, ao, ai in unit:
+            e = by_layer.get(li)
+            if e is None:
+                continue
+            d += self._layer(e, out[li] + sign * ao, inn[li] + sign * ai) - self._layer(e, out[li], inn[li])
+        return self.scale * d
+
+
+def load_latency_table(path, profile=None) -> dict:
+    """A latency table file, refused (exit 2) if measured under another onnxruntime or profile."""
+    from rcomp.export import latency_table as lt
+
+    table = lt.load_table(path)
+    lt.check_table(table, profile, source=f"latency table {path}")
+    return table
+
+
+def latency_constraints(cost: CostModel, config, *, source: str = "") -> list[Constraint]:
+    """The latency budgets of a training config (``target_latency``: a fraction of the dense
+    model's predicted latency; ``latency_p90_ms``: a profile's absolute budget), with the config's
+    ``latency_table`` attached to ``cost``. None without a table.
+
+    The table predicts p50; an absolute p90 budget becomes a p50 limit through the p90/p50 ratio of
+    the table's whole-model measurement (1 without one), so both sides speak of the same run.
+    """
+    path = getattr(config, "latency_table", None)
+    fraction = getattr(config, "target_latency", None)
+    p90 = getattr(config, "latency_p90_ms", None)
+    if path is None:
+        if fraction is not None or p90 is not None:
+            raise RcompError("a latency budget needs a latency table (--latency-table, from rcomp latency-table)")
+        return []
+    if fraction is None and p90 is None:
+        raise RcompError("--latency-table without a latency budget: give --target-latency or a profile's "
+                         "budgets.latency_p90_ms")
+    if cost.latency is None:
+        cost.attach_latency(load_latency_table(path))
+    out = []
+    if fraction is not None:
+        f = _fraction(fraction, "target latency")
+        out.append(Constraint("latency", f * cost.dense_latency, _label(source, f"--target-latency {fraction:g}")))
+    if p90 is not None:
+        ratio = cost.latency.p90_over_p50
+        limit = _positive(p90, "latency_p90_ms") / ratio
+        out.append(Constraint("latency", limit, _label(source, f"latency_p90_ms {p90:g} (p50 {limit:.3f} ms by the "
+                                                                f"table's p90/p50 {ratio:.3f})")))
+    return out

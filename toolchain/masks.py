@@ -228,6 +228,8 @@ class ChannelMasks(MaskSet):
     def __init__(self, groups: list[ChannelGroup], init: float = MASK_INIT):
         super().__init__([g.name for g in groups], [torch.Size([g.size]) for g in groups], init)
         self.groups = groups
+        #: (group root, reason) of the coupled groups left unpruned as unsafe (:func:`classify_channel_groups`).
+        self.skipped: list[tuple[str, str]] = []
 
     #: Fraction of every group's channels that always stays on (torch-pruning's ``1 - max_pruning_ratio``).
     min_keep_fraction: float = 0.0
@@ -269,10 +271,12 @@ class ChannelMasks(MaskSet):
 
     @classmethod
     def attach(cls, model: nn.Module, example_input: torch.Tensor, init: float = MASK_INIT) -> "ChannelMasks":
-        groups = find_channel_groups(model, example_input)
+        groups, skipped = classify_channel_groups(model, example_input)
         if not groups:
-            raise RcompError("model has no prunable channel groups")
+            why = f": {len(skipped)} left alone as unsafe, e.g. {skipped[0][1]}" if skipped else ""
+            raise RcompError(f"model {type(model).__name__} has no channel group rcomp can prune{why}")
         masks = cls(groups, init)
+        masks.skipped = skipped
         modules = dict(model.named_modules())
         for gi, group in enumerate(groups):
             for sl in group.apply_at:
@@ -298,12 +302,14 @@ class _ChannelHook:
         return self._on_device[device]
 
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        scale = self._scale(output)
+        scale = self._scale(output, _channel_dim(module, output))
         if scale is None:  # a constant mask with every channel on: the product would be ``output`` itself
             return output
+        if _channel_dim(module, output) != 1:  # a Linear over tokens / channels-last: features are the last dim
+            return output * scale
         return output * scale.view(1, -1, *([1] * (output.dim() - 2)))
 
-    def _scale(self, output: torch.Tensor) -> torch.Tensor | None:
+    def _scale(self, output: torch.Tensor, dim: int = 1) -> torch.Tensor | None:
         """The producer's per-channel factor, None for a constant all-on mask; built again only when
         its group's mask is a new tensor (always while the mask learns, see :meth:`MaskSet.binary`)."""
         mb = self.masks.binary(self.group_index)
@@ -311,7 +317,7 @@ class _ChannelHook:
         if last is not None and last[0] is mb and last[1] == output.dtype and last[3] == output.device:
             return last[2]
         idxs, root_idxs = self._indices(output.device)
-        scale = torch.ones(output.shape[1], device=output.device, dtype=output.dtype)
+        scale = torch.ones(output.shape[dim], device=output.device, dtype=output.dtype)
         scale = scale.index_put((idxs,), mb[root_idxs.to(mb.device)].to(output.dtype))
         if mb.requires_grad:
             self._last = None
@@ -319,6 +325,11 @@ class _ChannelHook:
         scale = None if bool(scale.eq(1).all()) else scale
         self._last = (mb, output.dtype, scale, output.device)
         return scale
+
+
+def _channel_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """Where a producer's channels are: dim 1 (NCHW, NC), the last dim for a Linear over more dims."""
+    return -1 if isinstance(module, nn.Linear) and output.dim() > 2 else 1
 
 
 class WeightMasks(MaskSet):
@@ -398,22 +409,71 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - torch-pruning's tracer fails on code it cannot follow
+        text = " ".join(str(exc).split())[:160]
+        raise RcompError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: {text})") from None
     finally:
         model.train(was_training)
 
 
 def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
-    """Coupled channel groups rooted at conv / linear layers; the classifier's outputs are excluded."""
+    """Coupled channel groups rooted at conv / linear layers; the classifier's outputs are excluded,
+    and so are the groups :func:`classify_channel_groups` finds unsafe."""
+    return classify_channel_groups(model, example_input)[0]
+
+
+def classify_channel_groups(model: nn.Module, example_input: torch.Tensor
+                            ) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
+    """(groups rcomp can mask and remove exactly, [(root, why not)] for the groups it leaves alone).
+
+    A mask zeroes a channel and surgery removes it; both must compute the same function, and the cost
+    model must count it. That fails for channels that pass through a LayerNorm / GroupNorm (removing a
+    channel changes the statistics of the rest), attention, a non-depthwise grouped convolution,
+    a transpose or permute of the channel axis (channel shuffle) or an op torch-pruning only
+    approximates; such groups keep all their channels and are reported, the others are pruned.
+    """
     dg = build_dependency_graph(model, example_input)
     names = {m: n for n, m in model.named_modules()}
     classifier = find_classifier(model)
-    groups = []
+    groups, skipped = [], []
     for group in dg.get_all_groups(ignored_layers=[classifier], root_module_types=list(_LAYER_TYPES)):
         root = group[0].dep.target.module
+        if names.get(root) is None:
+            continue
+        reason = _unsafe_reason(group, names)
+        if reason is not None:
+            skipped.append((names[root], reason))
+            continue
         channel_group = _describe_group(group, names, dg)
-        if channel_group is not None and names.get(root) is not None:
+        if channel_group is not None:
             groups.append(channel_group)
-    return groups
+    return groups, skipped
+
+
+#: torch-pruning's pseudo-modules whose channel index mapping it follows exactly.
+_SAFE_OPS = ("_ElementWiseOp", "_ConcatOp", "_SplitOp", "_ReshapeOp", "_OutputOp")
+_SAFE_MODULES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def _unsafe_reason(group, names: dict) -> str | None:
+    """Why masking and removing this group's channels would not be exact, or None when it is."""
+    for item in group.items:
+        module = item.dep.target.module
+        name = names.get(module)
+        if name is None:
+            kind = type(module).__name__
+            grad_fn = str(getattr(module, "_grad_fn", "")).lower()
+            if kind not in _SAFE_OPS:
+                return f"{kind.strip('_')} on the channels (torch-pruning cannot map them exactly)"
+            if "transpose" in grad_fn or "permute" in grad_fn:
+                return f"a {grad_fn.split('backward')[0]} of the channel axis (e.g. channel shuffle or channels-last)"
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and not (
+                module.groups == module.in_channels == module.out_channels):
+            return f"{name}: grouped convolution (groups={module.groups})"
+        if not isinstance(module, _SAFE_MODULES):
+            return f"{name}: {type(module).__name__} (channels it mixes cannot be masked exactly)"
+    return None
 
 
 def _describe_group(group, names: dict, dg: tp.DependencyGraph) -> ChannelGroup | None:

@@ -1,0 +1,336 @@
+"""Coverage: every torchvision classification builder through rcomp's whole path, one row per model.
+
+Stages, each timed, the first failure recorded with a one-line reason:
+
+1. ``build``   ``create_model("torchvision:NAME", 10 classes, 3 channels)``, random init, at the smallest
+   of ``SIZES`` its forward pass accepts (ViTs are built with ``image_size`` = that size);
+2. ``masks``   channel masks on torch-pruning's coupled groups (unsafe groups are left alone, counted);
+3. ``train``   ``STEPS`` SGD steps on random images, cross-entropy + the budget penalty
+   (``--target-ops 0.5``), then rcomp's projection onto the budget;
+4. ``remove``  channel removal (torch-pruning) and its exactness: the pruned model must compute what
+   the masked one did (max |logit diff| within ``1e-4 + 1e-5 * max |logit|``);
+5. ``count``   fvcore MACs of the pruned model ≤ 0.5 × the dense model's;
+6. ``export``  ONNX (opset 17, onnx-simplifier with its numerical check, onnx.checker);
+7. ``parity``  onnxruntime vs PyTorch on 8 seeded inputs: top-1 identical and max |logit diff|
+   ≤ 1e-4 + 1e-5 · max |logit| (``rcomp.export.onnx_export.parity``); the raw difference is recorded.
+
+Every model runs in its own process with a timeout, so a crash or a hang is one row, not the run.
+
+    OMP_NUM_THREADS=1 python bench/model_coverage.py                 # every model
+    OMP_NUM_THREADS=1 python bench/model_coverage.py --only resnet18,regnet_x_400mf
+    python bench/model_coverage.py --render                          # table from the results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results" / "model_coverage.json"
+DOC = REPO / "docs" / "model-coverage.md"
+
+SIZES = (64, 96, 128, 224)
+TARGET_OPS = 0.5
+STEPS = 3
+BATCH = 4
+NUM_CLASSES = 10
+#: Models with attention blocks: the rest are the "convolutional classifiers" the aim counts.
+ATTENTION_PREFIXES = ("vit_", "swin_", "maxvit")
+
+
+def one_line(exc: BaseException, limit: int = 220) -> str:
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+class StageFailure(Exception):
+    def __init__(self, stage: str, reason: str):
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason = stage, reason
+
+
+def _build(name: str):
+    """The model at the smallest input it accepts (ViT: its image_size set to that input)."""
+    import torch
+
+    from rcomp.errors import RcompError
+    from rcomp.models import create_model
+    from rcomp.models.reference import check_logits
+
+    last = None
+    for size in SIZES:
+        kwargs = {"image_size": size} if name.startswith("vit_") else None
+        try:
+            torch.manual_seed(0)
+            model = create_model(f"torchvision:{name}", NUM_CLASSES, 3, factory_kwargs=kwargs)
+            check_logits(model, (3, size, size), NUM_CLASSES, name)
+            return model, size, kwargs
+        except RcompError as exc:
+            last = exc
+    raise StageFailure("build", str(last))
+
+
+def _train_masks(model, x_example, rows: dict):
+    """STEPS SGD steps with the budget penalty, then rcomp's projection onto TARGET_OPS."""
+    import torch
+    import torch.nn.functional as F
+
+    from rcomp.budget import BudgetController, CostModel, constraints_from_targets
+    from rcomp.masks import attach_masks
+
+    masked = attach_masks(model, "channel", x_example)
+    rows["groups"] = len(masked.masks.groups)
+    rows["skipped_groups"] = len(masked.masks.skipped)
+    rows["skipped_examples"] = [f"{n}: {r}" for n, r in masked.masks.skipped[:3]]
+    cost = CostModel.build(masked, x_example)
+    controller = BudgetController(cost, constraints_from_targets(cost, target_ops=TARGET_OPS), warmup_fraction=1.0)
+    opt = torch.optim.SGD(masked.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    masked.train()
+    for step in range(STEPS):
+        x = torch.rand((BATCH, *x_example.shape[1:]), generator=gen)
+        y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen)
+        progress = (step + 1) / STEPS
+        loss = F.cross_entropy(masked(x), y) + controller.penalty(progress)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        masked.masks.clip_()
+        controller.update(progress)
+    masked.eval()
+    projection = controller.project()
+    rows["cost_model_ops_ratio"] = projection["ops_after"] / cost.dense_ops if cost.dense_ops else None
+    return masked, cost
+
+
+def run_one(name: str) -> dict:
+    """Every stage for one torchvision model; the row records where it stopped and why."""
+    import torch
+
+    from rcomp.count import count_model
+    from rcomp.export.onnx_export import ExportError, export_onnx, parity
+    from rcomp.surgery import remove_channels
+
+    torch.set_num_threads(1)
+    row: dict = {"model": name, "convolutional": not name.startswith(ATTENTION_PREFIXES), "seconds": {}}
+    stage = "build"
+    t0 = time.perf_counter()
+
+    def done(s: str):
+        nonlocal t0
+        row["seconds"][s] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+
+    try:
+        model, size, kwargs = _build(name)
+        row["input"] = [1, 3, size, size]
+        row["model_kwargs"] = kwargs
+        shape = (1, 3, size, size)
+        x_example = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        dense = count_model(model, shape)
+        row["dense_mmacs"], row["dense_params"] = dense.macs / 1e6, dense.params
+        done("build")
+        stage = "masks+train"
+        masked, cost = _train_masks(model, x_example, row)
+        done("train")
+        stage = "remove"
+        pruned = remove_channels(masked, x_example).model.eval()
+        probe = torch.rand((4, 3, size, size), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            ref, got = masked(probe), pruned(probe)
+        diff = float((ref - got).abs().max())
+        tol = 1e-4 + 1e-5 * float(ref.abs().max())
+        row["removal_max_diff"] = diff
+        if not diff <= tol or not torch.equal(ref.argmax(1), got.argmax(1)):
+            raise StageFailure("remove", f"the pruned model computes other logits than the masked one "
+                                         f"(max |diff| {diff:.3g} > {tol:.3g}): a coupling torch-pruning did not follow")
+        done("remove")
+        stage = "count"
+        pc = count_model(pruned, shape)
+        row["pruned_mmacs"], row["pruned_params"] = pc.macs / 1e6, pc.params
+        row["ops_ratio"] = pc.macs / dense.macs
+        if abs(pc.macs - cost.ops().item()) > 0.5 and row.get("cost_model_ops_ratio") is not None:
+            row["cost_model_mismatch_macs"] = pc.macs - float(cost.ops().item())
+        if pc.macs > TARGET_OPS * dense.macs:
+            raise StageFailure("count", f"fvcore counts {pc.macs / dense.macs:.4f} of the dense ops, over the {TARGET_OPS} budget "
+                                        f"(rcomp's cost model said {row.get('cost_model_ops_ratio') or 0:.4f})")
+        done("count")
+        stage = "export"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.onnx"
+            try:
+                export_onnx(pruned, shape, path, opset=17, metadata={"base_model": name})
+            except ExportError as exc:
+                if type(exc).__name__ == "ParityError":
+                    raise StageFailure("parity", one_line(exc)) from None
+                raise
+            row["onnx_mb"] = round(path.stat().st_size / 1e6, 2)
+            done("export")
+            stage = "parity"
+            x = torch.rand((8, 3, size, size), generator=torch.Generator().manual_seed(3))
+            with torch.no_grad():
+                logits = pruned(x)
+            try:
+                par = parity(pruned, path, x)
+            except ExportError as exc:
+                raise StageFailure("parity", one_line(exc)) from None
+            row["parity_max_abs_diff"] = par.max_abs_diff
+            row["parity_top1_agreement"] = par.top1_agreement
+            row["max_abs_logit"] = float(logits.abs().max())
+            done("parity")
+        row.update(status="pass", stage=None, reason=None)
+    except StageFailure as exc:
+        row.update(status="fail", stage=exc.stage, reason=exc.reason)
+    except Exception as exc:  # noqa: BLE001 - any failure is a row with its stage and reason
+        row.update(status="fail", stage=stage, reason=one_line(exc), trace=traceback.format_exc(limit=-3)[-1500:])
+    return row
+
+
+def run_subprocess(name: str, timeout: float) -> dict:
+    """``run_one`` in a child process: a crash, an out-of-memory kill or a hang is this model's row."""
+    started = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "convolutional": not name.startswith(ATTENTION_PREFIXES), "status": "timeout",
+                "stage": None, "reason": f"no result within {timeout:.0f} s", "wall_seconds": round(timeout, 1)}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
+        row = {"model": name, "convolutional": not name.startswith(ATTENTION_PREFIXES), "status": "fail",
+               "stage": "process", "reason": f"the process died (exit {proc.returncode}): {tail[:200]}"}
+    else:
+        row = json.loads(lines[-1])
+    row["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    conv = [r for r in rows if r.get("convolutional")]
+    return {
+        "models": len(rows), "passed": sum(r["status"] == "pass" for r in rows),
+        "convolutional": len(conv), "convolutional_passed": sum(r["status"] == "pass" for r in conv),
+        "convolutional_pass_rate": (sum(r["status"] == "pass" for r in conv) / len(conv)) if conv else None,
+        "parity_within_1e-4_abs": sum(1 for r in rows if r["status"] == "pass" and r.get("parity_max_abs_diff", 1) <= 1e-4),
+    }
+
+
+def render(doc: dict) -> str:
+    s = doc["summary"]
+    lines = [
+        "# Model coverage: every torchvision classifier through rcomp",
+        "",
+        "Rendered by `python bench/model_coverage.py --render` from `bench/results/model_coverage.json`; do not edit by hand.",
+        "",
+        f"Command: `{doc['command']}`  ",
+        f"Commit {doc['commit'][:10]}, {doc['date']}, {doc['machine'].get('cpu_model') or doc['machine'].get('processor')}, "
+        f"torch {doc['versions']['torch']}, torchvision {doc['versions']['torchvision']}, torch-pruning {doc['versions']['torch_pruning']}.",
+        "",
+        "Each model: built by `create_model(\"torchvision:NAME\")` (random init, 10 classes) at the smallest of "
+        f"{', '.join(map(str, SIZES))} px its forward accepts (ViTs get `image_size` = that size); channel masks on "
+        f"torch-pruning's coupled groups; {STEPS} SGD steps (batch {BATCH}, random images) with the budget penalty for "
+        f"`--target-ops {TARGET_OPS}`; rcomp's projection onto the budget; channel removal, checked to compute the masked "
+        "model's logits; fvcore count ≤ the budget; ONNX export (opset 17, onnx-simplifier); onnxruntime parity on 8 inputs "
+        "(top-1 identical, |logit diff| ≤ 1e-4 + 1e-5·max|logit|; the raw maximum is in the table). Each model runs in its own "
+        f"process with a {doc['timeout']:.0f} s timeout.",
+        "",
+        f"**Convolutional classifiers: {s['convolutional_passed']} of {s['convolutional']} pass every stage "
+        f"({100 * (s['convolutional_pass_rate'] or 0):.1f} %).** All models (with the attention ones: ViT, Swin, MaxViT): "
+        f"{s['passed']} of {s['models']}. Passing models with the raw parity difference ≤ 1e-4: {s['parity_within_1e-4_abs']}.",
+        "",
+        "Groups left alone are coupled channel groups rcomp does not prune because masking and removing them would "
+        "not be exact (grouped convolutions, LayerNorm, attention, channel shuffle / permutes): they keep every channel "
+        "and the rest of the network is pruned to the budget.",
+        "",
+        "| model | input | result | ops ratio (fvcore) | groups pruned / left alone | removal diff | ONNX parity max diff | seconds | reason |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        res = "pass" if r["status"] == "pass" else (r["status"] if r["status"] == "timeout" else f"fail: {r.get('stage')}")
+        fmt = lambda v, f: (f.format(v) if isinstance(v, (int, float)) else "")  # noqa: E731
+        groups = f"{r['groups']} / {r['skipped_groups']}" if "groups" in r else ""
+        inp = "x".join(map(str, r["input"][-2:])) if r.get("input") else ""
+        reason = (r.get("reason") or "").replace("|", "\\|")
+        lines.append(f"| {r['model']} | {inp} | {res} | {fmt(r.get('ops_ratio'), '{:.3f}')} | {groups} | "
+                     f"{fmt(r.get('removal_max_diff'), '{:.1e}')} | {fmt(r.get('parity_max_abs_diff'), '{:.1e}')} | "
+                     f"{fmt(r.get('wall_seconds'), '{:.0f}')} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_info() -> dict:
+    sys.path.insert(0, str(HERE))
+    from cifar10_table import machine
+
+    return machine()
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def versions() -> dict:
+    import torch
+    import torch_pruning
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "torch_pruning": torch_pruning.__version__}
+
+
+def write(doc: dict) -> None:
+    from rcomp.reports import write_json_atomic, write_text_atomic
+
+    doc["summary"] = summary(doc["rows"])
+    write_json_atomic(RESULTS, doc)
+    write_text_atomic(DOC, render(doc))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--only", default="", help="comma-separated torchvision names [all]")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
+    p.add_argument("--render", action="store_true", help="only re-render docs/model-coverage.md from the results file")
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one)), flush=True)
+        return
+    if args.render:
+        write(json.loads(RESULTS.read_text()))
+        return
+    import torchvision
+
+    names = sorted(torchvision.models.list_models(module=torchvision.models))
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        names = [n for n in names if n in wanted]
+    doc = {"command": "OMP_NUM_THREADS=1 python bench/model_coverage.py" + (f" --only {args.only}" if args.only else "")
+           + (f" --timeout {args.timeout:g}" if args.timeout != 900.0 else ""),
+           "commit": commit(), "machine": machine_info(), "versions": versions(),
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "timeout": args.timeout,
+           "target_ops": TARGET_OPS, "steps": STEPS, "sizes": list(SIZES), "rows": []}
+    for name in names:
+        row = run_subprocess(name, args.timeout)
+        doc["rows"].append(row)
+        print(f"{name:22s} {row['status']:7s} {row.get('stage') or '':8s} {row.get('wall_seconds', 0):6.1f}s "
+              f"{row.get('reason') or ''}", flush=True)
+        write(doc)
+
+
+if __name__ == "__main__":
+    main()
