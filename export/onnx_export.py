@@ -79,7 +79,7 @@ def export_onnx(
     onnxruntime on ``example_inputs`` and compared with PyTorch (:func:`parity`, ``atol``).
     """
     input_shape = tuple(int(d) for d in input_shape)
-    x = _example(input_shape, example_inputs)
+    x = _export_input(input_shape, example_inputs)
     with _eval_fp32(model) as m:
         onnx_model = simplify(_torch_export(m, x, opset), check_n=check_n)
         _validate(onnx_model, opset, input_shape)
@@ -94,11 +94,12 @@ def export_onnx(
     )
 
 
-def _example(input_shape: tuple[int, ...], example_inputs: torch.Tensor | None) -> torch.Tensor:
+def _export_input(input_shape: tuple[int, ...], example_inputs: torch.Tensor | None) -> torch.Tensor:
     """Pixels in [0, 1] of exactly the static shape the file will declare (seeded: reproducible)."""
     if example_inputs is None:
-        gen = torch.Generator().manual_seed(0)
-        return torch.rand(input_shape, generator=gen)
+        from rcomp.count import example_input
+
+        return example_input(input_shape)
     if tuple(example_inputs.shape) != input_shape:
         raise ValueError(f"example_inputs shape {tuple(example_inputs.shape)} != input_shape {input_shape}")
     return example_inputs.detach().float().cpu()

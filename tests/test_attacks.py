@@ -2,7 +2,9 @@
 
 import torch
 
-from rcomp.attacks import ATTACKS, evaluate, fgsm, fgsm_rs, nfgsm, pgd, uniform_noise
+from functools import partial
+
+from rcomp.attacks import ATTACKS, evaluate, evaluate_examples, fgsm, fgsm_rs, nfgsm, pgd, uniform_noise
 from rcomp.masks import attach_masks
 from rcomp.models import create_model
 
@@ -95,6 +97,26 @@ def test_evaluate_counts_batches_and_caps_examples(trained):
     full = evaluate(model, batches, fgsm, eps=EPS)
     assert full.n == 200 and full.adv == evaluate(model, (x, y), fgsm, eps=EPS).adv
     assert evaluate(model, batches, max_examples=100).n == 100
+
+
+def test_evaluate_examples_gives_each_examples_correctness_per_attack_and_per_class(trained):
+    model, x, y = trained
+    attacks = {"fgsm": partial(fgsm, eps=EPS), "pgd": partial(pgd, eps=EPS, alpha=EPS / 4, steps=5, generator=_gen())}
+    res = evaluate_examples(model, (x, y), attacks, batch_size=64, keep_logits=True)
+    assert res.n == 200 and torch.equal(res.labels, y) and list(res.correct) == ["clean", "fgsm", "pgd"]
+    with torch.no_grad():
+        assert torch.equal(res.correct["clean"], model(x).argmax(1) == y)
+        assert torch.equal(res.correct["fgsm"], model(fgsm(model, x, y, eps=EPS)).argmax(1) == y)
+    assert torch.allclose(res.logits["clean"], model(x).detach(), atol=1e-5)
+    worst = res.all_of()
+    assert torch.equal(worst, res.correct["clean"] & res.correct["fgsm"] & res.correct["pgd"])
+    assert 0 < int(worst.sum()) < res.count("clean")  # the attacks break some correct examples, not all
+    per_class = res.per_class("clean", num_classes=11)
+    assert per_class[10] is None  # no example of that class
+    for k in range(10):
+        assert per_class[k] == float(res.correct["clean"][y == k].float().mean())
+    again = evaluate_examples(model, torch.utils.data.TensorDataset(x, y), {"fgsm": partial(fgsm, eps=EPS)}, batch_size=64)
+    assert torch.equal(again.correct["fgsm"], res.correct["fgsm"])  # a Dataset reads the same batches
 
 
 class _Stubborn(torch.nn.Module):

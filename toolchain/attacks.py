@@ -230,35 +230,125 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def evaluate(model: nn.Module, loader_or_batches, attack: Callable | None = None, *,
-             max_examples: int | None = None, **attack_kwargs) -> AccuracyResult:
-    """Clean (and attacked) accuracy in eval mode and fp32, restoring the model's mode afterwards.
+@dataclass
+class Correctness:
+    """Which examples a model classifies correctly, clean and under each attack, in data order.
 
-    ``attack(model, x, y, **attack_kwargs)`` returns adversarial inputs, e.g. ``pgd`` with
-    ``eps=8/255, steps=10, generator=g``. ``loader_or_batches`` is a DataLoader, any iterable of
-    ``(x, y)`` batches or a single ``(x, y)`` pair.
+    ``correct`` maps ``"clean"`` and every attack's name to an (n,) bool tensor; ``labels`` are the
+    (n,) true labels, so per-class figures come from the same run (:meth:`per_class`). With
+    ``keep_logits`` the logits of every example are kept under the same names (CPU tensors).
     """
-    net = _fp32(model)
+
+    labels: torch.Tensor
+    correct: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor] | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def count(self, name: str = "clean") -> int:
+        return int(self.correct[name].sum())
+
+    def accuracy(self, name: str = "clean") -> float:
+        return self.count(name) / max(self.n, 1)
+
+    def all_of(self, names: Iterable[str] | None = None) -> torch.Tensor:
+        """Correct under every one of ``names`` (default: clean and every attack): the per-example worst case."""
+        names = list(self.correct) if names is None else list(names)
+        return torch.stack([self.correct[k] for k in names]).all(0)
+
+    def per_class(self, name: str = "clean", num_classes: int | None = None) -> list[float | None]:
+        """Accuracy of each class (None for a class with no example here)."""
+        k = int(num_classes if num_classes is not None else (int(self.labels.max()) + 1 if self.n else 0))
+        seen = torch.bincount(self.labels, minlength=k)
+        hits = torch.bincount(self.labels[self.correct[name]], minlength=k)
+        return [float(h) / int(s) if s else None for h, s in zip(hits.tolist(), seen.tolist())]
+
+
+def evaluate_examples(model: nn.Module, data, attacks: dict[str, Callable] | None = None, *,
+                      batch_size: int | None = None, max_examples: int | None = None, keep_logits: bool = False,
+                      progress: bool = False, desc: str = "eval") -> Correctness:
+    """rcomp's one evaluation loop: per example, clean and attacked correctness, in eval mode and fp32.
+
+    ``data`` is a DataLoader or any iterable of ``(x, y)`` batches, one ``(x, y)`` pair (cut into
+    ``batch_size`` chunks when given), or a Dataset (read in batches of ``batch_size``, 256 by
+    default). ``attacks`` maps a name to ``attack(model, x, y) -> x_adv`` (e.g. a
+    ``functools.partial`` of :func:`pgd` with its ``generator``); each batch is attacked in the
+    order given, so a seeded generator makes the run repeatable. The model's train/eval mode is
+    restored afterwards. Why one loop: training's validation and guard, ``rcomp eval``, the
+    RL search's reward and the sanity checks count the same way, on the same precision.
+    """
+    from tqdm import tqdm
+
+    net, attacks = _fp32(model), dict(attacks or {})
     device = _model_device(net)
-    n = clean = adv = 0
     device_type = device.type if device.type in ("cpu", "cuda") else "cpu"
+    labels, correct = [], {k: [] for k in ("clean", *attacks)}
+    logits: dict[str, list] | None = {k: [] for k in correct} if keep_logits else None
+    n = 0
+    batches = _batches(_as_batches(data, batch_size), device)
     with eval_mode(net), torch.autocast(device_type=device_type, enabled=False):
-        for x, y in _batches(loader_or_batches, device):
+        for x, y in tqdm(batches, desc=desc, unit="batch", disable=not progress, total=_num_batches(data, batch_size)):
             if max_examples is not None:
                 x, y = x[: max_examples - n], y[: max_examples - n]
                 if len(y) == 0:
                     break
-            c, a = _count_correct(net, x, y, attack, attack_kwargs)
-            n, clean, adv = n + len(y), clean + c, adv + a
-    has_adv = attack is not None
-    return AccuracyResult(clean / max(n, 1), adv / max(n, 1) if has_adv else None, n, clean, adv if has_adv else None)
+            n += len(y)
+            labels.append(y.cpu())
+            for name, x_in in _inputs(net, x, y, attacks):
+                with torch.no_grad():
+                    out = net(x_in)
+                correct[name].append((out.argmax(1) == y).cpu())
+                if logits is not None:
+                    logits[name].append(out.float().cpu())
+    cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0)  # noqa: E731
+    return Correctness(cat(labels).long(), {k: cat(v).bool() for k, v in correct.items()},
+                       {k: cat(v) for k, v in logits.items()} if logits is not None else None)
 
 
-def _count_correct(net, x, y, attack, attack_kwargs) -> tuple[int, int]:
-    with torch.no_grad():
-        clean = int((net(x).argmax(1) == y).sum())
-    if attack is None:
-        return clean, 0
-    x_adv = attack(net, x, y, **attack_kwargs)
-    with torch.no_grad():
-        return clean, int((net(x_adv).argmax(1) == y).sum())
+def _inputs(net, x, y, attacks: dict[str, Callable]):
+    """The clean batch, then each attack's examples, crafted as they are needed."""
+    yield "clean", x
+    for name, attack in attacks.items():
+        yield name, attack(net, x, y)
+
+
+def _as_batches(data, batch_size: int | None):
+    """A Dataset read in batches (``get_batch`` when it has one), a pair cut into chunks, else ``data`` as is."""
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return _dataset_batches(data, batch_size or 256)
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        x, y = data
+        size = batch_size or max(len(y), 1)
+        return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+    return data
+
+
+def _dataset_batches(dataset, batch_size: int):
+    for start in range(0, len(dataset), batch_size):
+        idx = list(range(start, min(start + batch_size, len(dataset))))
+        if hasattr(dataset, "get_batch"):
+            yield dataset.get_batch(idx)
+        else:
+            items = [dataset[i] for i in idx]
+            yield torch.stack([torch.as_tensor(x) for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def _num_batches(data, batch_size: int | None) -> int | None:
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        return -(-len(data) // (batch_size or 256))
+    return len(data) if hasattr(data, "__len__") and not isinstance(data, tuple) else None
+
+
+def evaluate(model: nn.Module, loader_or_batches, attack: Callable | None = None, *,
+             max_examples: int | None = None, **attack_kwargs) -> AccuracyResult:
+    """Clean (and attacked) accuracy: :func:`evaluate_examples` with one attack, as counts.
+
+    ``attack(model, x, y, **attack_kwargs)`` returns adversarial inputs, e.g. ``pgd`` with
+    ``eps=8/255, steps=10, generator=g``.
+    """
+    attacks = {"adv": lambda m, x, y: attack(m, x, y, **attack_kwargs)} if attack is not None else None
+    res = evaluate_examples(model, loader_or_batches, attacks, max_examples=max_examples)
+    adv = res.count("adv") if attack is not None else None
+    return AccuracyResult(res.accuracy(), adv / max(res.n, 1) if adv is not None else None, res.n, res.count(), adv)

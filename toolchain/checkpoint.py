@@ -27,21 +27,7 @@ import torch
 
 from rcomp.errors import CheckpointError
 
-try:
-    from rcomp.reports import write_bytes_atomic
-except ImportError:  # pragma: no cover - reports is part of the package; kept for partial installs
-    import os
-
-    def write_bytes_atomic(path, data: bytes):
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
-
+from rcomp.reports import write_bytes_atomic
 
 _NAME = re.compile(r"^ckpt-epoch(\d{4,})\.pt$")
 

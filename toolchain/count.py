@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from rcomp.reports import render_table
+
 CONVENTION = (
     "MACs at batch 1 (one multiply-add = one op, fvcore), conv + linear only; BatchNorm folded into "
     "the conv (0); pooling, element-wise ops (residual add, normalization sub/div) and activations "
@@ -105,7 +107,7 @@ class CostReport:
     def to_table(self) -> str:
         rows = [[layer.name, layer.kind, layer.macs, layer.params] for layer in self.layers]
         rows.append(["total", "", self.macs, self.params])
-        table = _render(rows, ["layer", "kind", "MACs", "params"])
+        table = render_table(rows, ["layer", "kind", "MACs", "params"])
         lines = [table, f"{self.mops:.3f} MOps, {self.params:,} params"]
         if self.not_counted:
             lines.append("not counted: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.not_counted.items())))
@@ -113,29 +115,19 @@ class CostReport:
         return "\n".join(lines)
 
 
-def _render(rows: list[list], headers: list[str]) -> str:
-    try:
-        from rcomp.reports import render_table
-    except ImportError:  # pragma: no cover - reports is part of the package
-        render_table = None
-    if render_table is not None:
-        return render_table(rows, headers)
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    out += ["  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    return "\n".join(out)
+def example_input(input_shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    """Pixels in [0, 1] of exactly ``input_shape``, seeded: what a model is counted, traced and exported
+    with (rcomp's one example builder). Its own generator leaves torch's global RNG as it was."""
+    x = torch.rand(tuple(int(d) for d in input_shape), generator=torch.Generator().manual_seed(0))
+    return x.to(device) if device is not None else x
 
 
-def _example(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+def _one_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """A batch-1 example on the model's device: (C, H, W) / (features,) get the batch dimension, (N, ...) becomes 1."""
     shape = tuple(int(s) for s in input_shape)
-    if len(shape) in (1, 3):  # (features,) / (C, H, W): add the batch dimension
-        shape = (1,) + shape
-    else:  # (N, features) / (N, C, H, W): batch 1 by convention
-        shape = (1,) + shape[1:]
+    shape = (1,) + shape if len(shape) in (1, 3) else (1,) + shape[1:]
     p = next(model.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    return torch.rand(shape, device=device)
+    return example_input(shape, p.device if p is not None else None)
 
 
 def count_model(model: nn.Module, input_shape: tuple[int, ...]) -> CostReport:
@@ -148,7 +140,7 @@ def count_model(model: nn.Module, input_shape: tuple[int, ...]) -> CostReport:
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis
 
-    x = _example(model, input_shape)
+    x = _one_input(model, input_shape)
     zero_counts: Counter = Counter()
 
     def zero_handle(name: str):
@@ -197,7 +189,7 @@ def sparse_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     This is the figure of a sparse kernel; fvcore and dense runtimes count (and run) the dense one.
     """
-    x = _example(model, input_shape)
+    x = _one_input(model, input_shape)
     total = 0
     handles = []
 

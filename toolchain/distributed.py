@@ -77,6 +77,20 @@ def main_only(log):
     return log if is_main() else (lambda *_args, **_kwargs: None)
 
 
+def resolve_device(name: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` as given, ``auto`` as CUDA when there is one: rcomp's one reading of a
+    device name, so the CLI and the trainer refuse the same names (RcompError, exit 2)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise RcompError(f"device {name!r}: expected cpu, cuda, cuda:N or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RcompError(f"device {name!r}: CUDA is not available on this machine (use cpu or auto)")
+    return name
+
+
 def device_for(name: str, w: World | None = None) -> str:
     """The device of this rank: ``cuda`` (or ``cuda:N``) becomes ``cuda:LOCAL_RANK`` under torchrun."""
     w = w or world()

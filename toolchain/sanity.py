@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcomp.attacks import eval_mode, fgsm, pgd, uniform_noise
+from rcomp.attacks import eval_mode, evaluate_examples, fgsm, pgd, uniform_noise
 
 FLAG = "possible gradient masking"
 
@@ -65,15 +65,18 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, size: int):
 
 
 def _run(model, x, y, attack, batch_size: int, **kw) -> tuple[float, float, float, float]:
-    """(accuracy, max |delta|, min pixel, max pixel) of ``attack`` over all examples."""
-    correct, linf, lo, hi = 0, 0.0, 1.0, 0.0
-    for xb, yb in _chunks(x, y, batch_size):
-        xa = attack(model, xb, yb, **kw) if attack is not None else xb
-        with torch.no_grad():
-            correct += int((model(xa).argmax(1) == yb).sum())
-        linf = max(linf, float((xa - xb).abs().max()))
-        lo, hi = min(lo, float(xa.min())), max(hi, float(xa.max()))
-    return correct / len(y), linf, lo, hi
+    """(accuracy, max |delta|, min pixel, max pixel) of ``attack`` over all examples, counted by
+    :func:`rcomp.attacks.evaluate_examples`; the attack is watched for the size and range of its examples."""
+    seen = {"linf": 0.0, "lo": float(x.min()), "hi": float(x.max())}
+
+    def watched(net, xb, yb):
+        xa = attack(net, xb, yb, **kw)
+        seen["linf"] = max(seen["linf"], float((xa - xb).abs().max()))
+        seen["lo"], seen["hi"] = min(seen["lo"], float(xa.min())), max(seen["hi"], float(xa.max()))
+        return xa
+
+    res = evaluate_examples(model, (x, y), {"attack": watched} if attack is not None else None, batch_size=batch_size)
+    return res.accuracy("attack" if attack is not None else "clean"), seen["linf"], seen["lo"], seen["hi"]
 
 
 def _zero_grad_fraction(model, x, y, batch_size: int) -> float:

@@ -351,8 +351,8 @@ class _Trainer:
     def __init__(self, config: TrainConfig, bundle, model: nn.Module, out_dir, log):
         config.validate()
         self.cfg, self.bundle, self.log = config, bundle, distributed.main_only(log)
-        self.world = distributed.init(str(_device(config.device)))
-        self.device = _device(distributed.device_for(config.device, self.world))
+        self.world = distributed.init(distributed.resolve_device(config.device))
+        self.device = torch.device(distributed.resolve_device(distributed.device_for(config.device, self.world)))
         self._check_world()
         torch.manual_seed(config.seed)
         self.model, self.masks = self._wrap(model)
@@ -958,13 +958,6 @@ class _Trainer:
 
 # --------------------------------------------------------------------------------------------
 # small utilities
-
-
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RcompError(f"device {name!r} requested but CUDA is not available on this machine")
-    return device
 
 
 def _subset(dataset, n: int, seed: int):
