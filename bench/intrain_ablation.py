@@ -129,11 +129,6 @@ def table_intrain_recipe() -> dict:
 #: all starting at MASK_INIT, budget gradient scaled by cost ** -0.5): the reference of the older variants.
 FROMSTART = "masks learn from step 0 from a constant init, cost exponent 0.5 (rcomp's defaults, no bench recipe)"
 
-#: The post-train methods fine-tune their final architecture with a learning-rate cycle of their own
-#: over the last third; in-train pruning's single cycle has already decayed when its masks freeze.
-RESTART = "the post-train split: masks freeze at 2/3 of the steps, a new LR cycle (warm restart) over the rest"
-RESTART_RECIPE = {"freeze_fraction": 0.6667, "lr_restart": True}
-
 #: The table's rows were trained before commit 955694e, when every process drew its own initial
 #: weights; since then every seed-0 run starts from the same ones, so a variant compared against this
 #: re-run differs from it in its one change only (same init, data order and attack noise).
@@ -307,50 +302,6 @@ FREEZE_AT_TARGET_03_S2 = "seed 2 of aim 2 with the masks frozen at 0.5: in-train
 FREEZE_AT_TARGET_S3 = "seed 3 of aim 1 with the masks frozen at 0.5: in-train 0.5 beside dense, one host (the last seed)"
 FREEZE_AT_TARGET_03_S3 = ("seed 3 of aim 2 with the masks frozen at 0.5: in-train 0.3 beside magnitude post-train 0.3, "
                           "one host (the last seed)")
-#: bench/mask_gradients.py: on batch statistics the mask gradients of every ResNet20 group but the
-#: stage-3 stream sum to zero (|sum| / sum |.| <= 4e-4 against 0.13-1.0 on running statistics): the
-#: loss ranks a group's channels but never asks for 11 of the 12 widths, which follow from the budget's
-#: push and the magnitude start. The masks' steps on running statistics let the loss weigh widths
-#: too; the freeze-0.5 row at seed 0 on this host (which repeats it up to the mask start) is the
-#: paired reference. (A 0.5 row was declared beside it and dropped untrained after this one lost 15.)
-MASK_NORM_RUNNING = ("the loss sees the groups' widths: BatchNorm on running statistics while the masks learn "
-                     "(mask_norm_stats running)")
-#: The running-statistics row lost 15 points but changed two things: the masks' signal, and the
-#: weights trained without batch statistics at the LR peak. Here only the masks' task gradient comes
-#: from running statistics, in a second pass over the same adversarial batch; the weights train on
-#: batch statistics as in the reference (mask_norm_stats mask-pass). Declared before training: aim 2
-#: at seeds 0 and 1 (the paired references and magnitude rows of both seeds are from this host) and
-#: aim 1 at seed 0, three runs side by side on the AMD EPYC host (session 37).
-MASK_PASS = ("only the masks see widths: their task gradient from a second pass on running statistics, the weights "
-             "on batch statistics (mask_norm_stats mask-pass)")
-MASK_PASS_RECIPE = {"freeze_fraction": 0.5, "mask_norm_stats": "mask-pass"}
-#: The mask-pass rows lost 2.5-4 points; bench/mask_gradients.py --training shows why: in the middle
-#: of FastAT the loss falls when the logits shrink (slope +1.08 on running statistics) and every
-#: width scales them, so the pass asked for narrower groups nearly everywhere. The same pass with
-#: its loss blind to the logits' scale (rcomp.train.scale_blind) can only ask for widths that change
-#: its answers. Declared before training: aim 2 at seeds 0 and 1, two runs side by side on the AMD
-#: EPYC host (session 37), against the same paired references as the mask-pass rows.
-MASK_PASS_DIRECTION = ("the mask pass blind to the logits' scale: their task gradient from running statistics without "
-                       "the component along the logits (mask_norm_stats mask-pass-direction)")
-MASK_PASS_DIRECTION_RECIPE = {"freeze_fraction": 0.5, "mask_norm_stats": "mask-pass-direction"}
-#: Neither view of running statistics gave the masks a width signal that helps; this one measures
-#: widths on the batch statistics the weights train with: every 10 mask-learning steps each group's
-#: next channel (on, lowest mask) is switched off in turn, the loss's rise on the step's adversarial
-#: batch kept as a running value, and every mask of the group gets minus that value through the
-#: STE slope (rcomp.width_probe, width_probe_every 10). Declared before training: aim 2 at seeds 0
-#: and 1 and aim 1 at seed 0, three runs side by side on the AMD EPYC host (session 38), against the
-#: same paired references as the mask-pass rows.
-WIDTH_PROBE = ("a removal-based width signal: every 10 mask steps each group's next channel switched off in turn, "
-               "the loss's rise becomes the group's width gradient (width_probe_every 10)")
-WIDTH_PROBE_RECIPE = {"freeze_fraction": 0.5, "width_probe_every": 10}
-
-#: In training the stream masks get the loudest gradient but hardly a one-sided one
-#: (bench/mask_gradients.py), and a noisier mask crosses zero sooner on the same budget drift. SGD
-#: momentum 0.99 averages a mask's gradient over ~100 steps instead of ~10; the lr scale 0.1 keeps
-#: the steady-state step lr * g / (1 - momentum) what it was, so only the averaging changes.
-MASK_MOMENTUM = "mask gradients averaged over 10x more steps: mask momentum 0.99 at 0.1 of the lr (same mean step)"
-MASK_MOMENTUM_RECIPE = {"mask_momentum": 0.99, "mask_lr_scale": 0.1}
-
 #: VGG16 at the poster's 5.51 M params lost 6.6 points to dense and came out at 0.24 of the ops for
 #: 0.37 of the params: with the bench recipe's cost exponent 1.0 every unit gets the same budget
 #: gradient, so the cheap-in-params early convolutions went to the floor. rcomp's default 0.5 makes
@@ -453,8 +404,6 @@ VARIANTS = {
     "r20-intrain-0.5-seed1-bench": Variant("intrain", 0.5, "seed noise: in-train 0.5 (bench recipe), seed 1", seed=1),
     "r20-intrain-0.3-start0.5": Variant("intrain", 0.3, "more dense training first: masks start at 0.5, warm-up 0.1",
                                         {"mask_start": 0.5, "warmup_fraction": 0.1}),
-    "r20-intrain-0.5-restart": Variant("intrain", 0.5, RESTART, RESTART_RECIPE),
-    "r20-intrain-0.3-restart": Variant("intrain", 0.3, RESTART, RESTART_RECIPE),
     "r20-intrain-0.3-seed1-bench": Variant("intrain", 0.3, "seed noise: in-train 0.3 (bench recipe), seed 1", seed=1),
     "r20-posttrain-0.3-seed1": Variant("posttrain", 0.3, "seed noise: magnitude post-train 0.3, seed 1", seed=1),
     "r20-intrain-0.3-rerun": Variant("intrain", 0.3, RERUN, repeat=AFTER_SEED_FIX),
@@ -560,29 +509,6 @@ VARIANTS = {
                                                          seed=3, sweep=PREDICTED,
                                                          ref="r20-intrain-0.3-freeze0.5-predicted"),
     "r20-posttrain-0.3-seed3-predicted": Variant("posttrain", 0.3, FREEZE_AT_TARGET_03_S3, seed=3, sweep=PREDICTED),
-    "r20-intrain-0.3-freeze0.5-bnrunning-predicted": Variant(
-        "intrain", 0.3, MASK_NORM_RUNNING, {"freeze_fraction": 0.5, "mask_norm_stats": "running"}, sweep=PREDICTED,
-        ref="r20-intrain-0.3-freeze0.5-predicted"),
-    "r20-intrain-0.3-freeze0.5-maskpass-predicted": Variant("intrain", 0.3, MASK_PASS, MASK_PASS_RECIPE,
-                                                            sweep=PREDICTED, ref="r20-intrain-0.3-freeze0.5-predicted"),
-    "r20-intrain-0.3-freeze0.5-maskpass-seed1-predicted": Variant(
-        "intrain", 0.3, MASK_PASS, MASK_PASS_RECIPE, seed=1, sweep=PREDICTED,
-        ref="r20-intrain-0.3-freeze0.5-seed1-predicted"),
-    "r20-intrain-0.5-freeze0.5-maskpass-predicted": Variant("intrain", 0.5, MASK_PASS, MASK_PASS_RECIPE,
-                                                            sweep=PREDICTED, ref="r20-intrain-0.5-freeze0.5-predicted"),
-    "r20-intrain-0.3-freeze0.5-maskdir-predicted": Variant("intrain", 0.3, MASK_PASS_DIRECTION,
-                                                           MASK_PASS_DIRECTION_RECIPE, sweep=PREDICTED,
-                                                           ref="r20-intrain-0.3-freeze0.5-predicted"),
-    "r20-intrain-0.3-freeze0.5-maskdir-seed1-predicted": Variant(
-        "intrain", 0.3, MASK_PASS_DIRECTION, MASK_PASS_DIRECTION_RECIPE, seed=1, sweep=PREDICTED,
-        ref="r20-intrain-0.3-freeze0.5-seed1-predicted"),
-    "r20-intrain-0.3-freeze0.5-probe-predicted": Variant("intrain", 0.3, WIDTH_PROBE, WIDTH_PROBE_RECIPE,
-                                                         sweep=PREDICTED, ref="r20-intrain-0.3-freeze0.5-predicted"),
-    "r20-intrain-0.3-freeze0.5-probe-seed1-predicted": Variant(
-        "intrain", 0.3, WIDTH_PROBE, WIDTH_PROBE_RECIPE, seed=1, sweep=PREDICTED,
-        ref="r20-intrain-0.3-freeze0.5-seed1-predicted"),
-    "r20-intrain-0.5-freeze0.5-probe-predicted": Variant("intrain", 0.5, WIDTH_PROBE, WIDTH_PROBE_RECIPE,
-                                                         sweep=PREDICTED, ref="r20-intrain-0.5-freeze0.5-predicted"),
     "r20-intrain-0.3-seed1-epyc": Variant("intrain", 0.3, PLAIN_03_S1, seed=1, repeat=ON_EPYC_S1_03_PLAIN,
                                           sweep=PREDICTED_S1),
     "r20-intrain-0.3-freeze0.6-seed1-predicted": Variant("intrain", 0.3, E6_EARLY_FREEZE, {"freeze_fraction": 0.6},
@@ -598,8 +524,6 @@ VARIANTS = {
                                           ref="r20-intrain-0.3-rerun-streams"),
     "r20-intrain-0.3-rerun-streams": Variant("intrain", 0.3, RERUN_STREAMS, repeat=ON_STREAMS_HOST, sweep=PREDICTED),
     "r20-posttrain-0.3-rerun-streams": Variant("posttrain", 0.3, RERUN_STREAMS, repeat=ON_STREAMS_HOST, sweep=PREDICTED),
-    "r20-intrain-0.5-maskmom0.99": Variant("intrain", 0.5, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
-    "r20-intrain-0.3-maskmom0.99": Variant("intrain", 0.3, MASK_MOMENTUM, MASK_MOMENTUM_RECIPE, sweep=PREDICTED),
     "r20-dense-rerun-predicted": Variant("dense", None, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),
     "r20-posttrain-0.3-rerun-predicted": Variant("posttrain", 0.3, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),
     "r20-intrain-0.5-rerun-predicted": Variant("intrain", 0.5, RERUN_HERE, repeat=ON_THIS_MACHINE, sweep=PREDICTED),

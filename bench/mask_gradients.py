@@ -17,15 +17,16 @@ on the group's width as a whole, and the table gives its size against the sum of
 (the largest over the groups of a stage and kind). Near 0, the loss cannot tell the group's width
 from any other, only which of its channels to keep.
 
-The second table (``--training``) asks the same of a model in the middle of training, where the
-masks learn: the ResNet20 run that took its mask gradients on running statistics
-(``mask_norm_stats: mask-pass``), 70 steps after its masks started, beside the dense row's final
-weights. Per group it gives the signed width push (positive: the loss would narrow the group), and
-per model the slope of the FGSM loss in a temperature that scales the logits (positive: smaller
-logits lower the loss), which is what narrowing a group does when no BatchNorm renormalizes it.
+The second table (``mask_gradients_training.json``) asked the same of a model in the middle of
+training, where the masks learn: the ResNet20 run that took its mask gradients on running
+statistics (``mask_norm_stats: mask-pass``), 70 steps after its masks started, beside the dense
+row's final weights. Per group it gives the signed width push (positive: the loss would narrow the
+group), and per model the slope of the FGSM loss in a temperature that scales the logits (positive:
+smaller logits lower the loss). That training option, and with it the ``--training`` measurement,
+was removed (no measured gain, docs/ablations.md); its results file stays and is still rendered,
+and ``git checkout 6311216`` has the code that measured it.
 
     python bench/mask_gradients.py                       # ResNet20 and ResNet56 dense rows of the table
-    python bench/mask_gradients.py --training            # the mid-training ResNet20 state vs the dense row
     python bench/mask_gradients.py --render
 """
 
@@ -53,10 +54,6 @@ TRAINING_RESULTS = HERE / "results" / "mask_gradients_training.json"
 #: A group whose width push is below this share of its gradients' magnitude gets none (batch statistics: ~1e-6).
 NO_PUSH = 0.01
 MODELS = ("bench/models/r20-dense.pt", "bench/models/r56-dense.pt")
-#: The masked ResNet20 of ``r20-intrain-0.3-freeze0.5-maskpass-predicted`` after epoch 2 (global step
-#: 704 of 2,112; its masks started at step 634), stripped of the optimizer: weights, BatchNorm
-#: statistics and masks as that run's mask pass saw them.
-TRAINING_STATE = "bench/models/ablation/r20-intrain-0.3-freeze0.5-maskpass-predicted-epoch2.pt"
 EPS = 8 / 255
 
 
@@ -116,67 +113,6 @@ def magnitude_masked(model_file: str, input_shape):
     masked = attach_masks(model, "channel", example)
     masked.masks.init_from_scores(magnitude_scores(masked.model, masked.masks, example))
     return masked
-
-
-def masked_from_training(state_file: str, input_shape):
-    """The masked model of a training checkpoint (:data:`TRAINING_STATE`), masks as they were."""
-    import torch
-
-    from rcomp.masks import attach_masks
-    from rcomp.models import create_model
-
-    saved = torch.load(REPO / state_file, map_location="cpu", weights_only=True)
-    state = saved["state_dict"]
-    mean, std = state["model.normalize.mean"].flatten().tolist(), state["model.normalize.std"].flatten().tolist()
-    model = create_model(saved["model_name"], 10, input_shape[0], mean, std)
-    masked = attach_masks(model, saved["regularity"], torch.zeros(1, *input_shape))
-    masked.load_state_dict(state)
-    return masked.eval()
-
-
-def logit_temperature_slope(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """d/dt of the mean cross-entropy of ``t * logits`` at t = 1, i.e. sum_k p_k z_k - z_y.
-
-    Positive: smaller logits would lower the loss, as they do for a batch the model mostly gets
-    wrong. A channel group that no BatchNorm renormalizes scales the logits with its width, so
-    such a loss asks for narrower groups whatever the channels compute."""
-    return float(((logits.softmax(1) * logits).sum(1) - logits.gather(1, y[:, None]).squeeze(1)).mean())
-
-
-def width_pushes(masked, x, y, train_mode: bool, batch: int, scale_blind: bool = False) -> dict:
-    """Per group the FGSM loss's signed push on its width (sum of the 0/1-mask gradients), and the
-    FGSM accuracy, loss and logit-temperature slope, over the batches of ``x``. With ``scale_blind``
-    the loss is taken as ``mask_norm_stats: mask-pass-direction`` takes it (the pushes only)."""
-    import torch
-    import torch.nn.functional as F
-
-    from rcomp.attacks import fgsm
-    from rcomp.masks import ste_slope
-    from rcomp.train import scale_blind as blind
-
-    params = list(masked.masks.params)
-    sums = [torch.zeros_like(p) for p in params]
-    batches = range(0, len(x), batch)
-    totals = {"fgsm_acc": 0.0, "fgsm_loss": 0.0, "logit_slope": 0.0}
-    masked.train(train_mode)
-    for start in batches:
-        xb, yb = x[start:start + batch], y[start:start + batch]
-        logits = masked(fgsm(masked, xb, yb, eps=EPS).detach())
-        loss = F.cross_entropy(blind(logits) if scale_blind else logits, yb)
-        for total, g in zip(sums, torch.autograd.grad(loss, params)):
-            total += g.detach() / len(batches)
-        logits = logits.detach()
-        totals["fgsm_acc"] += float((logits.argmax(1) == yb).float().mean()) / len(batches)
-        totals["fgsm_loss"] += float(loss.detach()) / len(batches)
-        totals["logit_slope"] += 0.0 if scale_blind else logit_temperature_slope(logits, yb) / len(batches)
-    masked.eval()
-    groups = []
-    for group, g, p in zip(masked.masks.groups, sums, params):
-        per_binary = g / ste_slope(p)
-        stage, kind = group_kind(group.name)
-        groups.append({"name": group.name, "stage": stage, "kind": kind, "push": float(per_binary.sum()),
-                       "share": width_share(per_binary)})
-    return {**totals, "scale_blind": scale_blind, "groups": groups}
 
 
 def width_share(per_binary: torch.Tensor) -> float:
@@ -261,27 +197,6 @@ def sample_and_header(args) -> tuple:
     return x, y, doc
 
 
-def measure_training(args) -> None:
-    """The --training table: the mid-training masked state against the dense row's final weights."""
-    from rcomp.reports import write_json_atomic
-
-    x, y, doc = sample_and_header(args)
-
-    def mid_training():
-        return masked_from_training(TRAINING_STATE, x.shape[1:])
-
-    states = {"r20-dense (final weights)": (lambda: magnitude_masked(MODELS[0], x.shape[1:]), False),
-              "r20 mask-pass run, epoch 2 (step 704)": (mid_training, False),
-              "the same, the loss blind to the logits' scale (mask-pass-direction)": (mid_training, True)}
-    for label, (build, blind) in states.items():
-        doc["models"][label] = {}
-        for mode, train_mode in (("eval", False), ("train", True)):
-            doc["models"][label][mode] = width_pushes(build(), x, y, train_mode, args.batch, scale_blind=blind)
-            print(f"{label} BN {mode}: done", flush=True)
-    write_json_atomic(TRAINING_RESULTS, doc)
-    render_training(doc)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated dense model files (bench/models/...)")
@@ -289,15 +204,11 @@ def main() -> None:
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--training", action="store_true", help="measure the mid-training state instead (second table)")
     p.add_argument("--render", action="store_true", help="only re-render the README tables from the results files")
     args = p.parse_args()
     if args.render:
         render(json.loads(RESULTS.read_text()))
         render_training(json.loads(TRAINING_RESULTS.read_text()))
-        return
-    if args.training:
-        measure_training(args)
         return
     from rcomp.reports import write_json_atomic
 
