@@ -218,7 +218,7 @@ def test_an_ablation_of_another_sweep_trains_with_its_epochs_and_labels_and_name
     e15 = next(n for n, v in ablation.VARIANTS.items() if v.sweep.table == "cifar10_table_e15")
     cmd = ablation.train_command(e15, "digits")
     assert cmd[cmd.index("--epochs") + 1] == "15" and cmd[cmd.index("--attack-labels") + 1] == "predicted"
-    main = ablation.train_command("r20-intrain-0.3-restart", "digits")
+    main = ablation.train_command("r20-intrain-0.3-start0.5", "digits")
     assert main[main.index("--epochs") + 1] == "6" and "--attack-labels" not in main
 
     row = {"reference": "r20-intrain-0.5", "reference_table": "cifar10_table_e15", "epochs": 15}
