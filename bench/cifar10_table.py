@@ -51,7 +51,7 @@ from rcomp.reports import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-TABLE = "cifar10_table"  # the main table's name: its results file and README section
+TABLE = "cifar10_table"  # the main table's name: its results file and docs/results.md section
 RESULTS = HERE / "results" / f"{TABLE}.json"
 RUNS_DIR = HERE / "runs"  # training folders, logs, locks (not committed)
 MODELS = HERE / "models"  # finished models, committed: re-evaluable on a held-out split
@@ -96,7 +96,7 @@ VARIANT_OPTIONS = {"r20-intrain-0.5-x8": ["--channel-multiple", "8"]}
 # for the baseline "with its own natural schedule" beside the one held to the in-train run's epochs.
 OWN_SCHEDULE = ("r20-posttrain-0.5-natural", "r20-posttrain-0.3-natural")
 
-POSTER = {  # clean / PGD from the poster (Fast AT + In-train, Fast AT + RLPrune), for the README
+POSTER = {  # clean / PGD from the poster (Fast AT + In-train, Fast AT + RLPrune), for docs/results.md
     "r20-dense": (81.52, 40.65), "r20-intrain-0.7": (80.63, 39.27), "r20-intrain-0.5": (80.32, 40.14),
     "r20-intrain-0.3": (72.88, 34.33), "r20-rl-0.7": (78.89, 40.39), "r20-rl-0.5": (77.11, 39.65),
     "r20-rl-0.3": (66.97, 33.89), "r56-dense": (84.03, 38.45), "r56-intrain-0.3": (83.40, 36.89),
@@ -461,7 +461,7 @@ def add_timing(rows: dict, untimed: bool) -> None:
 #: Per-epoch fields kept with a row: enough to see catastrophic overfitting (training-batch accuracy
 #: under the training attack above clean accuracy, guard PGD collapsing), the masks' schedule, and
 #: what a step of the mask phase costs against one after the freeze (``seconds``; rows collected
-#: before session 38 lack it).
+#: before 2026-12-07 lack it).
 EPOCH_FIELDS = ("epoch", "train_adv_acc", "val_clean", "val_pgd", "train_fgsm", "train_pgd", "ops_ratio",
                 "masks_flipped", "guard", "seconds")
 
@@ -561,12 +561,12 @@ def main() -> None:
     p.add_argument("--untimed", action="store_true",
                    help="the runs did not share the machine alike (paused, resumed under other load): keep their wall "
                         "times in the results but show no wall time and no x dense")
-    p.add_argument("--render", action="store_true", help="only re-render README tables from the results file")
+    p.add_argument("--render", action="store_true", help="only re-render the docs' tables from the results file")
     p.add_argument("--table", default=TABLE, metavar="NAME",
                    help="a separate table (another recipe): results/NAME.json, runs/NAME/, models/NAME/ and the "
-                        "README sections NAME and NAME_methods [the main table]")
+                        "docs/results.md sections NAME and NAME_methods [the main table]")
     p.add_argument("--workdir", type=Path, default=None,
-                   help="keep runs, models, shared phases and results here instead of bench/ (smoke tests; no README)")
+                   help="keep runs, models, shared phases and results here instead of bench/ (smoke tests; no docs)")
     args = p.parse_args()
     global RUNS_DIR, MODELS, SHARED, RESULTS
     if args.table != TABLE:

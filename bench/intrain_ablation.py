@@ -157,8 +157,8 @@ E15_AIM2 = "aim 2 at 15 epochs, a pair side by side: "
 SLIM = "the switched-off channels cut out at the freeze: the last 6 epochs train the slim network (slim_at_freeze)"
 SLIM_PAIR = "side by side with the slim in-train run (seed 1, 15 epochs), for its wall ratio"
 #: The table's ResNet56 row pruned after training: aim 2 on a deeper network (the table has
-#: in-train 0.3 there, no post-train row; 73 minutes on one thread in session 25, parkable if a host is slower).
-#: Read against ResNet56 dense like every post-train row, and against r56-intrain-0.3 in the README.
+#: in-train 0.3 there, no post-train row; 73 minutes on one thread on 2026-12-05, parkable if a host is slower).
+#: Read against ResNet56 dense like every post-train row, and against r56-intrain-0.3 in docs/results.md.
 R56_AIM2 = "aim 2 on ResNet56: magnitude post-train 0.3 beside the table's in-train 0.3 (6 epochs)"
 #: In-train 0.3 on ResNet56 cut the stage-3 residual stream to the min_keep floor (13 of 64) and
 #: kept the block channels nearly whole (39-59 of 64); magnitude post-train kept both at 31-41 and
@@ -181,24 +181,24 @@ R56_SEED1 = "seed 1 of the table's ResNet56 in-train command: the stream floor's
 #: Every run that logged its multipliers ended with them negative (-0.38 to -0.48) at the target,
 #: which we read as the masks' share of the weights' decay pulling them off (towards zero) and the
 #: multiplier holding them on. The same command without the decay on the masks tests that reading
-#: (it ended at -0.48 too: refuted, README's ablation section).
+#: (it ended at -0.48 too: refuted, docs/ablations.md).
 MASK_WD0 = "no weight decay on the masks (mask_weight_decay 0), the weights' decay unchanged"
 #: With mask_weight_decay 0 the multipliers still ended negative (-0.48). Another reading: the hinge
 #: (penalty_weight, 1.0) pushes only while the cost is above its limit; a cost that dithers across
 #: the limit gets the hinge's push about half the time, and a multiplier near -penalty_weight / 2
 #: cancels it. At half the weight the end multiplier should halve (about -0.24) if that is so
 #: (it did not settle: the multiplier wound up to its cap and swung; at twice the weight it ended
-#: at -0.88: README's ablation section).
+#: at -0.88: docs/ablations.md).
 HINGE = "the hinge on the budget's excess at half weight (penalty_weight 0.5): does the end multiplier halve?"
 #: Half the hinge made the controller swing, so it could not settle the reading. Twice the hinge
 #: damps the loop more: if the multiplier cancels the hinge's half-time push, it ends near -1.0.
 HINGE2 = "the hinge on the budget's excess at twice its weight (penalty_weight 2.0): does the end multiplier double?"
-#: Seed-0 runs on the stream-floor variants' host (session 26) part from the earlier hosts' after
+#: Seed-0 runs on the stream-floor variants' host (2026-12-05) part from the earlier hosts' after
 #: epoch 1 (38.2 / 15.2 on the 500-image subset, against 38.6 / 14.6 and 39.0 / 13.4): the ResNet20
 #: in-train and magnitude rows again there are the variant's paired reference and aim 2 on one host.
 RERUN_STREAMS = "the row again on the stream-floor variants' host: their paired reference, and aim 2 on one host"
-ON_STREAMS_HOST = "on the host that trained the stream-floor variants (session 26)"
-ON_STREAMS_CPU = "on the CPU model that trained the stream-floor variants (Intel Xeon, session 28)"
+ON_STREAMS_HOST = "on the host that trained the stream-floor variants (2026-12-05)"
+ON_STREAMS_CPU = "on the CPU model that trained the stream-floor variants (Intel Xeon, 2026-12-06)"
 #: The stream floor cost ResNet20 1.02 / 0.10 at seed 0 and gained ResNet56 4-6 points at two
 #: seeds: ResNet20 at seed 1, the floor row and its paired reference side by side on one host.
 RERUN_STREAMS_S1 = "seed 1 of the table's ResNet20 in-train 0.3 again: the seed-1 stream-floor row's paired reference"
@@ -238,13 +238,13 @@ E6_EARLY_FREEZE = "a shorter mask phase at 6 epochs: masks freeze at 0.6 of the 
 #: model (Intel Xeon; seed-0 runs here part from the other machines' after epoch 1), so dense again
 #: beside the in-train 0.5 row, also timed against it. The 0.5 row's recipe reference, the plain
 #: in-train 0.5 row again, trained on another machine: against it the difference is not paired.
-ON_XEON = "on the Intel Xeon CPU model of the ResNet20 0.3 pairs (session 31)"
+ON_XEON = "on the Intel Xeon CPU model of the ResNet20 0.3 pairs (2026-12-06)"
 DENSE_HERE = "the dense row again on the Intel Xeon CPU model, beside the early-freeze in-train 0.5 row: aim 1 on one host"
 #: The early-freeze in-train 0.5 row trailed dense of its host by 1.86 / 1.46, one pair at seed 0.
-#: Seed 1 of the pair, side by side on one host (AMD EPYC, session 32). That host repeated the seed-1
+#: Seed 1 of the pair, side by side on one host (AMD EPYC, 2026-12-06). That host repeated the seed-1
 #: table's dense row bit for bit (every epoch's log line) and the early-freeze row the table's in-train
 #: 0.5 row up to the freeze, so the table's seed-1 rows are this pair's paired references too.
-ON_EPYC = "on the AMD EPYC host of session 32, beside the early-freeze in-train 0.5 row at seed 1"
+ON_EPYC = "on the AMD EPYC host of 2026-12-06, beside the early-freeze in-train 0.5 row at seed 1"
 DENSE_HERE_S1 = "the seed-1 dense row again on the AMD EPYC host, beside the early-freeze in-train 0.5 row: aim 1 at seed 1 on one host"
 #: ResNet56's early freeze came within 1.78 / 0.32 of magnitude post-train at seed 0 (aim 2 in the
 #: aims' recipe, one pair). Seed 1 of that pair; magnitude's seed-1 dense phase collapsed under
@@ -257,12 +257,12 @@ R56_FREEZE_S2 = "seed 2 of ResNet56's aim-2 pair with the early freeze and the s
 #: the next dose, masks frozen the moment the ramp reaches the target (mask_start 0.3 + warmup 0.2).
 FREEZE_AT_TARGET = "the shortest mask phase: masks freeze at 0.5 of the steps (epoch 3), when the budget's ramp reaches the target"
 #: Freezing at 0.5 gained +0.56 / +0.14 at seed 1 (one run, inside the seed spread), 1.98 / 1.18 behind
-#: dense. Seed 0 of it, beside seed 0's dense row on the same host (AMD EPYC, session 34): aim 1 at seed
+#: dense. Seed 0 of it, beside seed 0's dense row on the same host (AMD EPYC, 2026-12-06): aim 1 at seed
 #: 0 on one host, timed together. The seed-0 freeze at 0.6 trained on the Xeon host, whose runs part
-#: from these after epoch 1; this host repeats session 22's machine bit for bit (the dense row did, and
+#: from these after epoch 1; this host repeats the second machine bit for bit (the dense row did, and
 #: the in-train row followed that machine's plain in-train 0.5 row up to the freeze), so that plain row
 #: (frozen at 0.8) is its paired reference.
-ON_EPYC_S0 = "on the AMD EPYC host of sessions 32-34, beside the in-train 0.5 row frozen at 0.5 at seed 0"
+ON_EPYC_S0 = "on the AMD EPYC host of 2026-12-06, beside the in-train 0.5 row frozen at 0.5 at seed 0"
 DENSE_HERE_S0 = "the seed-0 dense row again on the AMD EPYC host, beside the in-train 0.5 row frozen at 0.5: aim 1 at seed 0 on one host"
 #: The dose curve at seed 1 (freeze 0.8 -> 0.6 -> 0.5: 65.56 -> 65.64 -> 66.20 clean) rose most at its
 #: last step. One step further: at 0.4 of the steps the ramp is halfway (limit 0.75 of the ops) and the
@@ -278,25 +278,25 @@ FREEZE_AT_TARGET_S2 = "seed 2 of aim 1 with the masks frozen at 0.5: in-train 0.
 PLAIN_S2 = "seed 2 of the table's in-train 0.5 command (masks frozen at 0.8): the seed-2 freeze-0.5 row's paired reference"
 #: The freeze at 0.5 was the best 6-epoch recipe for aim 1 (+0.41 clean over freezing at 0.8, mean
 #: of three paired seeds). Aim 2 at seed 0 with it: in-train 0.3 frozen at 0.5 on the AMD EPYC host,
-#: which repeats session 22's machine, so that machine's plain in-train 0.3 row is its paired reference
+#: which repeats the second machine, so that machine's plain in-train 0.3 row is its paired reference
 #: (and its magnitude 0.3 row the aim's).
 FREEZE_AT_TARGET_03 = "aim 2 with the best aim-1 recipe: in-train 0.3, masks frozen at 0.5 of the steps (epoch 3)"
 #: Seed 1 of that aim-2 pair, both rows side by side on one host: the seed-1 table's 0.3 rows trained
 #: on a machine whose in-train 0.3 run parts from this host's seed-1 runs in epoch 1 (39.8 / 17.2
 #: against 36.6 / 16.6 on the 500-image subset), so magnitude's row is trained again beside it.
 FREEZE_AT_TARGET_03_S1 = "seed 1 of aim 2 with the masks frozen at 0.5: in-train 0.3 beside magnitude post-train 0.3, one host"
-ON_EPYC_S1_03 = "on the AMD EPYC host of session 35, beside in-train 0.3 frozen at 0.5 at seed 1"
+ON_EPYC_S1_03 = "on the AMD EPYC host of 2026-12-06, beside in-train 0.3 frozen at 0.5 at seed 1"
 #: At seed 0 the freeze at 0.5 cost in-train 0.3 0.30 / 0.68 against the plain recipe (paired), where
 #: it gained at 0.5: the plain in-train 0.3 command at seed 1 on the same host, the seed-1 freeze row's
 #: paired reference and, against magnitude's row beside it, a seed-1 aim-2 pair on one host.
 PLAIN_03_S1 = "seed 1 of the table's in-train 0.3 command on the AMD EPYC host: the seed-1 freeze-0.5 row's paired reference"
-ON_EPYC_S1_03_PLAIN = "on the AMD EPYC host of session 35, after magnitude post-train 0.3 at seed 1"
+ON_EPYC_S1_03_PLAIN = "on the AMD EPYC host of 2026-12-06, after magnitude post-train 0.3 at seed 1"
 #: Aim 2 with the freeze at 0.5 came to +0.34 and +0.14 against magnitude at seeds 0 and 1: a third
 #: seed, the pair side by side on one host, so the recipe that is aim 1's best has three seeds at both aims.
 FREEZE_AT_TARGET_03_S2 = "seed 2 of aim 2 with the masks frozen at 0.5: in-train 0.3 beside magnitude post-train 0.3, one host"
 #: After three seeds with the masks frozen at 0.5, aim 1 trails dense by 1.71 clean on the mean (0.21
 #: outside) and aim 2 leads magnitude by 0.39 (ahead at every seed, inside the seed spread). A fourth
-#: seed of both pairs, each pair side by side on one host (AMD EPYC, session 36), declared before any
+#: seed of both pairs, each pair side by side on one host (AMD EPYC, 2026-12-07), declared before any
 #: of it trained as the last seed these two groups get: the verdicts are read on four seeds, whatever
 #: seed 3 shows, and no fifth seed is added to move a mean across a line.
 FREEZE_AT_TARGET_S3 = "seed 3 of aim 1 with the masks frozen at 0.5: in-train 0.5 beside dense, one host (the last seed)"
@@ -676,7 +676,7 @@ def unpark(name: str) -> bool:
         return False
     if (source / "partial").is_dir():
         shutil.copytree(source / "partial", partial)
-    else:  # parked before the files kept their places (session 22): one checkpoint of one training run
+    else:  # parked before the files kept their places (2026-12-02): one checkpoint of one training run
         _copy_checkpoint(next(source.glob("ckpt-epoch*.pt")), partial / "checkpoints")
     for suffix in PARKED_SIDE_FILES:
         if (source / suffix.lstrip(".")).exists():
@@ -920,10 +920,14 @@ def render(doc: dict) -> None:
                      f"{final} | {'/'.join(map(str, r.get('stream_widths') or r['conv_widths']))} | {per_epoch} |")
     body = "\n".join(lines) + "\n\n" + _provenance(doc, RESULTS) + "\n" + "".join(
         f"\n- {name}: {launch_line(s)}" for name, r in doc["runs"].items() for s in (r.get("trained_by") or []))
-    kept = [r["model_file"] for r in doc["runs"].values() if r.get("model_file")]
-    body += ("\n\nModels kept for evaluation on another split (`rcomp eval MODEL --data imagefolder:ROOT --split test`): "
-             + (", ".join(f"`{m}`" for m in kept) if kept else "none yet")
-             + "; rows trained before session 22, when the sweep began keeping its models, have none: their run "
+    recorded = [r["model_file"] for r in doc["runs"].values() if r.get("model_file")]
+    kept = [m for m in recorded if (REPO / m).exists()]
+    body += ("\n\nModels in the tree for evaluation on another split (`rcomp eval MODEL --data imagefolder:ROOT --split test`): "
+             + (", ".join(f"`{m}`" for m in kept) if kept else "none")
+             + (f"; the models of {len(recorded) - len(kept)} more rows left the tree after commit 6311216, which holds "
+                "them under the path in their row (`git show 6311216:bench/models/ablation/NAME.pt > NAME.pt`)"
+                if len(kept) < len(recorded) else "")
+             + "; rows trained before 2026-12-02, when the sweep began keeping its models, have none: their run "
              "folders (git-ignored) were not kept.")
     check = doc.get("magnitude_floor_check")
     if check:
@@ -944,7 +948,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated variants (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="variants trained at the same time (1 thread each)")
     p.add_argument("--data", default=DATA)
-    p.add_argument("--render", action="store_true", help="only re-render the README table from the results file")
+    p.add_argument("--render", action="store_true", help="only re-render the docs/results.md table from the results file")
     p.add_argument("--park", action="store_true",
                    help="only keep the unfinished runs' newest checkpoints in bench/parked/ (commit it; a later sweep resumes them)")
     p.add_argument("--stop-after", type=float, default=None, metavar="HOURS",

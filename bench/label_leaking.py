@@ -9,7 +9,7 @@ predicted label removes the signal (``rcomp train --attack-labels predicted``).
 Usage::
 
     python bench/label_leaking.py CKPT [CKPT ...] [--n 512] [--runs RUN_DIR ...]
-    python bench/label_leaking.py --render     # only the README section
+    python bench/label_leaking.py --render     # only the docs/results.md section
 
 Each CKPT is an ``rcomp train`` epoch checkpoint (``OUT.partial/checkpoints/ckpt-epochNNNN.pt``) of a
 CIFAR-10 ResNet20. Results go to ``bench/results/label_leaking.json`` with the command, commit,
@@ -76,7 +76,7 @@ def run_record(folder: Path) -> dict:
 
 
 def render(doc: dict) -> None:
-    """Accuracy per checkpoint (N-FGSM with BatchNorm in train mode, as in training) into the README."""
+    """Accuracy per checkpoint (N-FGSM with BatchNorm in train mode, as in training) into docs/results.md."""
     rows = ["| checkpoint | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for ckpt, acc in doc["checkpoints"].items():
         short = "/".join(Path(ckpt).parts[-5:])
@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--data", default=DATA)
     p.add_argument("--runs", nargs="*", type=Path, default=[],
                    help="bench run folders (OUT, finished or with OUT.partial) whose epoch logs to record")
-    p.add_argument("--render", action="store_true", help="only re-render the README section from the results file")
+    p.add_argument("--render", action="store_true", help="only re-render the docs/results.md section from the results file")
     args = p.parse_args()
     if args.render:
         render(json.loads(RESULTS.read_text()))

@@ -204,7 +204,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--render", action="store_true", help="only re-render the README tables from the results files")
+    p.add_argument("--render", action="store_true", help="only re-render the docs/results.md tables from the results files")
     args = p.parse_args()
     if args.render:
         render(json.loads(RESULTS.read_text()))

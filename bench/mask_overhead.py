@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the ablation runs train with 1)")
     p.add_argument("--note", default="", help="what else the machine was doing")
-    p.add_argument("--render", action="store_true", help="only re-render the README table from the results file")
+    p.add_argument("--render", action="store_true", help="only re-render the docs/results.md table from the results file")
     args = p.parse_args()
     if not args.render:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,8 @@
-"""Render benchmark results files into README tables and plots (the README never holds hand-typed figures).
+"""Render benchmark results files into the docs' tables and plots (no doc holds hand-typed figures).
+
+A rendered section sits between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in any of
+``DOC_FILES`` (docs/results.md holds every table; README.md the main job and the headline rows), and
+every file that holds the marker is updated. Links are written relative to the file they land in.
 
     python bench/render.py            # re-render every results file that exists
 """
@@ -13,16 +17,36 @@ from pathlib import Path
 from rcomp.reports import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
-README = HERE.parent / "README.md"
+#: The repository whose docs are rendered into; tests point it at a copy.
+ROOT = HERE.parent
+#: The files that may hold rendered sections, relative to ROOT.
+DOC_FILES = ("README.md", "docs/results.md")
+#: Draw the plots (tests that re-render into a copy turn this off and keep the committed images).
+PLOTS = True
 
 
-def replace_section(marker: str, body: str, readme: Path = README) -> None:
-    """Swap the text between ``<!-- bench:marker -->`` and ``<!-- /bench:marker -->``."""
-    text = readme.read_text()
+def replace_section(marker: str, body: str) -> None:
+    """Swap the text between ``<!-- bench:marker -->`` and ``<!-- /bench:marker -->`` in every doc that holds it."""
     pattern = re.compile(rf"(<!-- bench:{marker} -->\n).*?(<!-- /bench:{marker} -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"README has no <!-- bench:{marker} --> section")
-    write_text_atomic(readme, pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text))
+    found = False
+    for name in DOC_FILES:
+        doc = ROOT / name
+        text = doc.read_text() if doc.exists() else ""
+        if not pattern.search(text):
+            continue
+        found = True
+        local = relative_links(body, Path(name).parent)
+        write_text_atomic(doc, pattern.sub(lambda m: m.group(1) + local.rstrip() + "\n" + m.group(2), text))
+    if not found:
+        raise SystemExit(f"none of {', '.join(DOC_FILES)} has a <!-- bench:{marker} --> section")
+
+
+def relative_links(body: str, folder: Path) -> str:
+    """Markdown links and images written from the repository root, re-pointed from ``folder`` (docs/ → ``../``)."""
+    if folder == Path("."):
+        return body
+    up = "../" * len(folder.parts)
+    return re.sub(r"\]\((?![a-z]+:|#|/|\.\./)", "](" + up, body)
 
 
 def _pct(v, digits: int = 2) -> str:
@@ -184,14 +208,14 @@ def plot_cifar10(doc: dict, out: Path) -> bool:
 
 
 def render_cifar10(path: Path, table: str = "cifar10_table") -> None:
-    """The table, plot and notes into README section ``table``, the methods side by side into
+    """The table, plot and notes into section ``table``, the methods side by side into
     ``cifar10_methods`` (the main table) or ``<table>_methods``."""
     if not path.exists():
         return
     doc = json.loads(path.read_text())
     png = path.with_suffix(".png")
     body = [cifar10_table(doc), "", _provenance(doc, path) + " Each row's own sweep is listed below the notes."]
-    if plot_cifar10(doc, png):
+    if (PLOTS and plot_cifar10(doc, png)) or (not PLOTS and png.exists()):
         body += ["", f"![accuracy vs ops]({png.relative_to(HERE.parent)})"]
     notes = doc.get("notes")
     if notes:
@@ -219,10 +243,46 @@ def _row_provenance(doc: dict) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":
+#: The table whose ResNet20 rows are the headline (README "Results in short", docs/results.md): the
+#: aims' reference recipe (attacks from the predicted label, seed 0, every method from one init).
+HEADLINE = HERE / "results" / "cifar10_table_predicted.json"
+
+
+def headline_table(doc: dict, path: Path) -> str:
+    """One line per ResNet20 method and ops target of ``doc``: accuracy, budget, cost, latency and the model file."""
+    table = path.stem
+    models = HERE / "models" / ("" if table == "cifar10_table" else table)
+    lines = ["| method | ops target | clean % | PGD-10 % | ops of dense | params of dense | × dense FastAT | "
+             "ONNX latency of dense | model |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in _in_table_order(doc["runs"]):
+        if r["model"] != "resnet20" or _variant(r):
+            continue
+        model = models / f"{name}.pt"
+        link = f"[`{name}.pt`]({model.relative_to(HERE.parent).as_posix()})" if model.exists() else "–"
+        lat = r.get("latency_ratio_p50")
+        lines.append(f"| {_method(r)} | {_target(r)} | {_pct(r['clean'])} | {_pct(r['pgd10'])} | {r['ops_ratio']:.3f} | "
+                     f"{r['params_ratio']:.3f} | {_cost(r)} | {'–' if lat is None else f'{lat:.2f}'} | {link} |")
+    m = doc.get("machine", {})
+    lines += ["", f"ResNet20 on CIFAR-10, {doc['runs'][next(iter(doc['runs']))]['epochs']} epochs of N-FGSM, "
+              "seed 0, every row from the same initial weights; clean and PGD-10 (eps 8/255) accuracy on the "
+              f"5,000-image validation split. _Source: [`{path.relative_to(HERE.parent).as_posix()}`]"
+              f"({path.relative_to(HERE.parent).as_posix()}), {m.get('cpus', '?')} CPUs; each row's command "
+              "and commit are listed under its full table in docs/results.md._"]
+    return "\n".join(lines)
+
+
+def render_headline(path: Path = HEADLINE) -> None:
+    if path.exists():
+        replace_section("headline", headline_table(json.loads(path.read_text()), path))
+
+
+def render_all() -> None:
+    """Every section this script and the scripts it imports render, from the results files that exist."""
     render_cifar10(HERE / "results" / "cifar10_table.json")
     for extra in sorted((HERE / "results").glob("cifar10_table_*.json")):  # tables of other recipes
         render_cifar10(extra, extra.stem)
+    render_headline()
     from aims import render_aims  # the aims' pairs draw on every table
 
     render_aims()
@@ -230,3 +290,7 @@ if __name__ == "__main__":
 
     if MAIN_JOB.exists():
         replace_section("main_job", main_job_table(json.loads(MAIN_JOB.read_text())))
+
+
+if __name__ == "__main__":
+    render_all()

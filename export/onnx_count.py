@@ -1,7 +1,7 @@
 """Cost of an ONNX graph (MACs, parameters) read from the file itself, without torch.
 
 Why a second counter next to ``rcomp.count`` (fvcore on the PyTorch model): the gate must judge
-the artefact that ships, on a board with no torch. The convention is DESIGN.md's: one op = one
+the artefact that ships, on a board with no torch. The convention is docs/design.md's: one op = one
 multiply-add, batch 1, Conv/ConvTranspose/Gemm/MatMul only; every other node type is listed in
 ``not_counted`` with its occurrence count so nothing is skipped silently. On the zoo the MAC
 total equals fvcore's conv + linear count exactly (the tests check it).
