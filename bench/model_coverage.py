@@ -3,7 +3,9 @@
 Stages, each timed, the first failure recorded with a one-line reason:
 
 1. ``build``   ``create_model("torchvision:NAME", 10 classes, 3 channels)``, random init, at the smallest
-   of ``SIZES`` its forward pass accepts (ViTs are built with ``image_size`` = that size);
+   of ``SIZES`` its forward pass and torch's ONNX exporter accept (the exporter takes an adaptive
+   pool only when its output divides its input: AlexNet and VGG need 224); ViTs are built with
+   ``image_size`` = that size;
 2. ``masks``   channel masks on torch-pruning's coupled groups (unsafe groups are left alone, counted);
 3. ``train``   ``STEPS`` SGD steps on random images, cross-entropy + the budget penalty
    (``--target-ops 0.5``), then rcomp's projection onto the budget;
@@ -64,7 +66,7 @@ def _build(name: str):
     """The model at the smallest input it accepts (ViT: its image_size set to that input)."""
     import torch
 
-    from rcomp.errors import RcompError
+    from rcomp.export.onnx_export import _torch_export
     from rcomp.models import create_model
     from rcomp.models.reference import check_logits
 
@@ -75,9 +77,10 @@ def _build(name: str):
             torch.manual_seed(0)
             model = create_model(f"torchvision:{name}", NUM_CLASSES, 3, factory_kwargs=kwargs)
             check_logits(model, (3, size, size), NUM_CLASSES, name)
+            _torch_export(model.eval(), torch.rand(1, 3, size, size), 17)  # e.g. adaptive pools need a multiple
             return model, size, kwargs
-        except RcompError as exc:
-            last = exc
+        except Exception as exc:  # noqa: BLE001 - the next size, or the reason of the last
+            last = one_line(exc)
     raise StageFailure("build", str(last))
 
 
@@ -240,7 +243,7 @@ def render(doc: dict) -> str:
         f"torch {doc['versions']['torch']}, torchvision {doc['versions']['torchvision']}, torch-pruning {doc['versions']['torch_pruning']}.",
         "",
         "Each model: built by `create_model(\"torchvision:NAME\")` (random init, 10 classes) at the smallest of "
-        f"{', '.join(map(str, SIZES))} px its forward accepts (ViTs get `image_size` = that size); channel masks on "
+        f"{', '.join(map(str, SIZES))} px its forward and torch's ONNX exporter accept (ViTs get `image_size` = that size); channel masks on "
         f"torch-pruning's coupled groups; {STEPS} SGD steps (batch {BATCH}, random images) with the budget penalty for "
         f"`--target-ops {TARGET_OPS}`; rcomp's projection onto the budget; channel removal, checked to compute the masked "
         "model's logits; fvcore count ≤ the budget; ONNX export (opset 17, onnx-simplifier); onnxruntime parity on 8 inputs "
@@ -305,6 +308,7 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--only", default="", help="comma-separated torchvision names [all]")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
+    p.add_argument("--jobs", type=int, default=1, help="models run at the same time (one thread each)")
     p.add_argument("--render", action="store_true", help="only re-render docs/model-coverage.md from the results file")
     args = p.parse_args()
     if args.one:
@@ -320,16 +324,33 @@ def main() -> None:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         names = [n for n in names if n in wanted]
     doc = {"command": "OMP_NUM_THREADS=1 python bench/model_coverage.py" + (f" --only {args.only}" if args.only else "")
-           + (f" --timeout {args.timeout:g}" if args.timeout != 900.0 else ""),
+           + (f" --timeout {args.timeout:g}" if args.timeout != 900.0 else "") + (f" --jobs {args.jobs}" if args.jobs != 1 else ""),
            "commit": commit(), "machine": machine_info(), "versions": versions(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "timeout": args.timeout,
            "target_ops": TARGET_OPS, "steps": STEPS, "sizes": list(SIZES), "rows": []}
-    for name in names:
-        row = run_subprocess(name, args.timeout)
-        doc["rows"].append(row)
-        print(f"{name:22s} {row['status']:7s} {row.get('stage') or '':8s} {row.get('wall_seconds', 0):6.1f}s "
-              f"{row.get('reason') or ''}", flush=True)
-        write(doc)
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each model is its own process
+        futures = [pool.submit(run_subprocess, name, args.timeout) for name in sorted(names, key=_size_rank)]
+        for future in as_completed(futures):
+            row = future.result()
+            doc["rows"] = sorted(doc["rows"] + [row], key=lambda r: r["model"])
+            print(f"{row['model']:22s} {row['status']:7s} {row.get('stage') or '':8s} {row.get('wall_seconds', 0):6.1f}s "
+                  f"{row.get('reason') or ''}", flush=True)
+            write(doc)
+
+
+#: Name parts of the largest builders: they run last, so a short run covers the most models.
+_LARGE = ("128gf", "32gf", "16gf", "vit_h", "vit_l", "_large", "_l", "152", "101", "_b7", "_b6", "_b5", "v2_m",
+          "convnext_base", "vgg", "wide_", "_b", "8gf")
+
+
+def _size_rank(name: str) -> tuple[int, str]:
+    """0 for small models, up to len(_LARGE) for the largest: the order the models are run in."""
+    for rank, part in enumerate(_LARGE):
+        if part in name:
+            return (len(_LARGE) - rank, name)
+    return (0, name)
 
 
 if __name__ == "__main__":
