@@ -62,26 +62,39 @@ def build_autoattack(model: nn.Module, eps: float, *, num_classes: int, version:
     return attack
 
 
-def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, num_classes: int,
-                       version: str = "fast", seed: int = 0, batch_size: int = 250) -> torch.Tensor:
-    """Per image: is it still classified correctly after AutoAttack? (bool tensor, on ``x``'s device)
+def autoattack_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, num_classes: int,
+                        version: str = "fast", seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+    """AutoAttack's adversarial examples for ``(x, y)``: the clean image where every attack failed.
 
-    AutoAttack returns the clean image where every attack failed, so the model's prediction on
-    what it returns is the per-image verdict; an image misclassified clean counts as not robust.
-    The returned perturbations are checked against eps, so a broken attack cannot report success
-    with an out-of-ball example.
+    The examples are checked against eps and for finiteness, so a broken attack cannot report
+    success with an out-of-ball example. Usable as an attack of ``rcomp.attacks.evaluate_examples``.
     """
     was_training = model.training
     model.eval()
     try:
         attack = build_autoattack(model, eps, num_classes=num_classes, version=version, seed=seed, device=x.device)
         x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=batch_size)
-        linf = (x_adv - x).abs().flatten(1).amax(1)
-        if bool((linf > eps + 1e-5).any()) or not bool(torch.isfinite(x_adv).all()):
-            raise RcompError("AutoAttack returned examples outside the eps-ball or non-finite; not a valid evaluation")
-        with torch.no_grad():
-            correct = torch.cat([model(x_adv[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
-                                 for i in range(0, len(x_adv), batch_size)])
     finally:
         model.train(was_training)
-    return correct
+    linf = (x_adv - x).abs().flatten(1).amax(1)
+    if bool((linf > eps + 1e-5).any()) or not bool(torch.isfinite(x_adv).all()):
+        raise RcompError("AutoAttack returned examples outside the eps-ball or non-finite; not a valid evaluation")
+    return x_adv
+
+
+def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, num_classes: int,
+                       version: str = "fast", seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+    """Per image: is it still classified correctly after AutoAttack? (bool tensor, on ``x``'s device)
+
+    An image misclassified clean counts as not robust (AutoAttack returns it unchanged).
+    """
+    x_adv = autoattack_examples(model, x, y, eps, num_classes=num_classes, version=version, seed=seed,
+                                batch_size=batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([model(x_adv[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+                              for i in range(0, len(x_adv), batch_size)])
+    finally:
+        model.train(was_training)
