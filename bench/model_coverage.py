@@ -66,7 +66,6 @@ def _build(name: str):
     """The model at the smallest input it accepts (ViT: its image_size set to that input)."""
     import torch
 
-    from rcomp.export.onnx_export import _torch_export
     from rcomp.models import create_model
     from rcomp.models.reference import check_logits
 
@@ -77,11 +76,34 @@ def _build(name: str):
             torch.manual_seed(0)
             model = create_model(f"torchvision:{name}", NUM_CLASSES, 3, factory_kwargs=kwargs)
             check_logits(model, (3, size, size), NUM_CLASSES, name)
-            _torch_export(model.eval(), torch.rand(1, 3, size, size), 17)  # e.g. adaptive pools need a multiple
+            _exportable_pools(model, size)
             return model, size, kwargs
         except Exception as exc:  # noqa: BLE001 - the next size, or the reason of the last
             last = one_line(exc)
     raise StageFailure("build", str(last))
+
+
+def _exportable_pools(model, size: int) -> None:
+    """torch's ONNX exporter takes an adaptive pool only when its output size divides its input size."""
+    import torch
+    from torch import nn
+
+    bad = []
+
+    def hook(module, inputs, output):
+        if any(i % o for i, o in zip(inputs[0].shape[2:], output.shape[2:])):
+            bad.append(f"{type(module).__name__} {list(inputs[0].shape[2:])} -> {list(output.shape[2:])}")
+
+    pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, pools)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.rand(1, 3, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+    if bad:
+        raise ValueError(f"ONNX export needs an adaptive pool's output to divide its input: {bad[0]}")
 
 
 def _train_masks(model, x_example, rows: dict):
