@@ -102,7 +102,8 @@ def create_model(
 
     zoo = is_zoo_name(name)
     if zoo and (factory_kwargs or normalizes):
-        raise RcompError(f"--model-kwargs / --model-normalizes apply to torchvision: and file/module models, not zoo {name!r}")
+        raise RcompError(f"--model-kwargs / --model-normalizes apply to torchvision:NAME and file.py:factory models, "
+                         f"not to the zoo's {name}")
     info = get_model_info(name) if zoo else None
     if num_classes < 2:
         raise RcompError(f"num_classes must be at least 2, got {num_classes}")

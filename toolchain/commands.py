@@ -21,7 +21,17 @@ _DATA_HELP = (
 def _training_options(fn):
     """Options shared by ``train`` and ``prune``: one recipe, one vocabulary."""
     options = [
-        click.option("--model", "model_name", default=None, help="Zoo model name (rcomp count --list-models) [resnet20; --arch-from's model]."),
+        click.option("--model", "model_name", default=None,
+                     help="A zoo name (rcomp count --list-models), torchvision:NAME (any torchvision classifier, random init), "
+                          "path/to/file.py:factory or package.module:factory (your own nn.Module) [resnet20; --arch-from's model]."),
+        click.option("--model-kwargs", default=None,
+                     help="Extra arguments of a torchvision:/file.py: factory, e.g. width=32,se=true (int/float/bool/str)."),
+        click.option("--model-normalizes", is_flag=True,
+                     help="Your module normalizes its input itself: rcomp adds no Normalize(mean, std) layer in front."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Start from this state dict (torch.load weights_only=True; names and shapes must match): in-train "
+                          "prunes while fine-tuning, posttrain/rl skip their dense phase."),
+        click.option("--weights-key", default=None, help="--weights is a checkpoint dict: the state dict is under this key."),
         click.option("--arch-from", type=click.Path(dir_okay=False), default=None,
                      help="Train a pruned checkpoint's widths (not its weights) densely from --seed's initial "
                           "weights: the from-scratch baseline of a pruning method."),
@@ -134,16 +144,20 @@ def train(out, profile_ref, method, **opts):
 
 @cli.command()
 @click.argument("model_ref", required=False)
-@click.option("--model", "model_opt", default=None, help="A zoo model name (same as the positional MODEL).")
+@click.option("--model", "model_opt", default=None, help="A model reference (same as the positional MODEL): zoo name, "
+              "torchvision:NAME, file.py:factory, package.module:factory.")
+@click.option("--model-kwargs", default=None, help="Extra arguments of a torchvision:/file.py: factory, e.g. width=32.")
+@click.option("--model-normalizes", is_flag=True, help="The module normalizes its input itself (no Normalize layer added).")
 @click.option("--input", "input_shape", default=None, help="Input shape N,C,H,W (batch 1) or C,H,W [model / profile default].")
 @click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--profile", "profile_ref", default=None, help="Judge the model against a profile's budgets.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the count as JSON.")
 @click.option("--list-models", is_flag=True, help="List the zoo and exit.")
-def count(model_ref, model_opt, input_shape, num_classes, profile_ref, json_out, list_models):
+def count(model_ref, model_opt, model_kwargs, model_normalizes, input_shape, num_classes, profile_ref, json_out, list_models):
     """Count MOps (MACs, batch 1) and params with fvcore, per layer and total.
 
-    MODEL is a zoo name (dense) or a checkpoint written by rcomp (pruned). Convention: one
+    MODEL is a model reference (zoo name, torchvision:NAME, path/to/file.py:factory; dense, random
+    weights) or a checkpoint written by rcomp (pruned). Convention: one
     multiply-add = one op; conv + linear only; BatchNorm folded (not counted); element-wise ops
     and pooling listed as not counted.
 
@@ -152,6 +166,8 @@ def count(model_ref, model_opt, input_shape, num_classes, profile_ref, json_out,
       rcomp count resnet20 --input 1,3,32,32
       rcomp count --model resnet56
       rcomp count runs/r20/model.pt --profile jetson
+      rcomp count torchvision:mobilenet_v3_small --input 3,64,64
+      rcomp count my_models.py:build --model-kwargs width=32 --input 1,32,32
     """
     from rcomp.pipeline import count_command
 
@@ -165,7 +181,8 @@ def count(model_ref, model_opt, input_shape, num_classes, profile_ref, json_out,
     ref = model_opt or model_ref
     if not ref:
         raise RcompError("give a MODEL (zoo name or checkpoint path), e.g. rcomp count resnet20")
-    text, passed = count_command(ref, parse_shape(input_shape), num_classes, profile_ref, json_out)
+    text, passed = count_command(ref, parse_shape(input_shape), num_classes, profile_ref, json_out,
+                                     model_kwargs=model_kwargs, model_normalizes=model_normalizes)
     click.echo(text)
     sys.exit(EXIT_OK if passed else EXIT_FAIL)
 
@@ -314,3 +331,32 @@ def profiles_show(ref):
     from rcomp.config import resolve_profile
 
     click.echo(json.dumps(dataclasses.asdict(resolve_profile(ref)), indent=2))
+
+
+@cli.command()
+@click.argument("onnx_path", type=click.Path(dir_okay=False))
+@click.option("--profile", "profile_ref", required=True, help="The profile the model was exported for (input shape).")
+@click.option("--data", "data_spec", required=True, help="The model's training data; calibration uses a fixed seeded sample of its training split. " + _DATA_HELP)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the INT8 .onnx file.")
+@click.option("--calibration", "method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--calibration-size", type=click.IntRange(min=1), default=256, show_default=True, help="Training images in the calibration sample.")
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="uint8 (u8s8: x86 VNNI's fast kernel) or int8 (s8s8: ARM).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
+def quantize(onnx_path, profile_ref, data_spec, out, method, calibration_size, activation_type, seed):
+    """INT8 static quantization with onnxruntime: QDQ format, per-channel int8 weights, calibrated
+    on a fixed sample of the training split; onnx.checker; settings and the calibration sample's
+    description in the model's metadata (rcomp.int8.*). Loading --data needs torch; the
+    quantization itself does not. Then judge it with `rcomp check` (three attacks on the INT8 model).
+
+    \b
+    Examples:
+      rcomp quantize runs/ecu/model.onnx --profile automotive-ecu \\
+          --data imagefolder:../shared/datasets/cifar10-jpeg --out runs/ecu/model.int8.onnx
+      rcomp quantize model.onnx --profile jetson --data digits --calibration entropy --out model.int8.onnx
+    """
+    from rcomp.config import resolve_profile
+    from rcomp.export.quantize import quantize_command
+
+    click.echo(quantize_command(onnx_path, resolve_profile(profile_ref), data_spec, out, method=method,
+                                calibration_size=calibration_size, activation_type=activation_type, seed=seed))

@@ -9,6 +9,7 @@ checkpoints live in ``OUT.partial/checkpoints`` while the job runs, which is wha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,6 @@ from typing import Any
 from rcomp import __version__
 from rcomp.config import Field, Invalid, boolean, integer, number, read_yaml, validate
 from rcomp.errors import RcompError
-from rcomp.distributed import resolve_device
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,6 +48,10 @@ class Job:
     latency_runs: int = 200
     rl_episodes: int | None = None  # --method rl: search episodes (None: rcomp.rl.RLConfig's default)
     arch: Any = None  # rcomp.surgery.Architecture: train these widths densely from fresh weights (--arch-from)
+    model_kwargs: dict = field(default_factory=dict)  # --model-kwargs: extra arguments of a non-zoo factory
+    model_normalizes: bool = False  # --model-normalizes: the user's module normalizes its input itself
+    weights: str | None = None  # --weights: start from this state dict (post-train methods skip their dense phase)
+    weights_key: str | None = None  # --weights-key: the state dict's key inside a checkpoint dict
 
 
 def parse_eps(text: str | float | None, what: str = "--eps") -> float | None:
@@ -153,7 +157,7 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
 
     arch = _architecture(opts)
     model_name = arch.model_name if arch else opts.get("model_name") or DEFAULT_MODEL
-    get_model_info(model_name)  # unknown model → exit 2 before any work
+    model_kwargs = _check_model_ref(model_name, opts)  # unknown model, missing file or factory → exit 2 before any work
     values = load_recipe(opts["recipe"]) if opts.get("recipe") else {}
     for key in _CLI_TO_CONFIG:
         if opts.get(key) is not None:
@@ -180,17 +184,46 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
         values.setdefault("regularity", "channel")
         if values["regularity"] is None:
             values["regularity"] = "channel"
-    values.update(device=resolve_device(opts.get("device", "cpu")), num_workers=opts.get("num_workers", 0),
+    values.update(device=_device(opts.get("device", "cpu")), num_workers=opts.get("num_workers", 0),
                   progress=not opts.get("no_progress", False))
     config = TrainConfig(**values)
-    input_shape = tuple(profile.input_shape[1:]) if profile is not None else get_model_info(model_name).default_input
+    input_shape = tuple(profile.input_shape[1:]) if profile is not None else _default_input(model_name)
     if arch is not None and tuple(arch.input_shape[-3:]) != tuple(input_shape):
         raise RcompError(f"--arch-from {arch.source} was pruned for inputs {tuple(arch.input_shape[-3:])}, "
                          f"this run trains on {tuple(input_shape)}")
     out_dir = Path(out) if out else Path("runs") / f"{profile.name if profile else 'train'}-{model_name}"
     return Job(model_name, opts["data_spec"], out_dir, method, config, profile, input_shape,
                download=opts.get("download", False), resume=opts.get("resume", False),
-               rl_episodes=opts.get("rl_episodes"), arch=arch)
+               rl_episodes=opts.get("rl_episodes"), arch=arch, model_kwargs=model_kwargs,
+               model_normalizes=bool(opts.get("model_normalizes")), weights=opts.get("weights"),
+               weights_key=opts.get("weights_key"))
+
+
+def _check_model_ref(model_name: str, opts: dict) -> dict:
+    """The factory kwargs of ``--model``, after checking the reference resolves (zoo name, torchvision
+    builder, file and factory, module and factory) and that the model options fit it."""
+    from rcomp.models import get_model_info
+    from rcomp.models.reference import is_zoo_name, parse_model_kwargs, resolve_factory
+
+    kwargs = parse_model_kwargs(opts.get("model_kwargs"))
+    if is_zoo_name(model_name):
+        get_model_info(model_name)
+        if kwargs or opts.get("model_normalizes"):
+            raise RcompError(f"--model-kwargs / --model-normalizes apply to torchvision:NAME and file.py:factory "
+                             f"models, not to the zoo's {model_name}")
+    else:
+        resolve_factory(model_name)
+    if opts.get("weights_key") and not opts.get("weights"):
+        raise RcompError("--weights-key needs --weights FILE")
+    if opts.get("weights") and not Path(opts["weights"]).is_file():
+        raise RcompError(f"--weights {opts['weights']}: file not found")
+    return kwargs
+
+
+def _default_input(model_name: str) -> tuple[int, int, int]:
+    from rcomp.models import default_input
+
+    return default_input(model_name)
 
 
 #: --model when neither it nor --arch-from names one.
@@ -276,6 +309,18 @@ def _check_distributed(method: str) -> None:
     if world().active and method not in ("intrain", "dense"):
         raise RcompError(f"--method {method} does not run under torchrun (WORLD_SIZE > 1); "
                          "use --method intrain or dense, or a single process")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RcompError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise RcompError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
+    return name
 
 
 def recipe_hash(config) -> str:
@@ -395,6 +440,7 @@ def _build_model(job: Job, bundle):
     the very initial weights the zoo model of the same seed starts from (so a from-scratch run and
     the pruning run of that architecture began from the same numbers on the units both keep)."""
     model = _zoo_model(job, bundle)
+    _check_and_load_weights(job, bundle, model)
     if job.arch is not None:
         import torch
 
@@ -402,6 +448,17 @@ def _build_model(job: Job, bundle):
 
         apply_pruning(model, job.arch.pruned_channels, torch.zeros(1, *bundle.input_shape))
     return model
+
+
+def _check_and_load_weights(job: Job, bundle, model) -> None:
+    """A non-zoo model must map a batch to ``[N, classes]`` logits; ``--weights`` are loaded by name
+    and shape (exit 2 naming what does not fit). Both before any output is written."""
+    from rcomp.models.reference import check_logits, is_zoo_name, load_weights
+
+    if not is_zoo_name(job.model_name):
+        check_logits(model, bundle.input_shape, bundle.num_classes, job.model_name)
+    if job.weights:
+        load_weights(model, job.weights, job.weights_key)
 
 
 def _zoo_model(job: Job, bundle):
@@ -418,7 +475,15 @@ def _zoo_model(job: Job, bundle):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.train.seed)
-        return create_model(job.model_name, bundle.num_classes, bundle.input_shape[0], bundle.mean, bundle.std)
+        return create_model(job.model_name, bundle.num_classes, bundle.input_shape[0], bundle.mean, bundle.std,
+                            **_factory_options(job))
+
+
+def _factory_options(job: Job) -> dict:
+    """create_model's options for a non-zoo model (none for the zoo: its checkpoints stay as they were)."""
+    if not job.model_kwargs and not job.model_normalizes:
+        return {}
+    return {"factory_kwargs": dict(job.model_kwargs), "normalizes": bool(job.model_normalizes)}
 
 
 def load_job_data(job: Job, log=print):
@@ -466,7 +531,7 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
         "rcomp_version": __version__, **({"arch_from": job.arch.source} if job.arch else {}),
     }
     checkpoint = staged.path("model.pt")
-    save_pruned(checkpoint, pruned, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
+    save_pruned(checkpoint, pruned, model_name=job.model_name, model_kwargs=_model_kwargs(bundle, job),
                 input_shape=tuple(bundle.input_shape), extra=extra)
     write_json_atomic(staged.path("train.json"), {
         **extra, "history": [_plain(dataclasses.asdict(h)) for h in result.history],
@@ -486,14 +551,14 @@ def _run_method(job: Job, bundle, model, staged: StagedOutput, log):
     if job.method == "posttrain":
         from rcomp.posttrain import train_posttrain
 
-        return train_posttrain(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
-                               out_dir=staged.partial, resume=job.resume, log=log)
+        return train_posttrain(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle, job),
+                               out_dir=staged.partial, resume=job.resume, log=log, pretrained=bool(job.weights))
     if job.method == "rl":
         from rcomp.rl import RLConfig, train_rl
 
         rl = RLConfig(seed=job.train.seed, **({"episodes": job.rl_episodes} if job.rl_episodes is not None else {}))
-        return train_rl(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
-                        out_dir=staged.partial, resume=job.resume, log=log, rl=rl)
+        return train_rl(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle, job),
+                        out_dir=staged.partial, resume=job.resume, log=log, rl=rl, pretrained=bool(job.weights))
     from rcomp.train import train
 
     return train(job.train, bundle, model, out_dir=staged.partial, resume=job.resume, log=log)
@@ -518,9 +583,12 @@ def _physically_pruned(job: Job, result, example):
     return fold_weight_masks(trained)
 
 
-def _model_kwargs(bundle) -> dict:
+def _model_kwargs(bundle, job: Job | None = None) -> dict:
+    """create_model's arguments as the checkpoint stores them: a foreign model's factory kwargs and
+    normalization flag too, so ``load_pruned`` rebuilds it by importing the same code."""
     return {"num_classes": int(bundle.num_classes), "in_channels": int(bundle.input_shape[0]),
-            "mean": [float(v) for v in bundle.mean], "std": [float(v) for v in bundle.std]}
+            "mean": [float(v) for v in bundle.mean], "std": [float(v) for v in bundle.std],
+            **(_factory_options(job) if job is not None else {})}
 
 
 def _plain(obj):
@@ -537,10 +605,7 @@ def run_train(job: Job) -> TrainOutcome | None:
 
 
 @dataclass
-class PruneJobOutcome:
-    """What ``rcomp prune`` produced: the published folder, its training stage and the check's report
-    (not :class:`rcomp.posttrain.PruneOutcome`, which is one post-train pruning step's result)."""
-
+class PruneOutcome:
     out: Path
     train: TrainOutcome
     report: Any
@@ -557,13 +622,13 @@ class PruneJobOutcome:
         ])
 
 
-def run_prune(job: Job, log=print) -> PruneJobOutcome | None:
+def run_prune(job: Job, log=print) -> PruneOutcome | None:
     """The whole pipeline against ``job.profile``; the exit code follows the check."""
     with StagedOutput(job.out, job.resume) as staged:  # checked and locked before the data loads
         return _prune_into(job, staged, log)
 
 
-def _prune_into(job: Job, staged: StagedOutput, log) -> PruneJobOutcome | None:
+def _prune_into(job: Job, staged: StagedOutput, log) -> PruneOutcome | None:
     """run_prune's stages, inside its locked output folder."""
     from rcomp.export.check import run_check
     from rcomp.reports import write_json_atomic, write_text_atomic
@@ -574,7 +639,8 @@ def _prune_into(job: Job, staged: StagedOutput, log) -> PruneJobOutcome | None:
         return None
     profile = job.profile
     write_json_atomic(staged.path("count.json"), {"pruned": outcome.cost.to_dict(), "dense": outcome.dense_cost.to_dict()})
-    _export_pair(outcome, job, staged)
+    with export_errors_explained(job.model_name):
+        _export_pair(outcome, job, staged)
     x, y = _validation_tensors(outcome.bundle, job.attack_set_size)
     sanity = _attack_set_and_sanity(outcome.pruned.model, x, y, profile, staged.path("adv.npz"))
     log("checking under onnxruntime ...")
@@ -587,7 +653,21 @@ def _prune_into(job: Job, staged: StagedOutput, log) -> PruneJobOutcome | None:
     write_json_atomic(staged.path("report.json"), doc)
     write_text_atomic(staged.path("report.md"), _report_markdown(report, outcome, sanity))
     staged.publish()
-    return PruneJobOutcome(staged.final, outcome, report, bool(report.passed))
+    return PruneOutcome(staged.final, outcome, report, bool(report.passed))
+
+
+@contextlib.contextmanager
+def export_errors_explained(model_name: str):
+    """torch's ONNX exporter fails on some layers of foreign models (an adaptive pool whose output does
+    not divide its input, an op without a symbolic): exit 2 with the exporter's one line, not a traceback."""
+    import torch
+
+    try:
+        yield
+    except torch.onnx.errors.OnnxExporterError as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise RcompError(f"ONNX export of {model_name} failed ({type(exc).__name__}: {text}); try another input size "
+                         "(--profile input_shape) or opset, or replace the layer") from None
 
 
 def _export_pair(outcome: TrainOutcome, job: Job, staged: StagedOutput) -> None:
@@ -678,20 +758,27 @@ def _report_markdown(report, outcome: TrainOutcome, sanity) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_any_model(ref: str, shape, num_classes: int):
-    """A checkpoint path (pruned model + its metadata) or a zoo name (dense, random weights)."""
-    from rcomp.models import create_model, get_model_info
+def _load_any_model(ref: str, shape, num_classes: int, factory_kwargs: dict | None = None, normalizes: bool = False):
+    """A checkpoint path (pruned model + its metadata) or a model reference (zoo name, torchvision:NAME,
+    file.py:factory; dense, random weights)."""
+    from rcomp.models import create_model, default_input
+    from rcomp.models.reference import check_logits, is_zoo_name
+
     from rcomp.surgery import load_pruned
 
-    if Path(ref).exists() or ref.endswith(".pt"):
+    if Path(ref).is_file() or ref.endswith(".pt"):
         model, meta = load_pruned(ref)
         return model, meta, tuple(meta["input_shape"])
-    info = get_model_info(ref)
-    chw = tuple(shape[1:]) if shape else info.default_input
-    return create_model(ref, num_classes, chw[0]), {"model_name": ref, "extra": {}}, chw
+    chw = tuple(shape[1:]) if shape else default_input(ref)
+    options = {"factory_kwargs": factory_kwargs, "normalizes": normalizes} if factory_kwargs or normalizes else {}
+    model = create_model(ref, num_classes, chw[0], **options)
+    if not is_zoo_name(ref):
+        check_logits(model, chw, num_classes, ref)
+    return model, {"model_name": ref, "extra": {}}, chw
 
 
-def count_command(ref: str, shape, num_classes: int, profile_ref: str | None, json_out: str | None):
+def count_command(ref: str, shape, num_classes: int, profile_ref: str | None, json_out: str | None,
+                  model_kwargs: str | None = None, model_normalizes: bool = False):
     from rcomp.config import resolve_profile
     from rcomp.count import count_model
     from rcomp.reports import render_table, write_json_atomic
@@ -699,7 +786,9 @@ def count_command(ref: str, shape, num_classes: int, profile_ref: str | None, js
     profile = resolve_profile(profile_ref) if profile_ref else None
     if shape is None and profile is not None:
         shape = tuple(profile.input_shape)
-    model, meta, chw = _load_any_model(ref, shape, num_classes)
+    from rcomp.models.reference import parse_model_kwargs
+
+    model, meta, chw = _load_any_model(ref, shape, num_classes, parse_model_kwargs(model_kwargs), model_normalizes)
     shape = shape or (1, *chw)
     report = count_model(model, shape)
     text = [report.to_table()]
@@ -823,20 +912,33 @@ class EvalRequest:
 
 def count_correct(model, dataset, attacks: dict[str, dict], eps: float, alpha: float, batch_size: int, device,
                   progress: bool = True, desc: str = "eval", generator=None) -> dict[str, int]:
-    """Images classified correctly clean, under each PGD attack, and under all of them at once (WORST_CASE),
-    counted by :func:`rcomp.attacks.evaluate_examples`.
+    """Images classified correctly clean, under each attack, and under all of them at once (WORST_CASE).
 
     The attacks draw their random starts from ``generator``: from torch's global generator, which
     torch seeds anew in every process, two evaluations of one model differed (measured: PGD-10 on
     5,000 CIFAR-10 images 25.48 % and 25.72 %, and 25.68 % and 25.58 % for another model).
     """
-    from functools import partial
+    import torch
+    from tqdm import tqdm
 
-    from rcomp.attacks import evaluate_examples, pgd
+    from rcomp.attacks import pgd
 
-    runs = {name: partial(pgd, eps=eps, alpha=alpha, generator=generator, **kw) for name, kw in attacks.items()}
-    res = evaluate_examples(model.to(device), dataset, runs, batch_size=batch_size, progress=progress, desc=desc)
-    return {**{name: res.count(name) for name in res.correct}, WORST_CASE: int(res.all_of().sum())}
+    n = len(dataset)
+    counts = dict.fromkeys(["clean", *attacks, WORST_CASE], 0)
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
+        idx = range(start, min(start + batch_size, n))
+        x = torch.stack([dataset[i][0] for i in idx]).to(device)
+        y = torch.tensor([dataset[i][1] for i in idx]).to(device)
+        with torch.no_grad():
+            correct = {"clean": model(x).argmax(1) == y}
+        for name, kw in attacks.items():
+            x_adv = pgd(model, x, y, eps=eps, alpha=alpha, generator=generator, **kw)
+            with torch.no_grad():
+                correct[name] = model(x_adv).argmax(1) == y
+        correct[WORST_CASE] = torch.stack(list(correct.values())).all(0)
+        for name, hits in correct.items():
+            counts[name] += int(hits.sum())
+    return counts
 
 
 def eval_command(req: EvalRequest) -> str:
@@ -849,7 +951,7 @@ def eval_command(req: EvalRequest) -> str:
 
     eps_v, step_v = parse_eps(req.eps), parse_eps(req.pgd_step_size, "--pgd-step-size")
     model, meta = load_pruned(req.checkpoint)
-    dev = resolve_device(req.device)
+    dev = _device(req.device)
     model = model.to(dev).eval()
     bundle = load_data(req.data_spec, tuple(meta["input_shape"]), progress=req.progress, splits=[req.split])
     full = bundle.split(req.split)

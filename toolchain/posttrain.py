@@ -126,7 +126,7 @@ class PruneOutcome:
 
 def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phase: str,
                           prune: Callable[[nn.Module], PruneOutcome], model_name: str, model_kwargs: dict, out_dir,
-                          resume: bool = False, log=print) -> tuple[PostTrainResult, dict]:
+                          resume: bool = False, log=print, pretrained: bool = False) -> tuple[PostTrainResult, dict]:
     """Dense robust training, a pluggable prune step, robust fine-tuning: every post-train method.
 
     The epochs are split by :func:`split_epochs`, so the total equals ``config.epochs`` (the
@@ -136,9 +136,14 @@ def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phas
     ``phase_seconds`` charges each phase its time across resumes (``dense``, ``phase``, ``finetune``,
     ``total``), which is what the comparison with in-train pruning's single run needs.
     Returns the result and the stage's metadata (with ``extra`` merged in).
+    ``pretrained`` (``--weights``): the model is trained already, so phase 1 is skipped and the prune
+    step starts from it; the fine-tuning gets ``finetune_epochs`` or else all ``config.epochs``.
     """
     out_dir = Path(out_dir)
-    dense_epochs, tune_epochs = split_epochs(config.epochs, finetune_epochs=config.finetune_epochs)
+    if pretrained:
+        dense_epochs, tune_epochs = 0, config.finetune_epochs or config.epochs
+    else:
+        dense_epochs, tune_epochs = split_epochs(config.epochs, finetune_epochs=config.finetune_epochs)
     dense_cfg = dataclasses.replace(config, epochs=dense_epochs, regularity=None, target_ops=None,
                                     target_params=None, mops=None, params=None,
                                     slim_at_freeze=False, finetune_epochs=None)
@@ -147,10 +152,7 @@ def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phas
     if resume and stage.exists():
         pruned, meta = _load_stage(stage, log, method)
     else:
-        log(f"{method}: phase 1/3, dense robust training for {dense_epochs} epochs")
-        t0 = time.perf_counter()
-        dense = _train(dense_cfg, bundle, model, out_dir / "dense", resume, log)
-        dense_seconds = train_seconds(dense, time.perf_counter() - t0)
+        dense, dense_seconds = _dense_phase(dense_cfg, bundle, model, out_dir, resume, log, method, pretrained)
         outcome = prune(dense.model.cpu().eval())
         pruned = outcome.pruned
         meta = json.loads(json.dumps({
@@ -175,6 +177,19 @@ def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phas
     return result, meta
 
 
+def _dense_phase(dense_cfg, bundle, model, out_dir: Path, resume: bool, log, method: str, pretrained: bool):
+    """Phase 1 (the trained dense model and its seconds), or the given model as is when it is ``pretrained``."""
+    if pretrained:
+        from types import SimpleNamespace
+
+        log(f"{method}: phase 1/3 skipped, starting from the given weights (--weights)")
+        return SimpleNamespace(model=model, history=[], co_events=[]), 0.0
+    log(f"{method}: phase 1/3, dense robust training for {dense_cfg.epochs} epochs")
+    t0 = time.perf_counter()
+    dense = _train(dense_cfg, bundle, model, out_dir / "dense", resume, log)
+    return dense, train_seconds(dense, time.perf_counter() - t0)
+
+
 def _train(config, bundle, model, out_dir: Path, resume: bool, log):
     from rcomp.train import train
 
@@ -190,7 +205,7 @@ def _load_stage(path: Path, log, method: str) -> tuple[PrunedModel, dict]:
 
 
 def train_posttrain(config, bundle, model: nn.Module, *, model_name: str, model_kwargs: dict, out_dir,
-                    resume: bool = False, log=print) -> PostTrainResult:
+                    resume: bool = False, log=print, pretrained: bool = False) -> PostTrainResult:
     """Dense FastAT, group-magnitude pruning to the budget, FastAT fine-tuning (same total epochs)."""
     example = torch.rand(1, *bundle.input_shape)
 
@@ -202,5 +217,5 @@ def train_posttrain(config, bundle, model: nn.Module, *, model_name: str, model_
 
     result, _ = train_in_three_phases(config, bundle, model, method="posttrain", phase="prune", prune=prune,
                                       model_name=model_name, model_kwargs=model_kwargs, out_dir=out_dir,
-                                      resume=resume, log=log)
+                                      resume=resume, log=log, pretrained=pretrained)
     return result
