@@ -23,6 +23,7 @@ from typing import Any
 from rcomp import __version__
 from rcomp.config import Field, Invalid, boolean, integer, number, read_yaml, validate
 from rcomp.errors import RcompError
+from rcomp.distributed import resolve_device
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
         values.setdefault("regularity", "channel")
         if values["regularity"] is None:
             values["regularity"] = "channel"
-    values.update(device=_device(opts.get("device", "cpu")), num_workers=opts.get("num_workers", 0),
+    values.update(device=resolve_device(opts.get("device", "cpu")), num_workers=opts.get("num_workers", 0),
                   progress=not opts.get("no_progress", False))
     config = TrainConfig(**values)
     input_shape = tuple(profile.input_shape[1:]) if profile is not None else _default_input(model_name)
@@ -309,18 +310,6 @@ def _check_distributed(method: str) -> None:
     if world().active and method not in ("intrain", "dense"):
         raise RcompError(f"--method {method} does not run under torchrun (WORLD_SIZE > 1); "
                          "use --method intrain or dense, or a single process")
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RcompError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise RcompError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
-    return name
 
 
 def recipe_hash(config) -> str:
@@ -605,7 +594,10 @@ def run_train(job: Job) -> TrainOutcome | None:
 
 
 @dataclass
-class PruneOutcome:
+class PruneJobOutcome:
+    """What ``rcomp prune`` produced: the published folder, its training stage and the check's report
+    (not :class:`rcomp.posttrain.PruneOutcome`, which is one post-train pruning step's result)."""
+
     out: Path
     train: TrainOutcome
     report: Any
@@ -622,13 +614,13 @@ class PruneOutcome:
         ])
 
 
-def run_prune(job: Job, log=print) -> PruneOutcome | None:
+def run_prune(job: Job, log=print) -> PruneJobOutcome | None:
     """The whole pipeline against ``job.profile``; the exit code follows the check."""
     with StagedOutput(job.out, job.resume) as staged:  # checked and locked before the data loads
         return _prune_into(job, staged, log)
 
 
-def _prune_into(job: Job, staged: StagedOutput, log) -> PruneOutcome | None:
+def _prune_into(job: Job, staged: StagedOutput, log) -> PruneJobOutcome | None:
     """run_prune's stages, inside its locked output folder."""
     from rcomp.export.check import run_check
     from rcomp.reports import write_json_atomic, write_text_atomic
@@ -653,7 +645,7 @@ def _prune_into(job: Job, staged: StagedOutput, log) -> PruneOutcome | None:
     write_json_atomic(staged.path("report.json"), doc)
     write_text_atomic(staged.path("report.md"), _report_markdown(report, outcome, sanity))
     staged.publish()
-    return PruneOutcome(staged.final, outcome, report, bool(report.passed))
+    return PruneJobOutcome(staged.final, outcome, report, bool(report.passed))
 
 
 @contextlib.contextmanager
@@ -912,33 +904,20 @@ class EvalRequest:
 
 def count_correct(model, dataset, attacks: dict[str, dict], eps: float, alpha: float, batch_size: int, device,
                   progress: bool = True, desc: str = "eval", generator=None) -> dict[str, int]:
-    """Images classified correctly clean, under each attack, and under all of them at once (WORST_CASE).
+    """Images classified correctly clean, under each PGD attack, and under all of them at once (WORST_CASE),
+    counted by :func:`rcomp.attacks.evaluate_examples`.
 
     The attacks draw their random starts from ``generator``: from torch's global generator, which
     torch seeds anew in every process, two evaluations of one model differed (measured: PGD-10 on
     5,000 CIFAR-10 images 25.48 % and 25.72 %, and 25.68 % and 25.58 % for another model).
     """
-    import torch
-    from tqdm import tqdm
+    from functools import partial
 
-    from rcomp.attacks import pgd
+    from rcomp.attacks import evaluate_examples, pgd
 
-    n = len(dataset)
-    counts = dict.fromkeys(["clean", *attacks, WORST_CASE], 0)
-    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
-        idx = range(start, min(start + batch_size, n))
-        x = torch.stack([dataset[i][0] for i in idx]).to(device)
-        y = torch.tensor([dataset[i][1] for i in idx]).to(device)
-        with torch.no_grad():
-            correct = {"clean": model(x).argmax(1) == y}
-        for name, kw in attacks.items():
-            x_adv = pgd(model, x, y, eps=eps, alpha=alpha, generator=generator, **kw)
-            with torch.no_grad():
-                correct[name] = model(x_adv).argmax(1) == y
-        correct[WORST_CASE] = torch.stack(list(correct.values())).all(0)
-        for name, hits in correct.items():
-            counts[name] += int(hits.sum())
-    return counts
+    runs = {name: partial(pgd, eps=eps, alpha=alpha, generator=generator, **kw) for name, kw in attacks.items()}
+    res = evaluate_examples(model.to(device), dataset, runs, batch_size=batch_size, progress=progress, desc=desc)
+    return {**{name: res.count(name) for name in res.correct}, WORST_CASE: int(res.all_of().sum())}
 
 
 def eval_command(req: EvalRequest) -> str:
@@ -951,7 +930,7 @@ def eval_command(req: EvalRequest) -> str:
 
     eps_v, step_v = parse_eps(req.eps), parse_eps(req.pgd_step_size, "--pgd-step-size")
     model, meta = load_pruned(req.checkpoint)
-    dev = _device(req.device)
+    dev = resolve_device(req.device)
     model = model.to(dev).eval()
     bundle = load_data(req.data_spec, tuple(meta["input_shape"]), progress=req.progress, splits=[req.split])
     full = bundle.split(req.split)

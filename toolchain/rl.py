@@ -161,11 +161,6 @@ def recalibrate_bn(model: nn.Module, x: Tensor, chunk: int = 100) -> None:
         model.train(was_training)
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, x: Tensor, chunk: int) -> Tensor:
-    return torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
-
-
 def evaluate_pruned(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, seed: int = 0,
                     chunk: int = 250) -> tuple[float, float | None]:
     """(clean accuracy, mean KL(p(x) ‖ p(x_adv))) with PGD-``steps`` crafted on ``model`` itself.
@@ -174,17 +169,19 @@ def evaluate_pruned(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps
     policies are compared on the same attack, not on attack noise. ``steps=0`` skips the attack
     (AMC's accuracy reward needs none) and returns KL None.
     """
-    from rcomp.attacks import pgd
+    from functools import partial
+
+    from rcomp.attacks import evaluate_examples, pgd
 
     model.eval()
-    if steps == 0:
-        return float((_logits(model, x, chunk).argmax(1) == y).float().mean()), None
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    alpha = max(eps / 4, 2.5 * eps / steps)
-    x_adv = torch.cat([pgd(model, x[i:i + chunk], y[i:i + chunk], eps=eps, alpha=alpha, steps=steps, generator=g)
-                       for i in range(0, len(x), chunk)])
-    clean, adv = _logits(model, x, chunk), _logits(model, x_adv, chunk)
-    return float((clean.argmax(1) == y).float().mean()), float(kl_divergence(clean, adv).mean())
+    attacks = {}
+    if steps:
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        attacks["pgd"] = partial(pgd, eps=eps, alpha=max(eps / 4, 2.5 * eps / steps), steps=steps, generator=g)
+    res = evaluate_examples(model, (x, y), attacks, batch_size=chunk, keep_logits=bool(steps))
+    if not steps:
+        return res.accuracy(), None
+    return res.accuracy(), float(kl_divergence(res.logits["clean"], res.logits["pgd"]).mean())
 
 
 # --------------------------------------------------------------------------------------------
