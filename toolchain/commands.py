@@ -48,6 +48,10 @@ def _training_options(fn):
         click.option("--regularity", type=click.Choice(["channel", "weight", "none"]), default=None, help="Pruning regularity (none = dense)."),
         click.option("--target-ops", type=click.FloatRange(0, 1, min_open=True), default=None, help="Ops budget as a fraction of the dense model."),
         click.option("--target-params", type=click.FloatRange(0, 1, min_open=True), default=None, help="Params budget as a fraction of the dense model."),
+        click.option("--target-latency", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Latency budget as a fraction of the dense model's, by --latency-table's per-layer measurements."),
+        click.option("--latency-table", type=click.Path(dir_okay=False), default=None,
+                     help="Per-layer latency table (rcomp latency-table): prune to --target-latency and the profile's latency_p90_ms."),
         click.option("--channel-multiple", type=click.IntRange(min=1), default=None,
                      help="Pruned channel groups keep a multiple of N channels (or all) [1; the profile's target.channel_multiple]."),
         click.option("--finetune-epochs", type=click.IntRange(min=1), default=None,
@@ -360,3 +364,60 @@ def quantize(onnx_path, profile_ref, data_spec, out, method, calibration_size, a
 
     click.echo(quantize_command(onnx_path, resolve_profile(profile_ref), data_spec, out, method=method,
                                 calibration_size=calibration_size, activation_type=activation_type, seed=seed))
+
+
+@cli.command("latency-table")
+@click.option("--profile", "profile_ref", required=True, help="The profile whose session settings the layers run under.")
+@click.option("--model", "model_name", default=None, help="Zoo model (needs torch): emit its layers, and measure them unless --emit-layers.")
+@click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True, help="With --model: classifier outputs.")
+@click.option("--emit-layers", type=click.Path(dir_okay=False), default=None,
+              help="With --model: write the layers file (and the dense ONNX beside it) for the board, measure nothing.")
+@click.option("--layers", "layers_path", type=click.Path(dir_okay=False), default=None,
+              help="A layers file from --emit-layers: measure it here (onnx + onnxruntime only, no torch).")
+@click.option("--dense-onnx", type=click.Path(dir_okay=False), default=None,
+              help="The dense model for the whole-model calibration [the .onnx the layers file names, beside it].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Where to write the table (JSON).")
+@click.option("--runs", type=click.IntRange(min=5), default=100, show_default=True, help="Timed runs per layer and width.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Cache of measured layers, by (profile settings, layer shape, host, onnxruntime) [~/.cache/rcomp/latency].")
+@click.option("--no-cache", is_flag=True, help="Measure every layer again.")
+def latency_table(profile_ref, model_name, num_classes, emit_layers, layers_path, dense_onnx, out, runs, cache_dir, no_cache):
+    """Per-layer latency table for latency-budgeted pruning: every conv at every width it can take
+    (multiples of the profile's channel_multiple), the fixed ops, the per-run overhead, and the
+    whole dense model once (calibration), measured under onnxruntime as the profile runs it.
+
+    \b
+    Measure on the board, train on the workstation:
+      rcomp latency-table --model resnet20 --profile jetson --emit-layers layers.json   # workstation
+      rcomp latency-table --profile jetson --layers layers.json --out table.json        # board (no torch)
+      rcomp train --latency-table table.json --profile jetson --target-latency 0.5 --out runs/lat50
+    Or both steps on one machine:
+      rcomp latency-table --model resnet20 --profile automotive-ecu --out table.json
+    """
+    from rcomp.config import resolve_profile
+    from rcomp.export import latency_table as lt
+    from rcomp.reports import write_json_atomic
+
+    profile = resolve_profile(profile_ref)
+    if (model_name is None) == (layers_path is None):
+        raise RcompError("give either --model (emit the layers from a zoo model) or --layers (a layers file)")
+    if emit_layers and model_name is None:
+        raise RcompError("--emit-layers writes a model's layers file; it needs --model")
+    if not emit_layers and not out:
+        raise RcompError("--out is needed to write the table (or --emit-layers to write only the layers file)")
+    if model_name is not None:
+        from rcomp.latency import emit_layers as emit
+
+        layers_path = emit_layers or str(Path(out).with_name(Path(out).stem + ".layers.json"))
+        doc = emit(model_name, profile, layers_path, num_classes=num_classes)
+        click.echo(f"wrote {layers_path} ({len(doc['layers'])} convs, {len(doc['fixed'])} fixed ops) and "
+                   f"{Path(layers_path).with_suffix('.onnx')}")
+        if emit_layers:
+            return
+    layers = lt.load_layers(layers_path)
+    dense = lt.resolve_dense_onnx(layers_path, layers, dense_onnx)
+    cache = None if no_cache else (Path(cache_dir) if cache_dir else lt.default_cache_dir())
+    table = lt.measure_table(layers, profile, runs=runs, cache_dir=cache, dense_onnx=dense, log=click.echo)
+    write_json_atomic(out, table)
+    click.echo(lt.summary(table))
+    click.echo(f"wrote {out}")

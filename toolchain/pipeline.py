@@ -147,6 +147,7 @@ def load_recipe(path: str) -> dict:
 _CLI_TO_CONFIG = (
     "epochs", "batch_size", "lr_max", "schedule", "attack", "attack_labels", "regularity", "target_ops", "target_params",
     "channel_multiple", "finetune_epochs",
+    "target_latency", "latency_table",
     "seed",
 )
 
@@ -171,8 +172,10 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
     if values.get("regularity") == "none":
         values["regularity"] = None
     _merge_profile_budget(values, profile)
+    _merge_latency_budget(values, profile)
     _merge_profile_channel_multiple(values, profile)
-    has_budget = any(values.get(k) is not None for k in ("target_ops", "target_params", "mops", "params"))
+    has_budget = any(values.get(k) is not None for k in ("target_ops", "target_params", "mops", "params",
+                                                         "target_latency", "latency_p90_ms"))
     method = method or ("intrain" if has_budget else "dense")
     _check_method(method, values, has_budget)
     if arch is not None and method != "dense":
@@ -273,6 +276,22 @@ def _merge_profile_budget(values: dict, profile) -> None:
         values["mops"] = b.mops
     if b.params is not None:
         values["params"] = b.params
+
+
+def _merge_latency_budget(values: dict, profile) -> None:
+    """With a latency table, the profile's latency_p90_ms becomes a training budget too; the table
+    must come from this onnxruntime and this profile (else exit 2, before any training)."""
+    if values.get("latency_table") is None:
+        if values.get("target_latency") is not None:
+            raise RcompError("--target-latency needs --latency-table (measure one with rcomp latency-table)")
+        return
+    from rcomp.budget import load_latency_table
+
+    load_latency_table(values["latency_table"], profile)
+    if profile is not None and profile.budgets.latency_p90_ms is not None:
+        values["latency_p90_ms"] = profile.budgets.latency_p90_ms
+    if values.get("target_latency") is None and values.get("latency_p90_ms") is None:
+        raise RcompError("--latency-table needs a latency budget: --target-latency or a --profile with budgets.latency_p90_ms")
 
 
 def _merge_profile_channel_multiple(values: dict, profile) -> None:
@@ -642,10 +661,44 @@ def _prune_into(job: Job, staged: StagedOutput, log) -> PruneJobOutcome | None:
     report.onnx_path = str(staged.final / "model.onnx")  # the reports name the published file, not the staging one
     doc = report.to_dict()
     doc.update(training=_training_summary(outcome), sanity=sanity.to_dict())
+    if job.config.latency_table is not None:
+        doc["latency_prediction"] = _latency_prediction(job, staged, report)
     write_json_atomic(staged.path("report.json"), doc)
     write_text_atomic(staged.path("report.md"), _report_markdown(report, outcome, sanity))
     staged.publish()
     return PruneJobOutcome(staged.final, outcome, report, bool(report.passed))
+
+
+@contextlib.contextmanager
+def export_errors_explained(model_name: str):
+    """torch's ONNX exporter fails on some layers of foreign models (an adaptive pool whose output does
+    not divide its input, an op without a symbolic): exit 2 with the exporter's one line, not a traceback."""
+    import torch
+
+    try:
+        yield
+    except torch.onnx.errors.OnnxExporterError as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise RcompError(f"ONNX export of {model_name} failed ({type(exc).__name__}: {text}); try another input size "
+                         "(--profile input_shape) or opset, or replace the layer") from None
+
+
+def _latency_prediction(job: Job, staged: StagedOutput, report) -> dict:
+    """The latency table's prediction for the exported model next to the check's measurement (p50)."""
+    from rcomp.export import latency_table as lt
+
+    table = lt.load_table(job.config.latency_table)
+    onnx_path = staged.path("model.fp32.onnx") if staged.path("model.fp32.onnx").is_file() else staged.path("model.onnx")
+    out = {"table": str(job.config.latency_table), "predicted_p50_ms": lt.predict_onnx(table, onnx_path),
+           "predicted_dense_p50_ms": lt.dense_ms(table), "calibration_scale": lt.scale_of(table),
+           "table_measured_on": table["measured_on"]["host"], "model": onnx_path.name}
+    measured = report.latency.get("model")
+    if measured:
+        out["measured_p50_ms"] = measured["p50_ms"]
+        out["error"] = out["predicted_p50_ms"] / measured["p50_ms"] - 1.0
+    if report.latency.get("dense"):
+        out["measured_dense_p50_ms"] = report.latency["dense"]["p50_ms"]
+    return out
 
 
 @contextlib.contextmanager

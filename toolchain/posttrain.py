@@ -28,7 +28,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from rcomp.budget import BudgetController, CostModel, constraints_from_targets
+from rcomp.budget import BudgetController, CostModel, constraints_from_targets, latency_constraints
 from rcomp.masks import attach_masks, build_dependency_graph
 from rcomp.surgery import PrunedModel, load_pruned, remove_channels, save_pruned
 from rcomp.train import set_channel_floors, train_seconds
@@ -95,6 +95,7 @@ def budgeted_masks(model: nn.Module, config, example_input: torch.Tensor, source
     cost = CostModel.build(masked, example_input)
     constraints = constraints_from_targets(cost, target_ops=config.target_ops, target_params=config.target_params,
                                            mops=config.mops, params=config.params, source=source)
+    constraints += latency_constraints(cost, config, source=source)
     return masked, cost, constraints
 
 
@@ -145,7 +146,7 @@ def train_in_three_phases(config, bundle, model: nn.Module, *, method: str, phas
     else:
         dense_epochs, tune_epochs = split_epochs(config.epochs, finetune_epochs=config.finetune_epochs)
     dense_cfg = dataclasses.replace(config, epochs=dense_epochs, regularity=None, target_ops=None,
-                                    target_params=None, mops=None, params=None,
+                                    target_params=None, mops=None, params=None, target_latency=None, latency_p90_ms=None,
                                     slim_at_freeze=False, finetune_epochs=None)
     started = time.perf_counter()
     stage = out_dir / f"{method}-pruned.pt"

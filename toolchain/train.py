@@ -93,6 +93,9 @@ class TrainConfig:
     target_params: float | None = None
     mops: float | None = None
     params: float | None = None
+    target_latency: float | None = None  # fraction of the dense model's latency, by latency_table (rcomp.budget.latency_constraints)
+    latency_p90_ms: float | None = None  # absolute latency budget (a profile's budgets.latency_p90_ms), by latency_table
+    latency_table: str | None = None     # a table from `rcomp latency-table`
     penalty_weight: float = 1.0  # hinge on the excess over the scheduled limit
     dual_lr: float = 0.05        # Lagrange-multiplier step per optimizer step (see BudgetController)
     dual_reset: bool = False     # anti-windup: a positive multiplier drops to 0 once its constraint holds
@@ -123,7 +126,8 @@ class TrainConfig:
 
     @property
     def has_budget(self) -> bool:
-        return any(v is not None for v in (self.target_ops, self.target_params, self.mops, self.params))
+        return any(v is not None for v in (self.target_ops, self.target_params, self.mops, self.params,
+                                           self.target_latency, self.latency_p90_ms))
 
     def validate(self) -> None:
         if self.attack not in ATTACKS:
@@ -413,7 +417,7 @@ class _Trainer:
     def _budget(self):
         if self.masks is None:
             return None, None
-        from rcomp.budget import BudgetController, CostModel, constraints_from_targets
+        from rcomp.budget import BudgetController, CostModel, constraints_from_targets, latency_constraints
 
         example = torch.zeros(1, *self.bundle.input_shape, device=self.device)
         cost = CostModel.build(self.model, example)
@@ -422,6 +426,7 @@ class _Trainer:
         c = self.cfg
         constraints = constraints_from_targets(cost, target_ops=c.target_ops, target_params=c.target_params,
                                                mops=c.mops, params=c.params)
+        constraints += latency_constraints(cost, c)
         return cost, BudgetController(cost, constraints, penalty_weight=c.penalty_weight,
                                       warmup_fraction=c.warmup_fraction, freeze_fraction=c.freeze_fraction,
                                       dual_lr=c.dual_lr, start_fraction=c.mask_start, dual_reset=c.dual_reset)
