@@ -458,6 +458,26 @@ def _build_model(job: Job, bundle):
     return model
 
 
+def _groups_left_alone(job: Job, bundle, model, log) -> list[str]:
+    """The coupled channel groups a channel-pruning run leaves unpruned as unsafe (LayerNorm, grouped
+    convs, channel shuffle ...; see rcomp.masks.classify_channel_groups), logged and kept in train.json."""
+    if job.arch is not None or not (job.method in POST_METHODS or job.train.regularity == "channel"):
+        return []
+    import torch
+
+    from rcomp.masks import classify_channel_groups
+    from rcomp.models.reference import is_zoo_name
+
+    if is_zoo_name(job.model_name):
+        return []  # every group of the zoo's models is prunable: no second graph trace for them
+    _, skipped = classify_channel_groups(model, torch.rand(1, *bundle.input_shape))
+    lines = [f"{name} ({why})" for name, why in skipped]
+    if lines:
+        log(f"pruning: {len(lines)} coupled channel group(s) left alone (not prunable exactly): " + "; ".join(lines[:6])
+            + (f"; and {len(lines) - 6} more" if len(lines) > 6 else ""))
+    return lines
+
+
 def _check_and_load_weights(job: Job, bundle, model) -> None:
     """A non-zoo model must map a batch to ``[N, classes]`` logits; ``--weights`` are loaded by name
     and shape (exit 2 naming what does not fit). Both before any output is written."""
@@ -516,6 +536,7 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
     from rcomp.surgery import save_pruned
 
     model = _build_model(job, bundle)
+    left_alone = _groups_left_alone(job, bundle, model, log)
     started = time.perf_counter()
     result = _run_method(job, bundle, model, staged, log)
     process_seconds = wall = time.perf_counter() - started
@@ -535,7 +556,7 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
         "model": job.model_name, "method": job.method, "data": job.data_spec, "recipe": _plain(dataclasses.asdict(job.train)),
         "recipe_hash": recipe_hash(job.train), "dense_macs": dense_cost.macs, "dense_params": dense_cost.params,
         "macs": cost.macs, "params": cost.params, "wall_seconds": wall, "process_seconds": process_seconds,
-        "classes": list(bundle.classes),
+        "classes": list(bundle.classes), **({"groups_left_alone": left_alone} if left_alone else {}),
         "rcomp_version": __version__, **({"arch_from": job.arch.source} if job.arch else {}),
     }
     checkpoint = staged.path("model.pt")
