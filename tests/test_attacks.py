@@ -88,7 +88,10 @@ def test_attacks_are_reproducible_and_leave_the_global_rng_alone(trained):
 
 
 def test_training_attack_registry():
+    from rcomp.recipe import ATTACK_NAMES
+
     assert ATTACKS["fgsm-rs"] is fgsm_rs and ATTACKS["nfgsm"] is nfgsm and ATTACKS["none"] is None
+    assert tuple(ATTACKS) == ATTACK_NAMES  # the recipe's choices are the attacks that exist
 
 
 def test_evaluate_counts_batches_and_caps_examples(trained):

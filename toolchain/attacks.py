@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rcomp import recipe
+
 DEFAULT_EPS = 8 / 255
 
 
@@ -177,7 +179,7 @@ ATTACKS: dict[str, Callable | None] = {"fgsm-rs": fgsm_rs, "nfgsm": nfgsm, "none
 #: CIFAR-10 ResNet20, seed 0, epoch 2 of a collapsed N-FGSM run, 512 validation images): 45.1 %
 #: accuracy on N-FGSM examples built from the true label, 26.8 % from the predicted label, 23.6 %
 #: under the noise alone, 15.6 % clean, 0.0 % under PGD-10.
-ATTACK_LABELS = ("true", "predicted")
+ATTACK_LABELS = recipe.ATTACK_LABELS
 
 
 # --------------------------------------------------------------------------------------------

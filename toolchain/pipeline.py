@@ -9,7 +9,6 @@ checkpoints live in ``OUT.partial/checkpoints`` while the job runs, which is wha
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rcomp import __version__
-from rcomp.config import Field, Invalid, boolean, integer, number, read_yaml, validate
+from rcomp.config import Field, read_yaml, validate
 from rcomp.errors import RcompError
 from rcomp.distributed import resolve_device
 
@@ -49,10 +48,6 @@ class Job:
     latency_runs: int = 200
     rl_episodes: int | None = None  # --method rl: search episodes (None: rcomp.rl.RLConfig's default)
     arch: Any = None  # rcomp.surgery.Architecture: train these widths densely from fresh weights (--arch-from)
-    model_kwargs: dict = field(default_factory=dict)  # --model-kwargs: extra arguments of a non-zoo factory
-    model_normalizes: bool = False  # --model-normalizes: the user's module normalizes its input itself
-    weights: str | None = None  # --weights: start from this state dict (post-train methods skip their dense phase)
-    weights_key: str | None = None  # --weights-key: the state dict's key inside a checkpoint dict
 
 
 def parse_eps(text: str | float | None, what: str = "--eps") -> float | None:
@@ -73,64 +68,12 @@ def parse_eps(text: str | float | None, what: str = "--eps") -> float | None:
 
 
 def _recipe_schema() -> dict[str, Field]:
-    """Recipe YAML keys = TrainConfig fields, each checked against its default's type (an optional
-    number, whose default is None, against its annotation)."""
-    import typing
-
+    """Recipe YAML keys = TrainConfig's keys (machine settings left out), each with the check its
+    group declares (:func:`rcomp.recipe.key_checks`): the same ranges TrainConfig.validate applies."""
+    from rcomp.recipe import key_checks
     from rcomp.train import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    schema = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("device", "progress", "num_workers"):
-            continue  # machine settings belong on the command line, not in a recipe
-        optional_number = f.default is None and float in typing.get_args(hints[f.name])
-        schema[f.name] = Field(_checker_for(f.name, 0.0 if optional_number else f.default))
-    return schema
-
-
-def _eps_checker(name: str):
-    def check_eps(value):
-        try:
-            return parse_eps(value if isinstance(value, str) else float(value), name)
-        except (RcompError, TypeError, ValueError):
-            raise Invalid("a number in (0, 1] such as 8/255") from None
-    return check_eps
-
-
-#: Recipe keys whose valid range is not the one their type implies (a positive number, a
-#: fraction in (0, 1] for ``*_fraction`` and targets, a non-negative integer).
-_RANGE_EXCEPTIONS = {
-    "finetune_epochs": integer(ge=1),
-    "momentum": number(ge=0),
-    "mask_weight_decay": number(ge=0),
-    "weight_decay": number(ge=0),
-    "co_drop": number(ge=0),
-    "min_keep_stream": number(gt=0, le=1.0),
-}
-_FRACTION_SUFFIXES = ("fraction", "target_ops", "target_params")
-
-
-def _checker_for(name: str, default: Any):
-    """The recipe check of one TrainConfig key: its range exception if it has one, else the check
-    its default's type implies (strings pass through to TrainConfig.validate, which knows the choices)."""
-    if name in ("eps", "alpha"):
-        return _eps_checker(name)
-    if name in _RANGE_EXCEPTIONS:
-        return _RANGE_EXCEPTIONS[name]
-    if isinstance(default, bool):
-        return boolean()
-    if isinstance(default, int):
-        return integer(ge=0)
-    if isinstance(default, float):
-        return number(gt=0, le=1.0) if name.endswith(_FRACTION_SUFFIXES) else number(gt=0)
-    if isinstance(default, str) or default is None:
-        def check_text(value):
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise Invalid("a value")
-            return value
-        return check_text
-    return lambda value: value
+    return {name: Field(check) for name, check in key_checks(TrainConfig).items()}
 
 
 def load_recipe(path: str) -> dict:
@@ -147,7 +90,6 @@ def load_recipe(path: str) -> dict:
 _CLI_TO_CONFIG = (
     "epochs", "batch_size", "lr_max", "schedule", "attack", "attack_labels", "regularity", "target_ops", "target_params",
     "channel_multiple", "finetune_epochs",
-    "target_latency", "latency_table",
     "seed",
 )
 
@@ -159,7 +101,7 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
 
     arch = _architecture(opts)
     model_name = arch.model_name if arch else opts.get("model_name") or DEFAULT_MODEL
-    model_kwargs = _check_model_ref(model_name, opts)  # unknown model, missing file or factory → exit 2 before any work
+    get_model_info(model_name)  # unknown model → exit 2 before any work
     values = load_recipe(opts["recipe"]) if opts.get("recipe") else {}
     for key in _CLI_TO_CONFIG:
         if opts.get(key) is not None:
@@ -172,10 +114,8 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
     if values.get("regularity") == "none":
         values["regularity"] = None
     _merge_profile_budget(values, profile)
-    _merge_latency_budget(values, profile)
     _merge_profile_channel_multiple(values, profile)
-    has_budget = any(values.get(k) is not None for k in ("target_ops", "target_params", "mops", "params",
-                                                         "target_latency", "latency_p90_ms"))
+    has_budget = any(values.get(k) is not None for k in ("target_ops", "target_params", "mops", "params"))
     method = method or ("intrain" if has_budget else "dense")
     _check_method(method, values, has_budget)
     if arch is not None and method != "dense":
@@ -191,43 +131,14 @@ def build_job(opts: dict, *, profile, out: str | None, method: str | None) -> Jo
     values.update(device=resolve_device(opts.get("device", "cpu")), num_workers=opts.get("num_workers", 0),
                   progress=not opts.get("no_progress", False))
     config = TrainConfig(**values)
-    input_shape = tuple(profile.input_shape[1:]) if profile is not None else _default_input(model_name)
+    input_shape = tuple(profile.input_shape[1:]) if profile is not None else get_model_info(model_name).default_input
     if arch is not None and tuple(arch.input_shape[-3:]) != tuple(input_shape):
         raise RcompError(f"--arch-from {arch.source} was pruned for inputs {tuple(arch.input_shape[-3:])}, "
                          f"this run trains on {tuple(input_shape)}")
     out_dir = Path(out) if out else Path("runs") / f"{profile.name if profile else 'train'}-{model_name}"
     return Job(model_name, opts["data_spec"], out_dir, method, config, profile, input_shape,
                download=opts.get("download", False), resume=opts.get("resume", False),
-               rl_episodes=opts.get("rl_episodes"), arch=arch, model_kwargs=model_kwargs,
-               model_normalizes=bool(opts.get("model_normalizes")), weights=opts.get("weights"),
-               weights_key=opts.get("weights_key"))
-
-
-def _check_model_ref(model_name: str, opts: dict) -> dict:
-    """The factory kwargs of ``--model``, after checking the reference resolves (zoo name, torchvision
-    builder, file and factory, module and factory) and that the model options fit it."""
-    from rcomp.models import get_model_info
-    from rcomp.models.reference import is_zoo_name, parse_model_kwargs, resolve_factory
-
-    kwargs = parse_model_kwargs(opts.get("model_kwargs"))
-    if is_zoo_name(model_name):
-        get_model_info(model_name)
-        if kwargs or opts.get("model_normalizes"):
-            raise RcompError(f"--model-kwargs / --model-normalizes apply to torchvision:NAME and file.py:factory "
-                             f"models, not to the zoo's {model_name}")
-    else:
-        resolve_factory(model_name)
-    if opts.get("weights_key") and not opts.get("weights"):
-        raise RcompError("--weights-key needs --weights FILE")
-    if opts.get("weights") and not Path(opts["weights"]).is_file():
-        raise RcompError(f"--weights {opts['weights']}: file not found")
-    return kwargs
-
-
-def _default_input(model_name: str) -> tuple[int, int, int]:
-    from rcomp.models import default_input
-
-    return default_input(model_name)
+               rl_episodes=opts.get("rl_episodes"), arch=arch)
 
 
 #: --model when neither it nor --arch-from names one.
@@ -276,22 +187,6 @@ def _merge_profile_budget(values: dict, profile) -> None:
         values["mops"] = b.mops
     if b.params is not None:
         values["params"] = b.params
-
-
-def _merge_latency_budget(values: dict, profile) -> None:
-    """With a latency table, the profile's latency_p90_ms becomes a training budget too; the table
-    must come from this onnxruntime and this profile (else exit 2, before any training)."""
-    if values.get("latency_table") is None:
-        if values.get("target_latency") is not None:
-            raise RcompError("--target-latency needs --latency-table (measure one with rcomp latency-table)")
-        return
-    from rcomp.budget import load_latency_table
-
-    load_latency_table(values["latency_table"], profile)
-    if profile is not None and profile.budgets.latency_p90_ms is not None:
-        values["latency_p90_ms"] = profile.budgets.latency_p90_ms
-    if values.get("target_latency") is None and values.get("latency_p90_ms") is None:
-        raise RcompError("--latency-table needs a latency budget: --target-latency or a --profile with budgets.latency_p90_ms")
 
 
 def _merge_profile_channel_multiple(values: dict, profile) -> None:
@@ -448,7 +343,6 @@ def _build_model(job: Job, bundle):
     the very initial weights the zoo model of the same seed starts from (so a from-scratch run and
     the pruning run of that architecture began from the same numbers on the units both keep)."""
     model = _zoo_model(job, bundle)
-    _check_and_load_weights(job, bundle, model)
     if job.arch is not None:
         import torch
 
@@ -456,37 +350,6 @@ def _build_model(job: Job, bundle):
 
         apply_pruning(model, job.arch.pruned_channels, torch.zeros(1, *bundle.input_shape))
     return model
-
-
-def _groups_left_alone(job: Job, bundle, model, log) -> list[str]:
-    """The coupled channel groups a channel-pruning run leaves unpruned as unsafe (LayerNorm, grouped
-    convs, channel shuffle ...; see rcomp.masks.classify_channel_groups), logged and kept in train.json."""
-    if job.arch is not None or not (job.method in POST_METHODS or job.train.regularity == "channel"):
-        return []
-    import torch
-
-    from rcomp.masks import classify_channel_groups
-    from rcomp.models.reference import is_zoo_name
-
-    if is_zoo_name(job.model_name):
-        return []  # every group of the zoo's models is prunable: no second graph trace for them
-    _, skipped = classify_channel_groups(model, torch.rand(1, *bundle.input_shape))
-    lines = [f"{name} ({why})" for name, why in skipped]
-    if lines:
-        log(f"pruning: {len(lines)} coupled channel group(s) left alone (not prunable exactly): " + "; ".join(lines[:6])
-            + (f"; and {len(lines) - 6} more" if len(lines) > 6 else ""))
-    return lines
-
-
-def _check_and_load_weights(job: Job, bundle, model) -> None:
-    """A non-zoo model must map a batch to ``[N, classes]`` logits; ``--weights`` are loaded by name
-    and shape (exit 2 naming what does not fit). Both before any output is written."""
-    from rcomp.models.reference import check_logits, is_zoo_name, load_weights
-
-    if not is_zoo_name(job.model_name):
-        check_logits(model, bundle.input_shape, bundle.num_classes, job.model_name)
-    if job.weights:
-        load_weights(model, job.weights, job.weights_key)
 
 
 def _zoo_model(job: Job, bundle):
@@ -503,15 +366,7 @@ def _zoo_model(job: Job, bundle):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.train.seed)
-        return create_model(job.model_name, bundle.num_classes, bundle.input_shape[0], bundle.mean, bundle.std,
-                            **_factory_options(job))
-
-
-def _factory_options(job: Job) -> dict:
-    """create_model's options for a non-zoo model (none for the zoo: its checkpoints stay as they were)."""
-    if not job.model_kwargs and not job.model_normalizes:
-        return {}
-    return {"factory_kwargs": dict(job.model_kwargs), "normalizes": bool(job.model_normalizes)}
+        return create_model(job.model_name, bundle.num_classes, bundle.input_shape[0], bundle.mean, bundle.std)
 
 
 def load_job_data(job: Job, log=print):
@@ -536,7 +391,6 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
     from rcomp.surgery import save_pruned
 
     model = _build_model(job, bundle)
-    left_alone = _groups_left_alone(job, bundle, model, log)
     started = time.perf_counter()
     result = _run_method(job, bundle, model, staged, log)
     process_seconds = wall = time.perf_counter() - started
@@ -556,11 +410,11 @@ def _train_stage(job: Job, bundle, staged: StagedOutput, log=print) -> TrainOutc
         "model": job.model_name, "method": job.method, "data": job.data_spec, "recipe": _plain(dataclasses.asdict(job.train)),
         "recipe_hash": recipe_hash(job.train), "dense_macs": dense_cost.macs, "dense_params": dense_cost.params,
         "macs": cost.macs, "params": cost.params, "wall_seconds": wall, "process_seconds": process_seconds,
-        "classes": list(bundle.classes), **({"groups_left_alone": left_alone} if left_alone else {}),
+        "classes": list(bundle.classes),
         "rcomp_version": __version__, **({"arch_from": job.arch.source} if job.arch else {}),
     }
     checkpoint = staged.path("model.pt")
-    save_pruned(checkpoint, pruned, model_name=job.model_name, model_kwargs=_model_kwargs(bundle, job),
+    save_pruned(checkpoint, pruned, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
                 input_shape=tuple(bundle.input_shape), extra=extra)
     write_json_atomic(staged.path("train.json"), {
         **extra, "history": [_plain(dataclasses.asdict(h)) for h in result.history],
@@ -580,14 +434,14 @@ def _run_method(job: Job, bundle, model, staged: StagedOutput, log):
     if job.method == "posttrain":
         from rcomp.posttrain import train_posttrain
 
-        return train_posttrain(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle, job),
-                               out_dir=staged.partial, resume=job.resume, log=log, pretrained=bool(job.weights))
+        return train_posttrain(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
+                               out_dir=staged.partial, resume=job.resume, log=log)
     if job.method == "rl":
         from rcomp.rl import RLConfig, train_rl
 
         rl = RLConfig(seed=job.train.seed, **({"episodes": job.rl_episodes} if job.rl_episodes is not None else {}))
-        return train_rl(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle, job),
-                        out_dir=staged.partial, resume=job.resume, log=log, rl=rl, pretrained=bool(job.weights))
+        return train_rl(job.train, bundle, model, model_name=job.model_name, model_kwargs=_model_kwargs(bundle),
+                        out_dir=staged.partial, resume=job.resume, log=log, rl=rl)
     from rcomp.train import train
 
     return train(job.train, bundle, model, out_dir=staged.partial, resume=job.resume, log=log)
@@ -612,12 +466,9 @@ def _physically_pruned(job: Job, result, example):
     return fold_weight_masks(trained)
 
 
-def _model_kwargs(bundle, job: Job | None = None) -> dict:
-    """create_model's arguments as the checkpoint stores them: a foreign model's factory kwargs and
-    normalization flag too, so ``load_pruned`` rebuilds it by importing the same code."""
+def _model_kwargs(bundle) -> dict:
     return {"num_classes": int(bundle.num_classes), "in_channels": int(bundle.input_shape[0]),
-            "mean": [float(v) for v in bundle.mean], "std": [float(v) for v in bundle.std],
-            **(_factory_options(job) if job is not None else {})}
+            "mean": [float(v) for v in bundle.mean], "std": [float(v) for v in bundle.std]}
 
 
 def _plain(obj):
@@ -671,8 +522,7 @@ def _prune_into(job: Job, staged: StagedOutput, log) -> PruneJobOutcome | None:
         return None
     profile = job.profile
     write_json_atomic(staged.path("count.json"), {"pruned": outcome.cost.to_dict(), "dense": outcome.dense_cost.to_dict()})
-    with export_errors_explained(job.model_name):
-        _export_pair(outcome, job, staged)
+    _export_pair(outcome, job, staged)
     x, y = _validation_tensors(outcome.bundle, job.attack_set_size)
     sanity = _attack_set_and_sanity(outcome.pruned.model, x, y, profile, staged.path("adv.npz"))
     log("checking under onnxruntime ...")
@@ -682,58 +532,10 @@ def _prune_into(job: Job, staged: StagedOutput, log) -> PruneJobOutcome | None:
     report.onnx_path = str(staged.final / "model.onnx")  # the reports name the published file, not the staging one
     doc = report.to_dict()
     doc.update(training=_training_summary(outcome), sanity=sanity.to_dict())
-    if job.config.latency_table is not None:
-        doc["latency_prediction"] = _latency_prediction(job, staged, report)
     write_json_atomic(staged.path("report.json"), doc)
     write_text_atomic(staged.path("report.md"), _report_markdown(report, outcome, sanity))
     staged.publish()
     return PruneJobOutcome(staged.final, outcome, report, bool(report.passed))
-
-
-@contextlib.contextmanager
-def export_errors_explained(model_name: str):
-    """torch's ONNX exporter fails on some layers of foreign models (an adaptive pool whose output does
-    not divide its input, an op without a symbolic): exit 2 with the exporter's one line, not a traceback."""
-    import torch
-
-    try:
-        yield
-    except torch.onnx.errors.OnnxExporterError as exc:
-        text = " ".join(str(exc).split())[:200]
-        raise RcompError(f"ONNX export of {model_name} failed ({type(exc).__name__}: {text}); try another input size "
-                         "(--profile input_shape) or opset, or replace the layer") from None
-
-
-def _latency_prediction(job: Job, staged: StagedOutput, report) -> dict:
-    """The latency table's prediction for the exported model next to the check's measurement (p50)."""
-    from rcomp.export import latency_table as lt
-
-    table = lt.load_table(job.config.latency_table)
-    onnx_path = staged.path("model.fp32.onnx") if staged.path("model.fp32.onnx").is_file() else staged.path("model.onnx")
-    out = {"table": str(job.config.latency_table), "predicted_p50_ms": lt.predict_onnx(table, onnx_path),
-           "predicted_dense_p50_ms": lt.dense_ms(table), "calibration_scale": lt.scale_of(table),
-           "table_measured_on": table["measured_on"]["host"], "model": onnx_path.name}
-    measured = report.latency.get("model")
-    if measured:
-        out["measured_p50_ms"] = measured["p50_ms"]
-        out["error"] = out["predicted_p50_ms"] / measured["p50_ms"] - 1.0
-    if report.latency.get("dense"):
-        out["measured_dense_p50_ms"] = report.latency["dense"]["p50_ms"]
-    return out
-
-
-@contextlib.contextmanager
-def export_errors_explained(model_name: str):
-    """torch's ONNX exporter fails on some layers of foreign models (an adaptive pool whose output does
-    not divide its input, an op without a symbolic): exit 2 with the exporter's one line, not a traceback."""
-    import torch
-
-    try:
-        yield
-    except torch.onnx.errors.OnnxExporterError as exc:
-        text = " ".join(str(exc).split())[:200]
-        raise RcompError(f"ONNX export of {model_name} failed ({type(exc).__name__}: {text}); try another input size "
-                         "(--profile input_shape) or opset, or replace the layer") from None
 
 
 def _export_pair(outcome: TrainOutcome, job: Job, staged: StagedOutput) -> None:
@@ -824,27 +626,20 @@ def _report_markdown(report, outcome: TrainOutcome, sanity) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_any_model(ref: str, shape, num_classes: int, factory_kwargs: dict | None = None, normalizes: bool = False):
-    """A checkpoint path (pruned model + its metadata) or a model reference (zoo name, torchvision:NAME,
-    file.py:factory; dense, random weights)."""
-    from rcomp.models import create_model, default_input
-    from rcomp.models.reference import check_logits, is_zoo_name
-
+def _load_any_model(ref: str, shape, num_classes: int):
+    """A checkpoint path (pruned model + its metadata) or a zoo name (dense, random weights)."""
+    from rcomp.models import create_model, get_model_info
     from rcomp.surgery import load_pruned
 
-    if Path(ref).is_file() or ref.endswith(".pt"):
+    if Path(ref).exists() or ref.endswith(".pt"):
         model, meta = load_pruned(ref)
         return model, meta, tuple(meta["input_shape"])
-    chw = tuple(shape[1:]) if shape else default_input(ref)
-    options = {"factory_kwargs": factory_kwargs, "normalizes": normalizes} if factory_kwargs or normalizes else {}
-    model = create_model(ref, num_classes, chw[0], **options)
-    if not is_zoo_name(ref):
-        check_logits(model, chw, num_classes, ref)
-    return model, {"model_name": ref, "extra": {}}, chw
+    info = get_model_info(ref)
+    chw = tuple(shape[1:]) if shape else info.default_input
+    return create_model(ref, num_classes, chw[0]), {"model_name": ref, "extra": {}}, chw
 
 
-def count_command(ref: str, shape, num_classes: int, profile_ref: str | None, json_out: str | None,
-                  model_kwargs: str | None = None, model_normalizes: bool = False):
+def count_command(ref: str, shape, num_classes: int, profile_ref: str | None, json_out: str | None):
     from rcomp.config import resolve_profile
     from rcomp.count import count_model
     from rcomp.reports import render_table, write_json_atomic
@@ -852,9 +647,7 @@ def count_command(ref: str, shape, num_classes: int, profile_ref: str | None, js
     profile = resolve_profile(profile_ref) if profile_ref else None
     if shape is None and profile is not None:
         shape = tuple(profile.input_shape)
-    from rcomp.models.reference import parse_model_kwargs
-
-    model, meta, chw = _load_any_model(ref, shape, num_classes, parse_model_kwargs(model_kwargs), model_normalizes)
+    model, meta, chw = _load_any_model(ref, shape, num_classes)
     shape = shape or (1, *chw)
     report = count_model(model, shape)
     text = [report.to_table()]

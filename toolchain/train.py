@@ -61,110 +61,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcomp import distributed
-from rcomp.attacks import ATTACK_LABELS, ATTACKS, AccuracyResult, evaluate, fgsm, pgd
+from rcomp.attacks import ATTACKS, AccuracyResult, evaluate, fgsm, pgd
 from rcomp.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from rcomp.errors import CheckpointError, ConfigError, NumericalError, RcompError, TrainingCollapse
-from rcomp.recipe import reject_removed_keys
+from rcomp.recipe import (MACHINE_FIELDS, AttackConfig, BudgetConfig, GuardConfig, MaskConfig, OptimizerConfig,
+                          RunConfig, ScheduleConfig, reject_removed_keys, validate_recipe)
 
 #: Training examples of the fixed batch the guard attacks every epoch.
 GUARD_SIZE = 256
-#: How the masks are set when they start learning: all at ``MASK_INIT``, or from group magnitude.
-MASK_INITS = ("constant", "magnitude")
-#: Config fields a resumed run may change (machine settings); anything else must match.
-_MACHINE_FIELDS = ("device", "num_workers", "progress")
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr_max: float = 0.2
-    schedule: str = "cyclic"  # cyclic (triangular, Wong et al.) | cosine
-    peak_fraction: float = 0.4
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    attack: str = "fgsm-rs"  # fgsm-rs | nfgsm | none
-    eps: float = 8 / 255
-    alpha: float | None = None  # None: 1.25*eps for fgsm-rs (10/255 at 8/255), eps for nfgsm
-    attack_labels: str = "true"  # true | predicted: the label the training attack ascends (rcomp.attacks.ATTACK_LABELS)
-    regularity: str | None = None  # None (dense) | channel | weight
-    target_ops: float | None = None
-    target_params: float | None = None
-    mops: float | None = None
-    params: float | None = None
-    target_latency: float | None = None  # fraction of the dense model's latency, by latency_table (rcomp.budget.latency_constraints)
-    latency_p90_ms: float | None = None  # absolute latency budget (a profile's budgets.latency_p90_ms), by latency_table
-    latency_table: str | None = None     # a table from `rcomp latency-table`
-    penalty_weight: float = 1.0  # hinge on the excess over the scheduled limit
-    dual_lr: float = 0.05        # Lagrange-multiplier step per optimizer step (see BudgetController)
-    dual_reset: bool = False     # anti-windup: a positive multiplier drops to 0 once its constraint holds
-    warmup_fraction: float = 0.3
-    freeze_fraction: float = 0.8
-    slim_at_freeze: bool = False   # channel masks: remove the switched-off channels at the freeze, train the slim net
-    finetune_epochs: int | None = None  # post-train methods: fine-tune this long after a dense phase of all epochs
-    hflip: bool = True             # random horizontal flips in augmentation; off for data whose mirror image is another class (traffic signs)
-    mask_weight_decay: float | None = None  # None: the weights' weight decay (the poster's shared regulariser)
-    max_switch_off: float = 0.002  # fraction of mask units that may switch off per step (at least 1)
-    min_keep: float = 0.2          # fraction of every channel group that stays (torch-pruning's 1 - max_pruning_ratio)
-    min_keep_stream: float | None = None  # the residual-stream groups' floor instead of min_keep (None: min_keep)
-    channel_multiple: int = 1      # projected group widths are multiples of this (or the whole group)
-    cost_exponent: float = 0.5     # budget gradient of a unit scaled by (its cost / mean cost) ** -cost_exponent
-    mask_start: float = 0.0        # fraction of the steps trained dense before the masks and the budget start
-    mask_init: str = "constant"    # constant | magnitude: masks set from group magnitude when they start
-    eval_size: int = 500
-    eval_pgd_steps: int = 10
-    eval_every: int = 1
-    co_guard: bool = True
-    co_drop: float = 0.2
-    seed: int = 0
-    device: str = "cpu"
-    num_workers: int = 0
-    progress: bool = True
-    grad_clip: float | None = None
-    amp: bool = False  # fp16 autocast + GradScaler for training on CUDA; ignored on CPU
-
-    @property
-    def has_budget(self) -> bool:
-        return any(v is not None for v in (self.target_ops, self.target_params, self.mops, self.params,
-                                           self.target_latency, self.latency_p90_ms))
+class TrainConfig(RunConfig, GuardConfig, MaskConfig, OptimizerConfig, BudgetConfig, AttackConfig, ScheduleConfig):
+    """A training recipe: the keys of every group in :mod:`rcomp.recipe`, flat (``cfg.eps``, recipe
+    YAML keys, train.json's "recipe"), in the order a user reads them: the schedule, the attack and
+    the budget, then the expert groups (optimizer, masks, guard) and the machine. The bases are
+    listed in reverse because a dataclass collects its fields from the last base first.
+    :meth:`validate` checks each group in one place (:func:`rcomp.recipe.validate_recipe`)."""
 
     def validate(self) -> None:
-        if self.attack not in ATTACKS:
-            raise ConfigError(f"unknown attack {self.attack!r}; expected one of {', '.join(ATTACKS)}", key="attack")
-        if self.attack_labels not in ATTACK_LABELS:
-            raise ConfigError(f"unknown attack_labels {self.attack_labels!r}; expected {' or '.join(ATTACK_LABELS)}",
-                              key="attack_labels")
-        if self.schedule not in ("cyclic", "cosine"):
-            raise ConfigError(f"unknown schedule {self.schedule!r}; expected cyclic or cosine", key="schedule")
-        if self.regularity not in (None, "channel", "weight"):
-            raise ConfigError(f"unknown regularity {self.regularity!r}; expected channel, weight or none", key="regularity")
-        if self.has_budget and self.regularity is None:
-            raise ConfigError("a budget (target_ops/target_params/mops/params) needs a regularity", key="regularity")
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
-            raise ConfigError("epochs, batch_size and eval_every must be at least 1")
-        if not 0.0 < self.peak_fraction < 1.0:
-            raise ConfigError(f"peak_fraction must be in (0, 1), got {self.peak_fraction}", key="peak_fraction")
-        if self.mask_init not in MASK_INITS:
-            raise ConfigError(f"unknown mask_init {self.mask_init!r}; expected {' or '.join(MASK_INITS)}", key="mask_init")
-        if self.channel_multiple < 1:
-            raise ConfigError(f"channel_multiple must be at least 1, got {self.channel_multiple}", key="channel_multiple")
-        if self.channel_multiple > 1 and self.regularity == "weight":
-            raise ConfigError("channel_multiple rounds channel widths; weight masks have none", key="channel_multiple")
-        if self.min_keep_stream is not None and not 0.0 < self.min_keep_stream <= 1.0:
-            raise ConfigError(f"min_keep_stream must be in (0, 1], got {self.min_keep_stream}", key="min_keep_stream")
-        if self.min_keep_stream is not None and self.regularity == "weight":
-            raise ConfigError("min_keep_stream is a floor on residual-stream channel groups; weight masks have none",
-                              key="min_keep_stream")
-        if self.slim_at_freeze and self.regularity != "channel":
-            raise ConfigError("slim_at_freeze removes the channels that channel masks switch off; "
-                              f"it needs regularity: channel, got {self.regularity or 'none'}", key="slim_at_freeze")
-        if self.finetune_epochs is not None and self.finetune_epochs < 1:
-            raise ConfigError(f"finetune_epochs must be at least 1, got {self.finetune_epochs}",
-                              key="finetune_epochs")
-        if not 0.0 <= self.mask_start < self.freeze_fraction:
-            raise ConfigError(f"mask_start must be in [0, freeze_fraction={self.freeze_fraction}), got {self.mask_start}",
-                              key="mask_start")
+        validate_recipe(self)
 
 
 def set_channel_floors(masks, config: TrainConfig) -> None:
@@ -417,7 +333,7 @@ class _Trainer:
     def _budget(self):
         if self.masks is None:
             return None, None
-        from rcomp.budget import BudgetController, CostModel, constraints_from_targets, latency_constraints
+        from rcomp.budget import BudgetController, CostModel, constraints_from_targets
 
         example = torch.zeros(1, *self.bundle.input_shape, device=self.device)
         cost = CostModel.build(self.model, example)
@@ -426,7 +342,6 @@ class _Trainer:
         c = self.cfg
         constraints = constraints_from_targets(cost, target_ops=c.target_ops, target_params=c.target_params,
                                                mops=c.mops, params=c.params)
-        constraints += latency_constraints(cost, c)
         return cost, BudgetController(cost, constraints, penalty_weight=c.penalty_weight,
                                       warmup_fraction=c.warmup_fraction, freeze_fraction=c.freeze_fraction,
                                       dual_lr=c.dual_lr, start_fraction=c.mask_start, dual_reset=c.dual_reset)
@@ -955,7 +870,7 @@ class _Trainer:
         saved, now = state.get("config", {}), asdict(self.cfg)
         reject_removed_keys(saved, str(path), only_changed=True)
         defaults = asdict(TrainConfig())  # a field added since the checkpoint was written had its default then
-        diff = [k for k in now if k not in _MACHINE_FIELDS and saved.get(k, defaults[k]) != now[k]]
+        diff = [k for k in now if k not in MACHINE_FIELDS and saved.get(k, defaults[k]) != now[k]]
         if diff:
             raise CheckpointError(f"{path}: written with a different configuration ({', '.join(diff)} differ); "
                                   "use a new output folder or the same settings")
