@@ -75,6 +75,17 @@ def input_spec(path_or_model) -> tuple[str, tuple]:
     return inputs[0].name, _shape_of(inputs[0])
 
 
+def output_classes(path_or_model) -> int | None:
+    """Width of the first graph output [batch, classes] when the file states it, else ``None``."""
+    model = load_model(path_or_model, load_weights=False)
+    if not model.graph.output:
+        return None
+    shape = _shape_of(model.graph.output[0])
+    if not shape or len(shape) != 2 or not isinstance(shape[-1], int) or shape[-1] < 1:
+        return None
+    return shape[-1]
+
+
 def _shape_of(value_info) -> tuple | None:
     t = value_info.type.tensor_type
     if not t.HasField("shape"):

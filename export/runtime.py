@@ -9,6 +9,7 @@ not steal cores from the next one (or from another process on a shared machine).
 from __future__ import annotations
 
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 
@@ -81,6 +82,29 @@ def effective_threads(target) -> int:
     4-core board. The check report states when the cap applied.
     """
     return max(1, min(int(target.threads), os.cpu_count() or 1))
+
+
+def _cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_info(target) -> dict:
+    """What a latency figure depends on besides the model: the machine, the runtime, the session.
+
+    Stored with every check report so a later ``--baseline`` comparison can tell whether two
+    latencies are comparable (the hostname is kept for people, not compared).
+    """
+    return {"hostname": platform.node(), "machine": platform.machine(), "cpu_model": _cpu_model(),
+            "cpus": os.cpu_count(), "onnxruntime": ort.__version__, "provider": target.execution_provider,
+            "threads": effective_threads(target), "graph_optimization": target.graph_optimization}
 
 
 def session_for_target(path, target) -> ort.InferenceSession:

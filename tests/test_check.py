@@ -30,14 +30,15 @@ def profile(name="test", shape=SHAPE, robustness=None, **budgets):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """tiny_cnn exported twice: 'pruned' carries the metadata the pipeline writes, 'dense' none."""
+    """tiny_cnn as the 'pruned' model with the metadata the pipeline writes (true figures), resnet20 as
+    the dense reference (no metadata)."""
     import torch
     from rcomp.export.onnx_export import export_onnx
     from rcomp.models import create_model
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("check")
-    meta = {"mops": "6.340928", "params": "24000", "dense_mops": "12.68", "dense_params": "48000"}
+    meta = {"mops": "6.340928", "params": "24026", "dense_mops": "40.813184", "dense_params": "272474"}
     export_onnx(create_model("tiny_cnn"), SHAPE, d / "model.onnx", opset=17, metadata=meta, check_n=1)
     export_onnx(create_model("resnet20"), SHAPE, d / "dense.onnx", opset=17, metadata={}, check_n=1)
     return d
@@ -63,14 +64,17 @@ FLOORS = config.Robustness(eps=EPS, min_clean_acc=0.9, min_adv_acc=0.1)
 
 def test_passes_under_generous_budgets(models, attack_set, tmp_path):
     report = run_check(models / "model.onnx", profile(robustness=FLOORS, **GENEROUS), attack_set=attack_set,
-                       latency_runs=5, square_queries=10, square_n=8)
+                       latency_runs=5, square_queries=10, square_n=8, dense_onnx=models / "dense.onnx")
     assert report.passed, report.to_text()
     rows = {r.name: r for r in report.rows}
-    assert set(rows) == {"mops", "params", "ops_fraction", "params_fraction", "latency_p90_ms", "clean_acc", "adv_acc"}
+    assert set(rows) == {"opset", "metadata", "mops", "params", "ops_fraction", "params_fraction", "latency_p90_ms",
+                         "clean_acc", "adv_acc"}
     assert rows["mops"].value == pytest.approx(6.340928)
-    assert rows["params"].value == 24000 and "rcomp.params" in rows["params"].detail
-    assert rows["ops_fraction"].value == pytest.approx(6.340928 / 12.68)
-    assert rows["params_fraction"].value == pytest.approx(0.5)
+    assert rows["params"].value == 23853 and "graph" in rows["params"].detail  # stored elements, BN folded
+    assert rows["ops_fraction"].value == pytest.approx(6.340928 / 40.813184)
+    assert rows["params_fraction"].value == pytest.approx(23853 / 271021)
+    assert rows["metadata"].value == 0 and "match" in rows["metadata"].detail
+    assert rows["opset"].value == 17
     assert rows["clean_acc"].value == 1.0
     assert report.metrics["square_n"] == 8 and "Square" in report.metrics["adv_source"]
     assert report.latency["model"]["runs"] == 5
@@ -87,24 +91,24 @@ def test_fails_against_a_tighter_profile(models):
     rows = {r.name: r for r in report.rows}
     assert rows["mops"].status == "fail" and rows["params"].status == "pass"
     assert "FAIL" in report.to_text()
-    assert report.to_dict()["rows"][0] == {"name": "mops", "value": pytest.approx(6.340928), "limit": 1.0,
-                                           "unit": "MOps", "passed": False, "status": "fail",
-                                           "detail": "conv+linear MACs from the graph"}
+    mops = next(r for r in report.to_dict()["rows"] if r["name"] == "mops")
+    assert mops == {"name": "mops", "value": pytest.approx(6.340928), "limit": 1.0, "unit": "MOps", "passed": False,
+                    "status": "fail", "detail": "conv+linear MACs from the graph", "bound": "max"}
 
 
 def test_unevaluable_checks_fail(models):
     report = run_check(models / "dense.onnx", profile(robustness=FLOORS, ops_fraction=0.9, params_fraction=0.9))
-    rows = {r.name: r for r in report.rows}
+    rows = {r.name: r for r in report.rows if r.name != "opset"}
     assert not report.passed
     assert all(r.status == "not evaluated" and r.passed is False for r in rows.values())
-    assert "--attack-set" in rows["adv_acc"].detail and "rcomp.dense_mops" in rows["ops_fraction"].detail
+    assert "--attack-set" in rows["adv_acc"].detail and "--dense" in rows["ops_fraction"].detail
 
 
-def test_params_fall_back_to_initializers_and_dense_gives_ratio(models):
+def test_fractions_come_from_the_dense_graph_the_user_passes(models):
     report = run_check(models / "dense.onnx", profile(params=1e6, ops_fraction=1.0), latency_runs=5,
                        dense_onnx=models / "model.onnx")
     rows = {r.name: r for r in report.rows}
-    assert "initializer" in rows["params"].detail
+    assert rows["params"].value == 271021 and "metadata" not in rows  # dense.onnx carries no rcomp.* figures
     assert rows["ops_fraction"].value == pytest.approx(40.813184 / 6.340928) and rows["ops_fraction"].status == "fail"
     assert set(report.latency) == {"model", "dense"} and report.metrics["speedup_p50"] > 0
     assert "vs dense" in report.to_text()
@@ -133,7 +137,7 @@ def test_attack_set_validation(tmp_path):
         load_attack_set(path, SHAPE, EPS)
     with pytest.raises(RcompError, match="more than its eps"):
         make_attack_set(tmp_path / "b.npz", x, [0, 1], x + 0.5, EPS, "pgd")
-    make_attack_set(tmp_path / "c.npz", x, [0, 1], x, EPS, "pgd")
+    make_attack_set(tmp_path / "c.npz", x, [0, 1], x + np.float32(EPS / 2), EPS, "pgd")
     with pytest.raises(RcompError, match="do not fit the model input"):
         load_attack_set(tmp_path / "c.npz", (1, 3, 16, 16), EPS)
     assert load_attack_set(tmp_path / "c.npz", SHAPE, EPS).attack == "pgd"

@@ -83,7 +83,7 @@ def _job_from_options(opts: dict, profile, out: str, method: str):
 @click.option("--out", default=None, help="Output folder [runs/<profile>-<model>].")
 @click.option("--method", type=click.Choice(METHODS), default="intrain", show_default=True, help="In-train pruning (the poster), post-train magnitude pruning + fine-tuning, AMC-style RL post-train pruning with a KL robustness reward (the poster's comparison) + fine-tuning, or no pruning.")
 @click.option("--attack-set-size", type=click.IntRange(min=1), default=500, show_default=True, help="Validation images in the shipped PGD attack set.")
-@click.option("--square-queries", type=click.IntRange(min=0), default=0, show_default=True, help="Square-attack queries against the ORT session (0 = transfer attack only).")
+@click.option("--square-queries", type=click.IntRange(min=0), default=100, show_default=True, help="The gate's own Square attack against the ORT session, queries per image on 64 images (0 = the shipped transfer set alone).")
 @click.option("--latency-runs", type=click.IntRange(min=5), default=200, show_default=True)
 @_training_options
 def prune(profile_ref, out, method, attack_set_size, square_queries, latency_runs, **opts):
@@ -216,23 +216,34 @@ def export(checkpoint, profile_ref, out, opset, parity_data, parity_n):
 @click.argument("onnx_path", type=click.Path(dir_okay=False))
 @click.option("--profile", "profile_ref", required=True)
 @click.option("--attack-set", type=click.Path(dir_okay=False), default=None, help="An .npz attack set (x_clean, y, x_adv) shipped with the model.")
-@click.option("--square-queries", type=click.IntRange(min=0), default=0, show_default=True, help="Run a Square attack against the ORT session too.")
-@click.option("--square-n", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--dense", "dense_onnx", type=click.Path(dir_okay=False), default=None, help="The dense model's ONNX, for the latency ratio.")
+@click.option("--square-queries", type=click.IntRange(min=0), default=100, show_default=True,
+              help="The gate's own Square attack against the ORT session, queries per image (0 = trust the attack set alone).")
+@click.option("--square-n", type=click.IntRange(min=1), default=64, show_default=True, help="Images the Square attack runs on (a seeded subset).")
+@click.option("--dense", "dense_onnx", type=click.Path(dir_okay=False), default=None,
+              help="The dense reference model's ONNX: the ops/params fractions and the latency ratio are measured against it.")
 @click.option("--latency-runs", type=click.IntRange(min=5), default=200, show_default=True)
 @click.option("--report-dir", type=click.Path(file_okay=False), default=None, help="Where report.json and report.md go [next to the model].")
-def check(onnx_path, profile_ref, attack_set, square_queries, square_n, dense_onnx, latency_runs, report_dir):
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None, help="Also write a JUnit XML file (one test case per check) for CI test reports.")
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="The released model's report.json: fail on a regression against it.")
+@click.option("--max-regression", default=None,
+              help="Tolerated regressions vs --baseline, absolute or relative: adv_acc=0.01,latency_p90_ms=5%,mops=0 "
+                   "[mops=0,params=0,clean_acc=0.01,adv_acc=0.01,latency_p90_ms=10%].")
+def check(onnx_path, profile_ref, attack_set, square_queries, square_n, dense_onnx, latency_runs, report_dir, junit_path,
+          baseline, max_regression):
     """The CI gate: check an ONNX model against every budget and floor of a profile under
     onnxruntime (ops and params from the graph, p90 latency, clean and adversarial accuracy).
 
     Needs only the light install (onnxruntime, numpy, pyyaml). Exit codes: 0 all pass,
-    1 a budget or floor fails, 2 bad input (missing file, not ONNX, wrong input shape, bad profile).
+    1 a budget, floor or regression fails, 2 bad input (missing file, not ONNX, wrong input shape,
+    bad profile, a doctored attack set, a baseline measured under other conditions).
 
     \b
     Examples:
       rcomp check model.onnx --profile jetson --attack-set adv.npz
       rcomp check model.onnx --profile profiles/automotive-ecu.yaml --attack-set adv.npz \\
           --square-queries 1000 --dense dense.onnx --report-dir ci-report/
+      rcomp check new/model.onnx --profile jetson --attack-set new/adv.npz --junit gate/junit.xml \\
+          --baseline released/report.json --max-regression adv_acc=0.01,latency_p90_ms=5%,mops=0
     """
     from rcomp.config import resolve_profile
     from rcomp.export.check import run_check, write_report
@@ -240,9 +251,13 @@ def check(onnx_path, profile_ref, attack_set, square_queries, square_n, dense_on
     profile = resolve_profile(profile_ref)
     report = run_check(
         onnx_path, profile, attack_set=attack_set, square_queries=square_queries, square_n=square_n,
-        latency_runs=latency_runs, dense_onnx=dense_onnx,
+        latency_runs=latency_runs, dense_onnx=dense_onnx, baseline=baseline, max_regression=max_regression,
     )
     write_report(report, report_dir or str(Path(onnx_path).resolve().parent))
+    if junit_path:
+        from rcomp.export.junit import write_junit
+
+        write_junit(report, junit_path)
     click.echo(report.to_text())
     sys.exit(EXIT_OK if report.passed else EXIT_FAIL)
 

@@ -44,7 +44,7 @@ class Job:
     download: bool = False
     resume: bool = False
     attack_set_size: int = 500
-    square_queries: int = 0
+    square_queries: int = 100  # the gate's own Square attack (rcomp.export.check.DEFAULT_SQUARE_QUERIES)
     latency_runs: int = 200
     rl_episodes: int | None = None  # --method rl: search episodes (None: rcomp.rl.RLConfig's default)
     arch: Any = None  # rcomp.surgery.Architecture: train these widths densely from fresh weights (--arch-from)
