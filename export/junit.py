@@ -33,16 +33,6 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.6g}"
 
 
-def _message(row, group: str) -> str:
-    """``mops: 30.1 MOps, limit <= 24 MOps (conv+linear MACs from the graph)``: readable in a CI's list."""
-    if row.status == "not evaluated":
-        return f"{row.name}: not evaluated ({row.detail})"
-    op = ">=" if row.bound == "min" else "<="
-    what = f"{row.name}{' vs baseline' if group == 'regression' else ''}"
-    return f"{what}: {_num(row.value)} {row.unit}, limit {op} {_num(row.limit)} {row.unit}" + \
-           (f" ({row.detail})" if row.detail else "")
-
-
 def _testcase(suite, row, group: str, profile: str, seconds: float) -> tuple[int, int]:
     """Append one testcase; returns (failures, skipped) it adds."""
     name = f"{row.name} vs baseline" if group == "regression" else row.name
@@ -54,7 +44,7 @@ def _testcase(suite, row, group: str, profile: str, seconds: float) -> tuple[int
         return 0, 1
     if row.status != "pass":
         kind = "NotEvaluated" if row.status == "not evaluated" else FAILURE_TYPE[group]
-        ET.SubElement(case, "failure", message=_message(row, group), type=kind).text = text
+        ET.SubElement(case, "failure", message=row.summary(group == "regression"), type=kind).text = text
         return 1, 0
     ET.SubElement(case, "system-out").text = text
     return 0, 0
@@ -73,7 +63,7 @@ def junit_xml(report) -> bytes:
     groups: dict[str, list] = {}
     for row in report.rows:
         groups.setdefault(GROUPS.get(row.name, "budgets"), []).append(row)
-    regressions = [r for r in report.regression_rows]
+    regressions = report.regression_rows
     root = ET.Element("testsuites", name=f"rcomp check {profile}")
     stamp = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     totals = [0, 0, 0, 0.0]  # tests, failures, skipped, time
