@@ -9,11 +9,11 @@ import textwrap
 import numpy as np
 import pytest
 
+from rcomp import config
 from rcomp.errors import RcompError
 from rcomp.export.check import load_attack_set, make_attack_set, run_check, write_report
 from rcomp.export.runtime import make_session, predict
 
-config = pytest.importorskip("rcomp.config")
 
 SHAPE = (1, 3, 32, 32)
 EPS = 8 / 255
