@@ -128,11 +128,18 @@ def default_input(name: str) -> tuple[int, int, int]:
 
 
 def find_classifier(model: nn.Module) -> nn.Module:
-    """The output layer (the last ``nn.Linear``): its outputs are the classes, never pruned."""
-    last = None
+    """The output layer: its outputs are the classes, never pruned.
+
+    The last ``nn.Linear``, or for a fully convolutional classifier (SqueezeNet's 1x1 conv head)
+    the last ``nn.Conv2d``. rcomp.masks also refuses every group that reaches the model's output,
+    so a head found wrongly is left unpruned, not cut.
+    """
+    last = last_conv = None
     for module in model.modules():
         if isinstance(module, nn.Linear):
             last = module
-    if last is None:
-        raise RcompError("model has no nn.Linear output layer")
-    return last
+        elif isinstance(module, nn.Conv2d):
+            last_conv = module
+    if last is None and last_conv is None:
+        raise RcompError("model has no nn.Linear or nn.Conv2d output layer")
+    return last if last is not None else last_conv

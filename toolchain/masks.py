@@ -451,7 +451,7 @@ def classify_channel_groups(model: nn.Module, example_input: torch.Tensor
 
 
 #: torch-pruning's pseudo-modules whose channel index mapping it follows exactly.
-_SAFE_OPS = ("_ElementWiseOp", "_ConcatOp", "_SplitOp", "_ReshapeOp", "_OutputOp")
+_SAFE_OPS = ("_ElementWiseOp", "_ConcatOp", "_SplitOp", "_ReshapeOp")
 _SAFE_MODULES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
@@ -463,6 +463,8 @@ def _unsafe_reason(group, names: dict) -> str | None:
         if name is None:
             kind = type(module).__name__
             grad_fn = str(getattr(module, "_grad_fn", "")).lower()
+            if kind == "_OutputOp":
+                return "its channels are the model's output (the classes)"
             if kind not in _SAFE_OPS:
                 return f"{kind.strip('_')} on the channels (torch-pruning cannot map them exactly)"
             if "transpose" in grad_fn or "permute" in grad_fn:
