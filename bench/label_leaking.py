@@ -69,7 +69,7 @@ def run_record(folder: Path) -> dict:
         history = json.loads((folder / "train.json").read_text())["history"]
     else:
         latest = sorted((folder.with_name(folder.name + ".partial") / "checkpoints").glob("ckpt-epoch*.pt"))[-1]
-        history = torch.load(latest, map_location="cpu", weights_only=False)["history"]
+        history = torch.load(latest, map_location="cpu", weights_only=True)["history"]
     provenance = folder.with_name(folder.name + ".provenance.json")
     starts = json.loads(provenance.read_text()) if provenance.exists() else []
     return {"trained_by": starts, "epochs_log": epochs_log(history)}
@@ -104,7 +104,7 @@ def main() -> None:
     rows = {}
     for ckpt in args.checkpoints:
         model = create_model("resnet20", bundle.num_classes, 3, bundle.mean, bundle.std)
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
         rows[str(ckpt)] = accuracies(model, x, y)
         print(ckpt, {k: round(v, 3) for k, v in rows[str(ckpt)].items()}, flush=True)
     doc = {"command": " ".join(["python"] + sys.argv), "commit": commit(), "machine": machine(),

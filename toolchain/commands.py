@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from rcomp.cli import EXIT_FAIL, EXIT_OK, cli, parse_shape
+from rcomp.cli import EXIT_FAIL, EXIT_OK, FiniteFloatRange, cli, parse_shape
 from rcomp.errors import RcompError
 from rcomp.pipeline import METHODS
 
@@ -39,15 +39,15 @@ def _training_options(fn):
         click.option("--download", is_flag=True, help="Allow cifar10:DIR to download (never implicit)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [recipe default]."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size [128; 32 for digits/synthetic]."),
-        click.option("--lr", "lr_max", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate."),
+        click.option("--lr", "lr_max", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Peak learning rate."),
         click.option("--schedule", type=click.Choice(["cyclic", "cosine"]), default=None),
         click.option("--attack", type=click.Choice(["fgsm-rs", "nfgsm", "none"]), default=None, help="Training attack: FastAT (fgsm-rs), N-FGSM, or none."),
         click.option("--attack-labels", type=click.Choice(["true", "predicted"]), default=None,
                      help="Label the training attack ascends: the ground truth [default] or the model's prediction (against label leaking)."),
         click.option("--eps", type=str, default=None, help="Training eps in pixel units, e.g. 8/255."),
         click.option("--regularity", type=click.Choice(["channel", "weight", "none"]), default=None, help="Pruning regularity (none = dense)."),
-        click.option("--target-ops", type=click.FloatRange(0, 1, min_open=True), default=None, help="Ops budget as a fraction of the dense model."),
-        click.option("--target-params", type=click.FloatRange(0, 1, min_open=True), default=None, help="Params budget as a fraction of the dense model."),
+        click.option("--target-ops", type=FiniteFloatRange(0, 1, min_open=True), default=None, help="Ops budget as a fraction of the dense model."),
+        click.option("--target-params", type=FiniteFloatRange(0, 1, min_open=True), default=None, help="Params budget as a fraction of the dense model."),
         click.option("--target-latency", type=click.FloatRange(0, 1, min_open=True), default=None,
                      help="Latency budget as a fraction of the dense model's, by --latency-table's per-layer measurements."),
         click.option("--latency-table", type=click.Path(dir_okay=False), default=None,
@@ -185,7 +185,10 @@ def count(model_ref, model_opt, model_kwargs, model_normalizes, input_shape, num
     ref = model_opt or model_ref
     if not ref:
         raise RcompError("give a MODEL (zoo name or checkpoint path), e.g. rcomp count resnet20")
-    text, passed = count_command(ref, parse_shape(input_shape), num_classes, profile_ref, json_out,
+    from rcomp.guards import locked_output_file
+
+    with locked_output_file(json_out, "--json"):  # checked and locked before any work
+        text, passed = count_command(ref, parse_shape(input_shape), num_classes, profile_ref, json_out,
                                      model_kwargs=model_kwargs, model_normalizes=model_normalizes)
     click.echo(text)
     sys.exit(EXIT_OK if passed else EXIT_FAIL)
@@ -207,9 +210,11 @@ def export(checkpoint, profile_ref, out, opset, parity_data, parity_n):
       rcomp export runs/r20/model.pt --profile jetson --out runs/r20/model.onnx
       rcomp export model.pt --opset 13 --out ecu.onnx --parity-data imagefolder:DIR
     """
+    from rcomp.guards import locked_output_file
     from rcomp.pipeline import export_command
 
-    click.echo(export_command(checkpoint, profile_ref, out, opset, parity_data, parity_n))
+    with locked_output_file(out, "--out"):  # checked and locked before any work
+        click.echo(export_command(checkpoint, profile_ref, out, opset, parity_data, parity_n))
 
 
 @cli.command()
@@ -289,12 +294,14 @@ def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size,
       rcomp eval runs/r20/model.pt --data imagefolder:/data/cifar10-test --split test --pgd50 --restarts 5
       rcomp eval runs/r20/model.pt --data digits --sanity
     """
+    from rcomp.guards import locked_output_file
     from rcomp.pipeline import EvalRequest, eval_command
 
     request = EvalRequest(checkpoint=checkpoint, data_spec=data_spec, split=split, limit=limit, eps=eps, pgd_steps=pgd_steps,
                           pgd_step_size=pgd_step_size, restarts=restarts, pgd50=pgd50, sanity=sanity, batch_size=batch_size,
                           device=device, json_out=json_out, progress=not no_progress, seed=seed)
-    click.echo(eval_command(request))
+    with locked_output_file(json_out, "--json"):  # checked and locked before any work
+        click.echo(eval_command(request))
 
 
 @cli.group()

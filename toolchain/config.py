@@ -56,6 +56,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from rcomp.errors import ConfigError
+from rcomp.guards import MAX_INPUT_CHANNELS, MAX_INPUT_SIDE, MAX_YAML_BYTES, excerpt
 
 def _shipped_profiles_dir() -> Path:
     """``profiles/`` of a source checkout, else the copy a wheel install carries as ``rcomp.profiles``."""
@@ -107,7 +108,10 @@ def validate(
     """
     if not isinstance(data, dict):
         what = f"a mapping with keys {', '.join(schema)}"
-        raise ConfigError(f"expected {what}, got {describe(data)}", path=source, key=prefix or None)
+        # At the top level the value is the whole file (a text file read as YAML is one string):
+        # name its type only, so that pointing rcomp at a secret never prints it.
+        got = describe(data) if prefix else _kind(data)
+        raise ConfigError(f"expected {what}, got {got}", path=source, key=prefix or None)
     _reject_unknown(data, schema, source, prefix)
     out: dict[str, Any] = {}
     for key, spec in schema.items():
@@ -128,7 +132,7 @@ def _reject_unknown(data: dict, schema: Mapping[str, Any], source: str | None, p
     for key in data:
         if key in schema:
             continue
-        path = f"{prefix}.{key}" if prefix else str(key)
+        path = f"{prefix}.{excerpt(key)}" if prefix else excerpt(key)
         close = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"unknown key; {hint}known keys: {', '.join(schema)}", path=source, key=path)
@@ -148,10 +152,21 @@ def describe(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, (int, float, list)):
-        return repr(value)
+        return excerpt(repr(value))
     if isinstance(value, str):
-        return repr(value)
+        return excerpt(repr(value))
     return type(value).__name__
+
+
+def _kind(value: Any) -> str:
+    """A value's kind, without its content."""
+    if value is None:
+        return "an empty file"
+    if isinstance(value, str):
+        return f"a text of {len(value)} characters"
+    return {list: "a list", bool: "a boolean", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
 
 
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
@@ -273,7 +288,17 @@ def int_list(*, length: int | None = None, ge: int | None = None) -> Callable[[A
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys: PyYAML silently keeps the last one otherwise."""
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one otherwise) and
+    anchors and aliases: profiles and recipes never need them, and nested aliases (a "billion
+    laughs" file of a few hundred bytes) expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not allowed in rcomp files", event.start_mark
+            )
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
@@ -283,7 +308,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key]})", mark
+                None, None, f"duplicate key {excerpt(repr(key))} (first at line {seen[key]})", mark
             )
         seen[key] = key_node.start_mark.line + 1
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
@@ -296,7 +321,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
     """Parse a YAML file, turning every I/O and syntax failure into a one-line ConfigError."""
     source = str(path)
     try:
-        raw = Path(path).read_text(encoding="utf-8")
+        raw = _read_capped(Path(path)).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError("file not found", path=source) from None
     except IsADirectoryError:
@@ -310,13 +335,22 @@ def read_yaml(path: str | os.PathLike) -> Any:
     except yaml.MarkedYAMLError as exc:
         raise ConfigError(_yaml_message(exc), path=source) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML error: {exc}", path=source) from None
+        raise ConfigError(f"YAML error: {excerpt(str(exc), 160)}", path=source) from None
+
+
+def _read_capped(path: Path) -> bytes:
+    """At most MAX_YAML_BYTES of a file: a huge file (or /dev/zero) is refused, not read into memory."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"larger than {MAX_YAML_BYTES // 1024} KB: not a profile or recipe", path=str(path))
+    return data
 
 
 def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
     mark = exc.problem_mark or exc.context_mark
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+    what = excerpt(" ".join(str(p) for p in (exc.context, exc.problem) if p), 160)
     kind = "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
     return f"{kind}{where}: {what}"
 
@@ -477,6 +511,10 @@ def _check_profile_rules(v: dict[str, Any], source: str | None) -> None:
             path=source,
             key="input_shape",
         )
+    c, h, w = v["input_shape"][1:]
+    if max(h, w) > MAX_INPUT_SIDE or c > MAX_INPUT_CHANNELS:
+        raise ConfigError(f"expected at most {MAX_INPUT_CHANNELS} channels and {MAX_INPUT_SIDE} pixels a side, "
+                          f"got {list(v['input_shape'])}", path=source, key="input_shape")
     if all(value is None for value in v["budgets"].values()):
         raise ConfigError(f"expected at least one of {', '.join(BUDGET_KEYS)}", path=source, key="budgets")
     rob = v["robustness"]

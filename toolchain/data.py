@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
 from rcomp.errors import DataError
+from rcomp.guards import check_input_shape, excerpt
 
 KINDS = ("digits", "synthetic", "cifar10", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -293,6 +294,7 @@ def _check_shape(shape) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise DataError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
+    check_input_shape(shape, "input_shape")
     return shape  # type: ignore[return-value]
 
 
@@ -356,16 +358,82 @@ def _download_cifar(root: Path) -> None:
         raise DataError(f"cifar10:{root}: download failed: {exc}") from None
 
 
+#: The only globals a CIFAR-10 python pickle may name. The published batches (written by Python 2's
+#: cPickle) use numpy.core.multiarray._reconstruct, numpy.ndarray and numpy.dtype; files re-pickled
+#: by numpy 2 name numpy._core, ``_frombuffer`` (protocol 5), ``scalar`` (numpy integers in a label
+#: list) and ``_codecs.encode`` (bytes at protocol 2). Any other global (``os.system``,
+#: ``builtins.eval``, ...) is refused before it is looked up, so a planted file runs nothing.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((core, "_reconstruct") for core in ("numpy.core.multiarray", "numpy._core.multiarray")),
+    *((core, "scalar") for core in ("numpy.core.multiarray", "numpy._core.multiarray")),
+    *((core, "_frombuffer") for core in ("numpy.core.numeric", "numpy._core.numeric")),
+}
+#: A published CIFAR-10 batch is 31 MB; a file far larger is not one.
+_CIFAR_MAX_BYTES = 256 * 1024**2
+
+
+def _numpy_global(module: str, name: str):
+    """The object a whitelisted numpy global names, under numpy 1 (numpy.core) and 2 (numpy._core)."""
+    import codecs
+
+    if module == "_codecs":
+        return codecs.encode
+    if module == "numpy":
+        return getattr(np, name)
+    try:
+        from numpy import _core as core  # numpy >= 2 (numpy.core is a deprecated alias there)
+    except ImportError:  # numpy 1.x
+        from numpy import core  # type: ignore[no-redef]
+    return getattr(getattr(core, module.rsplit(".", 1)[1]), name)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler restricted to the plain types of the CIFAR-10 python format.
+
+    Plain pickle.load executes whatever callable a file names; this one resolves only the
+    numpy array constructors in ``_CIFAR_GLOBALS`` (dicts, lists, str, bytes and ints need none).
+    """
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {excerpt(module)}.{excerpt(name)}: "
+                                         "a CIFAR-10 batch holds only arrays, lists and strings")
+        return _numpy_global(module, name)
+
+
+def _safe_unpickle(path: Path):
+    """One CIFAR-10 python pickle, read with the restricted unpickler (never plain pickle.load)."""
+    if path.stat().st_size > _CIFAR_MAX_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size / 1e6:.0f} MB is not a CIFAR-10 python batch")
+    with open(path, "rb") as f:
+        return _CifarUnpickler(f, encoding="latin1").load()  # latin1: the batches were written by Python 2
+
+
+def _cifar_batch(entry, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 3, 32, 32] uint8, labels [N]) of one unpickled batch, its layout checked."""
+    if not isinstance(entry, dict) or "data" not in entry or "labels" not in entry:
+        raise DataError(f"{path}: not a CIFAR-10 python batch (expected a dict with data and labels)")
+    data, labels = entry["data"], np.asarray(entry["labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: not a CIFAR-10 python batch (data must be an N x 3072 uint8 array)")
+    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({data.shape[0]} images, labels {labels.shape})")
+    if labels.size and not (0 <= labels.min() and labels.max() < 10):
+        raise DataError(f"{path}: CIFAR-10 labels must be 0..9, found {labels.min()}..{labels.max()}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
 def _read_cifar(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for name in names:
         try:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")  # the format is pickle; as torchvision does
-            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(entry["labels"], dtype=np.int64))
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-            raise DataError(f"{folder / name}: not a CIFAR-10 python batch ({exc})") from None
+            x, y = _cifar_batch(_safe_unpickle(folder / name), folder / name)
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError,
+                AttributeError, IndexError, MemoryError) as exc:
+            raise DataError(f"{folder / name}: not a CIFAR-10 python batch ({excerpt(str(exc), 120)})") from None
+        xs.append(x)
+        ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -411,11 +479,18 @@ def _tensor_base(x: np.ndarray, y: np.ndarray, channels: int) -> TensorImageData
 
 
 def _read_meta(folder: Path) -> list[str]:
-    try:
-        with open(folder / "batches.meta", "rb") as f:
-            return list(pickle.load(f, encoding="latin1")["label_names"])
-    except (OSError, pickle.UnpicklingError, KeyError, EOFError):
+    """The class names of ``batches.meta`` (0..9 without one); a meta file that is not one is an error."""
+    path = folder / "batches.meta"
+    if not path.is_file():
         return [str(k) for k in range(10)]
+    try:
+        names = _safe_unpickle(path)["label_names"]
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError,
+            AttributeError, IndexError, MemoryError) as exc:
+        raise DataError(f"{path}: not a CIFAR-10 batches.meta ({excerpt(str(exc), 120)})") from None
+    if not isinstance(names, list) or len(names) != 10 or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: not a CIFAR-10 batches.meta (label_names must be 10 strings)")
+    return [excerpt(n) for n in names]
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,6 +621,8 @@ def _decode(path: str, mode: str, size: tuple[int, int]) -> np.ndarray:
             if im.format == "JPEG":
                 im.draft(mode, im.size)  # let libjpeg produce the wanted mode directly
             array = np.array(im.convert(mode))  # a writable copy, torch wants one
+    except Image.DecompressionBombError as exc:  # a tiny file that claims gigapixels
+        raise DataError(f"{path}: refusing a decompression-bomb image ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
     return array[:, :, None] if array.ndim == 2 else array
@@ -558,6 +635,8 @@ def _probe(path: str) -> tuple[int, tuple[int, int]]:
     try:
         with Image.open(path) as im:
             return (1 if im.getbands()[0] in ("1", "L", "I", "F") else 3), im.size
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refusing a decompression-bomb image ({exc})") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
 
@@ -597,6 +676,7 @@ def _load_imagefolder(spec: DataSpec, shape, val_size, cache: bool, progress: bo
         raise DataError(f"imagefolder:{plan.root}: input_shape wants {channels} channels; images give 1 (L) or 3 (RGB)")
     mode = "L" if channels == 1 else "RGB"
     shape = (channels, size[1], size[0])
+    check_input_shape(shape, f"imagefolder:{plan.root}")
     total = sum(len(s) for s in plan.files.values()) * channels * size[0] * size[1]
     in_memory = cache and total <= MAX_CACHE_BYTES
     bases = {}

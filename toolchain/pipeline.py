@@ -787,6 +787,15 @@ def count_correct(model, dataset, attacks: dict[str, dict], eps: float, alpha: f
     return {**{name: res.count(name) for name in res.correct}, WORST_CASE: int(res.all_of().sum())}
 
 
+def _require_model_classes(bundle, meta: dict, checkpoint: str) -> None:
+    """Data with more classes than the model has outputs cannot be scored (its labels index past
+    the logits): bad input, said before any image is attacked."""
+    classes = meta.get("model_kwargs", {}).get("num_classes")
+    if classes is not None and bundle.num_classes > int(classes):
+        raise RcompError(f"{checkpoint}: the model has {classes} classes, {bundle.name} has {bundle.num_classes}; "
+                         "evaluate it on data of the classes it was trained on")
+
+
 def eval_command(req: EvalRequest) -> str:
     """Evaluate ``req.checkpoint``; the table as text, the figures also as JSON when ``req.json_out`` is set."""
     import torch
@@ -800,6 +809,7 @@ def eval_command(req: EvalRequest) -> str:
     dev = resolve_device(req.device)
     model = model.to(dev).eval()
     bundle = load_data(req.data_spec, tuple(meta["input_shape"]), progress=req.progress, splits=[req.split])
+    _require_model_classes(bundle, meta, req.checkpoint)
     full = bundle.split(req.split)
     dataset = eval_subset(full, req.limit)
     n = len(dataset)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from rcomp.errors import CheckpointError, RcompError
+from rcomp.guards import check_input_shape
 from rcomp.masks import ChannelMasks, MaskedModel, WeightMasks, _ChannelHook, build_dependency_graph
 from rcomp.reports import write_bytes_atomic
 
@@ -249,6 +250,15 @@ def _one_line(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _require_finite(model: nn.Module, path) -> None:
+    """A checkpoint with NaN/inf weights or statistics scores any accuracy at all (NaN logits argmax
+    to class 0), so evaluating, counting or exporting it would report figures that mean nothing."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: {name} holds non-finite values (NaN/inf): the training that "
+                                  "wrote it diverged or the file was altered; use an earlier checkpoint")
+
+
 def load_pruned(path, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild a pruned model saved by :func:`save_pruned`; returns (model in eval mode, meta)."""
     from rcomp.models import create_model
@@ -268,6 +278,7 @@ def load_pruned(path, map_location="cpu") -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: checkpoint is missing {', '.join(missing)}")
     name, kwargs = ckpt["model_name"], dict(ckpt["model_kwargs"] or {})
     input_shape = tuple(int(s) for s in ckpt["input_shape"])
+    check_input_shape(input_shape, str(path))  # before the example input below is allocated
     what = f"checkpoint is for {name} ({len(ckpt['pruned_channels'])} pruned groups)"
     try:
         model = create_model(name, **kwargs)
@@ -280,6 +291,7 @@ def load_pruned(path, map_location="cpu") -> tuple[nn.Module, dict]:
     except (RuntimeError, TypeError, KeyError):
         raise CheckpointError(f"{path}: {what} but its weights do not match the rebuilt architecture "
                               f"({_state_dict_mismatch(model, ckpt['state_dict'])})") from None
+    _require_finite(model, path)
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
     model.eval()
     meta = {
