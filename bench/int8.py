@@ -115,6 +115,9 @@ def latency(paths: dict[str, str], runs: int) -> dict:
     return out
 
 
+_BUNDLES: dict = {}
+
+
 def bench_model(name: str, ckpt: Path, data: str, args, tmp: Path) -> dict:
     """Every figure of one model: float once, INT8 per calibration method."""
     from rcomp.attacks import pgd
@@ -131,7 +134,10 @@ def bench_model(name: str, ckpt: Path, data: str, args, tmp: Path) -> dict:
     export_command(str(ckpt), None, str(fp32), 17, None, 8)
     dense = tmp / f"{name}.dense.onnx"
     export_command(str(HERE / "models" / "r20-dense.pt"), None, str(dense), 17, None, 8)
-    bundle = load_data(data, tuple(meta["input_shape"]), progress=False)
+    key = (data, tuple(meta["input_shape"]))
+    if key not in _BUNDLES:  # cache=False: decode only the images used
+        _BUNDLES[key] = load_data(data, key[1], progress=False, cache=False)
+    bundle = _BUNDLES[key]
     xv, yv = tensors(bundle.split("val"), args.n)
     xc, _ = tensors(bundle.split("train"), args.calibration_size)
     x_adv = pgd(model, xv, yv, eps=EPS, alpha=ALPHA, steps=STEPS, generator=torch.Generator().manual_seed(0))
@@ -251,8 +257,8 @@ def main() -> None:
     p.add_argument("--main-job", default=None, help="output folder of `rcomp prune --profile profiles/jetson.yaml`")
     p.add_argument("--only", default="", help="comma-separated model names")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--n", type=int, default=500)
-    p.add_argument("--attack-n", type=int, default=100)
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--attack-n", type=int, default=50)
     p.add_argument("--square-queries", type=int, default=200)
     p.add_argument("--calibration-size", type=int, default=256)
     p.add_argument("--runs", type=int, default=300)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from rcomp.errors import RcompError
-from rcomp.export import runtime
+from rcomp.export import int8_check, runtime
 from rcomp.export.onnx_count import COUNTED_OPS, count_onnx, input_spec, load_model, output_classes, read_metadata
 from rcomp.export.square import square_attack
 from rcomp.reports import render_markdown_table, render_table, write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -154,6 +154,7 @@ class CheckReport:
             m = self.metrics
             lines.append(f"vs dense: {m['speedup_p50']:.2f}x faster (p50), {m['speedup_p90']:.2f}x (p90); "
                          f"{m['ops_reduction']:.2f}x fewer MACs")
+        lines += int8_check.summary_lines(self)  # INT8 hook (issue 51): each attack, the minimum, vs float
         return lines + [f"WARNING: {f}" for f in self.flags]
 
     def to_text(self) -> str:
@@ -408,6 +409,8 @@ def run_check(
     t0 = time.perf_counter()
     _robustness(report, sess, profile, inp, square_queries, square_n, seed)
     seconds["robustness"] = time.perf_counter() - t0
+    if int8_check.is_quantized(inp.model):  # INT8 hook (issue 51): agreement and latency vs the float model
+        int8_check.compare_with_float(report, sess, profile, inp, latency_runs, seed)
     if all(r.name in ("opset", "metadata") for r in report.rows):
         report.rows.append(CheckRow("budgets", None, None, "", False, "not evaluated", "profile sets no budget or floor"))
     if bl is not None:
@@ -640,6 +643,7 @@ def _robustness(report: CheckReport, sess, profile, inp: _Inputs, square_queries
         report.metrics.update(n_examples=len(y), clean_acc=float(clean.mean()), clean_source=source)
     if inp.aset is not None:
         adv = _adversarial(report, sess, inp.aset, clean, rob, square_queries, square_n, seed)
+        adv = int8_check.describe(report, adv)  # INT8 hook (issue 51): the row names the three attacks
     if rob is None:
         return
     if rob.min_clean_acc is not None:
@@ -667,6 +671,7 @@ def _adversarial(report, sess, aset: AttackSet, clean, rob, square_queries, squa
     """Per-example worst case: robust only if correct on clean, transfer and Square inputs."""
     transfer = _correct(sess, aset.x_adv, aset.y)
     robust = clean & transfer
+    robust = int8_check.with_twin_pgd(report, sess, aset, robust, rob, seed)  # INT8 hook (issue 51): no-op on float graphs
     report.metrics.update(attack=aset.attack, attack_eps=aset.eps, attack_perturbed_fraction=aset.perturbed_fraction,
                           transfer_acc=float(transfer.mean()), adv_acc_transfer=float(robust.mean()))
     masked = transfer.mean() > clean.mean()

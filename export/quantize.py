@@ -192,10 +192,20 @@ def _quantize_bytes(float_path: str, reader, calib_method, act_type, meta: dict)
         model = onnx.load(q)
     for key, value in meta.items():
         _set_meta(model, key, value)
+    _drop_unused_domains(model)
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString()
     _smoke_test(data, os.path.basename(float_path))
     return data
+
+
+def _drop_unused_domains(model: onnx.ModelProto) -> None:
+    """The quantizer declares opset imports (com.microsoft, ...) that a QDQ graph never uses; an
+    importer that does not know a domain may refuse the file for the declaration alone."""
+    used = {n.domain for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
 
 
 def _smoke_test(data: bytes, name: str) -> None:

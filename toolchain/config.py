@@ -15,6 +15,7 @@ Schema (every key is checked; unknown keys are rejected with a "did you mean" hi
       graph_optimization: all         # required; disable | basic | extended | all
       arch: "aarch64 Cortex-A78AE"    # optional free text
       channel_multiple: 8             # optional, >= 1 (default 1); pruned widths are multiples of it
+      precision: int8                 # optional, fp32 | int8 (default fp32); int8: prune ships the INT8 model
       notes: "..."                    # optional free text
     input_shape: [1, 3, 32, 32]       # required; [N, C, H, W] with N == 1 (batch-1 deployment)
     opset: 17                         # required; ONNX opset, 7..21
@@ -369,6 +370,7 @@ class Target:
     arch: str = ""
     notes: str = ""
     channel_multiple: int = 1
+    precision: str = "fp32"  # "int8": rcomp prune ships the INT8 model (rcomp.export.quantize), check judges it
 
 
 @dataclass(frozen=True)
@@ -457,6 +459,7 @@ PROFILE_SCHEMA: dict[str, Field | Section] = {
             "graph_optimization": Field(text(choices=GRAPH_OPTIMIZATIONS), required=True),
             "arch": Field(text(), default=""),
             "channel_multiple": Field(integer(ge=1), default=1),
+            "precision": Field(text(choices=("fp32", "int8")), default="fp32"),
             "notes": Field(text(), default=""),
         },
         required=True,

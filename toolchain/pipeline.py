@@ -525,6 +525,8 @@ def _prune_into(job: Job, staged: StagedOutput, log) -> PruneJobOutcome | None:
     _export_pair(outcome, job, staged)
     x, y = _validation_tensors(outcome.bundle, job.attack_set_size)
     sanity = _attack_set_and_sanity(outcome.pruned.model, x, y, profile, staged.path("adv.npz"))
+    if profile.target.precision == "int8":  # issue 51: model.onnx becomes the INT8 model, the float one model.fp32.onnx
+        _ship_int8(outcome, job, staged, log)
     log("checking under onnxruntime ...")
     report = run_check(str(staged.path("model.onnx")), profile, attack_set=str(staged.path("adv.npz")),
                        square_queries=job.square_queries, latency_runs=job.latency_runs,
@@ -552,6 +554,18 @@ def _export_pair(outcome: TrainOutcome, job: Job, staged: StagedOutput) -> None:
                                "note": "dense reference architecture (untrained weights), for the latency ratio"})
     export_onnx(outcome.dense_model.eval(), shape, staged.path("dense.onnx"), opset=job.profile.opset, metadata=dense_meta)
     del torch
+
+
+def _ship_int8(outcome: TrainOutcome, job: Job, staged: StagedOutput, log) -> None:
+    """``target.precision: int8``: quantize the exported model (rcomp.export.quantize, MinMax on 256
+    training images, seed 0) to ``model.onnx``; the float export stays beside it as ``model.fp32.onnx``,
+    which the check finds (by the INT8 file's metadata, verified by sha256) for agreement and latency."""
+    from rcomp.export.quantize import DEFAULT_CALIBRATION_SIZE, calibration_from_bundle, quantize_onnx
+
+    fp32 = staged.path("model.fp32.onnx")
+    os.replace(staged.path("model.onnx"), fp32)
+    x, note = calibration_from_bundle(outcome.bundle, DEFAULT_CALIBRATION_SIZE, 0, job.data_spec)
+    log(quantize_onnx(fp32, staged.path("model.onnx"), x, calibration_note=note).summary())
 
 
 def _onnx_metadata(outcome: TrainOutcome, profile_name: str) -> dict[str, str]:
