@@ -170,3 +170,32 @@ def test_prune_user_model_with_weights_end_to_end(tmp_path, monkeypatch):
     train = json.loads((tmp_path / "post" / "train.json").read_text())
     assert train["dense_history"] == [] and train["phase_seconds"]["dense"] == 0.0
     assert len(train["history"]) == 1 and train["macs"] <= 0.5 * train["dense_macs"]
+
+
+def test_pruned_foreign_checkpoint_rebuilds_with_kwargs_and_flag(tmp_path):
+    """model.pt of a file.py:factory model stores reference, factory kwargs and the normalization flag
+    (plain values, weights_only=True) and load_pruned rebuilds the same pruned network from them."""
+    from rcomp.budget import BudgetController, CostModel, constraints_from_targets
+    from rcomp.masks import attach_masks
+    from rcomp.surgery import load_pruned, remove_channels, save_pruned
+
+    ref, kwargs = f"{USER}:factory", {"width": 8}
+    torch.manual_seed(0)
+    model = create_model(ref, 10, 1, factory_kwargs=kwargs, normalizes=True)
+    assert type(model).__name__ == "UserNet" and model.stem[0].in_channels == 1  # no Normalize wrapper
+    x = torch.rand(1, 1, 16, 16)
+    masked = attach_masks(model, "channel", x)
+    cost = CostModel.build(masked, x)
+    with torch.no_grad():
+        for p in masked.masks.params:
+            p.uniform_(0.05, 1.0)
+    BudgetController(cost, constraints_from_targets(cost, target_ops=0.4)).project()
+    pruned = remove_channels(masked.eval(), x)
+    save_pruned(tmp_path / "model.pt", pruned, model_name=ref, input_shape=(1, 16, 16),
+                model_kwargs={"num_classes": 10, "in_channels": 1, "mean": [0.5], "std": [0.5],
+                              "factory_kwargs": kwargs, "normalizes": True})
+    loaded, meta = load_pruned(tmp_path / "model.pt")
+    assert meta["model_kwargs"]["factory_kwargs"] == kwargs and meta["model_kwargs"]["normalizes"] is True
+    probe = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), pruned.model.eval()(probe))
