@@ -33,6 +33,23 @@ def rcomp(args: list[str], cwd: Path, timeout: float = 300, **kw) -> subprocess.
                           cwd=cwd, timeout=timeout, env=env, **kw)
 
 
+def cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """``rcomp ARGS`` in this process (click's CliRunner): the same exit codes and stderr as the
+    subprocess, without a torch import per test. The end-to-end and signal tests use ``rcomp``."""
+    import contextlib
+
+    from click.testing import CliRunner
+
+    from rcomp.cli import cli as group
+
+    args = [str(a) for a in args]
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(group, args, env={"RCOMP_DEBUG": None, "OMP_NUM_THREADS": "1"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback the real CLI would print: let the test show it
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
     """The single ``error:`` line a failure prints, and no traceback."""
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -174,7 +191,7 @@ def test_yaml_aliases_exit_2(tmp_path, kind):
     bomb.write_text(PROFILE_BOMB if kind == "profile" else RECIPE_BOMB)
     args = (["profiles", "validate", bomb] if kind == "profile"
             else ["train", "--model", "tiny_cnn", "--recipe", bomb, "--out", tmp_path / "out"])
-    proc = rcomp(args, tmp_path, timeout=60)
+    proc = cli(args, tmp_path)
     assert proc.returncode == 2
     assert "aliases" in one_error_line(proc)
     assert len(proc.stderr) < 400 and "lol" not in proc.stderr
@@ -201,7 +218,7 @@ def test_huge_yaml_is_refused_without_reading_it_all(tmp_path):
 def test_a_file_outside_the_project_is_not_echoed(tmp_path):
     secret = tmp_path / "credentials"
     secret.write_text("aws_secret_access_key=SECRET-TOKEN-0123456789\nanother line of SECRET-TOKEN-0123456789\n")
-    proc = rcomp(["profiles", "validate", secret], tmp_path, timeout=60)
+    proc = cli(["profiles", "validate", secret], tmp_path)
     assert proc.returncode == 2
     line = one_error_line(proc)
     assert "SECRET" not in proc.stderr and "expected a mapping" in line
@@ -211,7 +228,7 @@ def test_a_long_value_is_quoted_as_a_short_excerpt(tmp_path):
     path = tmp_path / "long.yaml"
     path.write_text(LENIENT.read_text().replace("opset: 17", "opset: " + "SECRET" * 5000))
     assert "SECRET" in path.read_text()
-    proc = rcomp(["profiles", "validate", path], tmp_path, timeout=60)
+    proc = cli(["profiles", "validate", path], tmp_path)
     assert proc.returncode == 2
     assert "opset" in one_error_line(proc) and len(proc.stderr) < 400
 
@@ -229,12 +246,12 @@ def test_a_second_job_on_a_locked_out_exits_2_at_once(tmp_path):
     out = tmp_path / "out"
     with OutputLock(out):  # the first job, alive
         started = time.perf_counter()
-        proc = rcomp([*TRAIN, "--out", out], tmp_path)
+        proc = cli([*TRAIN, "--out", out], tmp_path)
         elapsed = time.perf_counter() - started
     assert proc.returncode == 2
     assert "another rcomp job" in one_error_line(proc)
     assert not out.exists() and not (tmp_path / "out.partial").exists()
-    assert elapsed < 60  # it never trained (a subprocess start with torch is a few seconds)
+    assert elapsed < 10  # it never trained
 
 
 def test_the_lock_dies_with_a_killed_process(tmp_path):
@@ -260,7 +277,7 @@ def test_the_lock_dies_with_a_killed_process(tmp_path):
 def test_out_naming_an_existing_file_is_refused_before_any_work(tmp_path):
     mine = tmp_path / "notes.txt"
     mine.write_text("my notes\n")
-    proc = rcomp([*TRAIN, "--out", mine], tmp_path)
+    proc = cli([*TRAIN, "--out", mine], tmp_path)
     assert proc.returncode == 2
     assert "existing file" in one_error_line(proc)
     assert mine.read_text() == "my notes\n"
@@ -272,7 +289,7 @@ def test_out_naming_an_existing_file_is_refused_before_any_work(tmp_path):
 def test_an_exit_2_after_the_output_opened_leaves_no_partial(tmp_path, bad):
     """Errors raised once OUT is locked and OUT.partial/ made (an impossible budget found by the
     trainer, a data spec read after the lock) must not leave an empty OUT.partial/ behind."""
-    proc = rcomp([*TRAIN, *bad, "--out", tmp_path / "out"], tmp_path)
+    proc = cli([*TRAIN, *bad, "--out", tmp_path / "out"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     one_error_line(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -292,7 +309,7 @@ def test_a_failed_run_keeps_a_partial_with_checkpoints(tmp_path):
 @pytest.mark.parametrize("where", ["missing folder", "a folder"])
 def test_json_into_a_bad_path_exits_2_up_front(tmp_path, where):
     target = tmp_path / "missing" / "count.json" if where == "missing folder" else tmp_path
-    proc = rcomp(["count", "tiny_cnn", "--json", target], tmp_path, timeout=120)
+    proc = cli(["count", "tiny_cnn", "--json", target], tmp_path)
     assert proc.returncode == 2
     assert "--json" in one_error_line(proc)
     assert not (tmp_path / "missing").exists()
@@ -300,7 +317,7 @@ def test_json_into_a_bad_path_exits_2_up_front(tmp_path, where):
 
 def test_export_out_into_a_missing_folder_exits_2_up_front(tmp_path):
     ckpt = _checkpoint(tmp_path / "m.pt")
-    proc = rcomp(["export", ckpt, "--out", tmp_path / "missing" / "m.onnx"], tmp_path, timeout=120)
+    proc = cli(["export", ckpt, "--out", tmp_path / "missing" / "m.onnx"], tmp_path)
     assert proc.returncode == 2
     assert "does not exist" in one_error_line(proc)
 
@@ -348,14 +365,14 @@ def test_out_of_memory_is_bad_input(monkeypatch):
 
 def test_more_classes_in_the_data_than_in_the_model_exits_2(tmp_path):
     ckpt = _checkpoint(tmp_path / "two.pt", num_classes=2)
-    proc = rcomp(["eval", ckpt, "--data", "synthetic:40", "--n", "8", "--pgd-steps", "1", "--no-progress"], tmp_path)
+    proc = cli(["eval", ckpt, "--data", "synthetic:40", "--n", "8", "--pgd-steps", "1", "--no-progress"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "2 classes" in one_error_line(proc)
 
 
 def test_a_checkpoint_with_nan_weights_is_not_evaluated(tmp_path):
     ckpt = _checkpoint(tmp_path / "nan.pt", poison=True)
-    proc = rcomp(["eval", ckpt, "--data", "synthetic:40", "--n", "8", "--pgd-steps", "1", "--no-progress"], tmp_path)
+    proc = cli(["eval", ckpt, "--data", "synthetic:40", "--n", "8", "--pgd-steps", "1", "--no-progress"], tmp_path)
     assert proc.returncode == 2, proc.stdout
     assert "non-finite" in one_error_line(proc)
 
@@ -376,7 +393,7 @@ def test_a_decompression_bomb_image_exits_2(tmp_path):
         for i in range(2):
             Image.new("RGB", (32, 32)).save(tmp_path / "bomb" / "train" / c / f"{i}.png")
     _png_claiming(tmp_path / "bomb" / "train" / "a" / "0.png", 60_000, 60_000)
-    proc = rcomp([*TRAIN, "--data", f"imagefolder:{tmp_path / 'bomb'}", "--out", tmp_path / "out"], tmp_path)
+    proc = cli([*TRAIN, "--data", f"imagefolder:{tmp_path / 'bomb'}", "--out", tmp_path / "out"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "refusing a decompression-bomb image" in one_error_line(proc)
 
@@ -389,14 +406,14 @@ def test_a_huge_input_shape_exits_2_before_allocating(tmp_path, args):
     huge = tmp_path / "huge.yaml"
     huge.write_text(LENIENT.read_text().replace("[1, 3, 32, 32]", "[1, 3, 100000, 100000]"))
     assert "100000" in huge.read_text()
-    proc = rcomp([a.replace("{huge}", str(huge)) for a in args], tmp_path, timeout=120)
+    proc = cli([a.replace("{huge}", str(huge)) for a in args], tmp_path)
     assert proc.returncode == 2
     assert "100000" in one_error_line(proc)
 
 
 @pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "inf"), ("--target-ops", "nan")])
 def test_non_finite_cli_floats_exit_2(tmp_path, option, value):
-    proc = rcomp([*TRAIN, option, value, "--out", tmp_path / "out"], tmp_path, timeout=120)
+    proc = cli([*TRAIN, option, value, "--out", tmp_path / "out"], tmp_path)
     assert proc.returncode == 2
     assert "finite" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -406,7 +423,7 @@ def test_non_finite_cli_floats_exit_2(tmp_path, option, value):
 def test_recipe_values_out_of_range_exit_2(tmp_path, line):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(line + "\n")
-    proc = rcomp([*TRAIN, "--recipe", recipe, "--out", tmp_path / "out"], tmp_path, timeout=120)
+    proc = cli([*TRAIN, "--recipe", recipe, "--out", tmp_path / "out"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert line.split(":")[0] in one_error_line(proc)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
