@@ -422,3 +422,20 @@ def test_the_main_job_benchmark_reads_its_row_from_the_jobs_own_files(job, tmp_p
     assert "| PASS | 4 |" in table[2] and f"({row['ops_ratio']:.3f})" in table[2]
     assert "| 3 | " + bench.NO_REPORT in table[3]
     assert "note: a note" in table[5] and "Newest run, epoch by epoch" not in "\n".join(table)
+
+
+def test_eval_reports_each_class_and_autoattack_beside_pgd(job, tmp_path):
+    """Per-class figures add up to the overall ones; AutoAttack sits in the worst case; the worst
+    class is named in the text."""
+    out, _, _ = job
+    code, text = run("eval", out / "model.pt", "--data", "digits", "--split", "val", "--n", 40, "--pgd-steps", 3,
+                     "--autoattack", "fast", "--json", tmp_path / "e.json")
+    assert code == 0, text
+    result = json.loads((tmp_path / "e.json").read_text())
+    acc, per_class = result["accuracy"], result["per_class"]
+    assert sum(c["n"] for c in per_class.values()) == result["n"] == 40
+    for name in ("clean", "pgd-3", "autoattack-fast", "worst-case"):
+        assert sum(c["n"] * c[name] for c in per_class.values()) == pytest.approx(acc[name] * 40)
+    assert acc["worst-case"] <= min(acc["pgd-3"], acc["autoattack-fast"]) <= acc["clean"]
+    worst = min(per_class, key=lambda k: (per_class[k]["clean"], per_class[k]["worst-case"]))
+    assert f"worst class: {worst} " in text

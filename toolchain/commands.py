@@ -278,14 +278,16 @@ def check(onnx_path, profile_ref, attack_set, square_queries, square_n, dense_on
 @click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--pgd50", is_flag=True, help="Also PGD-50 with --restarts restarts.")
 @click.option("--sanity", is_flag=True, help="Run the attack sanity checks (gradient masking).")
+@click.option("--autoattack", type=click.Choice(["fast", "standard"]), default=None,
+              help="Also AutoAttack (pyautoattack): fast = APGD-CE + APGD-T, standard = the full suite (slow; use --n).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the attacks' random starts: the same seed repeats every figure.")
-def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, batch_size, device, json_out,
-             no_progress, seed):
+def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size, restarts, pgd50, sanity, autoattack,
+             batch_size, device, json_out, no_progress, seed):
     """Clean and PGD accuracy of a saved model on any split of any dataset.
 
     \b
@@ -293,13 +295,14 @@ def evaluate(checkpoint, data_spec, split, limit, eps, pgd_steps, pgd_step_size,
       rcomp eval runs/r20/model.pt --data imagefolder:../shared/datasets/cifar10-jpeg --split val
       rcomp eval runs/r20/model.pt --data imagefolder:/data/cifar10-test --split test --pgd50 --restarts 5
       rcomp eval runs/r20/model.pt --data digits --sanity
+      rcomp eval runs/r20/model.pt --data imagefolder:../shared/datasets/gtsrb32 --n 1000 --autoattack fast
     """
     from rcomp.guards import locked_output_file
     from rcomp.pipeline import EvalRequest, eval_command
 
     request = EvalRequest(checkpoint=checkpoint, data_spec=data_spec, split=split, limit=limit, eps=eps, pgd_steps=pgd_steps,
                           pgd_step_size=pgd_step_size, restarts=restarts, pgd50=pgd50, sanity=sanity, batch_size=batch_size,
-                          device=device, json_out=json_out, progress=not no_progress, seed=seed)
+                          device=device, json_out=json_out, progress=not no_progress, seed=seed, autoattack=autoattack)
     with locked_output_file(json_out, "--json"):  # checked and locked before any work
         click.echo(eval_command(request))
 
