@@ -115,6 +115,9 @@ class BudgetConfig(_Group):
     mops: float | None = key(None, number(gt=0), "ops budget in millions of MACs")
     params: float | None = key(None, number(gt=0), "params budget, a count")
     channel_multiple: int = key(1, integer(ge=1), "projected group widths are multiples of this (or the whole group)")
+    target_latency: float | None = key(None, _FRACTION, "latency budget as a fraction of the dense model's, by latency_table")
+    latency_p90_ms: float | None = key(None, number(gt=0), "latency budget in ms (a profile's budgets.latency_p90_ms), by latency_table")
+    latency_table: str | None = key(None, text(nonempty=True), "a per-layer latency table from `rcomp latency-table` (docs/latency.md)")
 
     @property
     def has_budget(self) -> bool:

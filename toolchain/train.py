@@ -333,7 +333,7 @@ class _Trainer:
     def _budget(self):
         if self.masks is None:
             return None, None
-        from rcomp.budget import BudgetController, CostModel, constraints_from_targets
+        from rcomp.budget import BudgetController, CostModel, constraints_from_targets, latency_constraints
 
         example = torch.zeros(1, *self.bundle.input_shape, device=self.device)
         cost = CostModel.build(self.model, example)
@@ -342,6 +342,7 @@ class _Trainer:
         c = self.cfg
         constraints = constraints_from_targets(cost, target_ops=c.target_ops, target_params=c.target_params,
                                                mops=c.mops, params=c.params)
+        constraints += latency_constraints(cost, c)
         return cost, BudgetController(cost, constraints, penalty_weight=c.penalty_weight,
                                       warmup_fraction=c.warmup_fraction, freeze_fraction=c.freeze_fraction,
                                       dual_lr=c.dual_lr, start_fraction=c.mask_start, dual_reset=c.dual_reset)
