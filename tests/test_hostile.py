@@ -315,6 +315,23 @@ def test_json_into_a_bad_path_exits_2_up_front(tmp_path, where):
     assert not (tmp_path / "missing").exists()
 
 
+def test_json_into_an_unwritable_folder_exits_2_up_front(tmp_path, monkeypatch):
+    """Permission bits mean nothing to root (these tests run as root), so the folder's access check
+    is made to answer as it would for a user who may not write there."""
+    import rcomp.guards
+
+    real = os.access
+    monkeypatch.setattr(rcomp.guards.os, "access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
+    proc = cli(["count", "tiny_cnn", "--json", tmp_path / "count.json"], tmp_path)
+    assert proc.returncode == 2
+    assert "not writable" in one_error_line(proc)
+
+
+def test_a_write_the_os_refuses_exits_2(monkeypatch):
+    result = _invoke(monkeypatch, PermissionError(13, "Permission denied", "/read-only/report.json"))
+    assert result.exit_code == 2 and "/read-only/report.json: Permission denied" in result.output
+
+
 def test_export_out_into_a_missing_folder_exits_2_up_front(tmp_path):
     ckpt = _checkpoint(tmp_path / "m.pt")
     proc = cli(["export", ckpt, "--out", tmp_path / "missing" / "m.onnx"], tmp_path)
