@@ -31,6 +31,7 @@ def job(tmp_path_factory):
     return out, code, output
 
 
+@pytest.mark.slow
 def test_prune_leaves_every_artifact_and_passes(job):
     out, code, output = job
     assert code == 0, output
@@ -46,6 +47,7 @@ def test_prune_leaves_every_artifact_and_passes(job):
     assert "verdict: PASS" in output
 
 
+@pytest.mark.slow
 def test_the_shipped_model_meets_the_budget_and_learned(job):
     out, _, _ = job
     t = json.loads((out / "train.json").read_text())
@@ -53,6 +55,7 @@ def test_the_shipped_model_meets_the_budget_and_learned(job):
     assert t["history"][-1]["val_clean"] > 0.3  # 10 classes: chance is 0.1
 
 
+@pytest.mark.slow
 def test_the_shipped_model_keeps_the_profiles_channel_multiple(job):
     """The lenient profile asks for multiples of 8: every pruned conv keeps 8, 16, 24 ... channels (or all)."""
     from rcomp.models import create_model
@@ -66,6 +69,7 @@ def test_the_shipped_model_keeps_the_profiles_channel_multiple(job):
     assert all(p % 8 == 0 or p == d for p, d in zip(pruned, dense)), pruned
 
 
+@pytest.mark.slow
 def test_a_run_that_slims_at_the_freeze_ships_the_network_it_trained(tmp_path):
     """With ``slim_at_freeze`` training already removed the channels: the job ships that network as
     it is (the last checkpoint's weights), it does not cut it again."""
@@ -118,6 +122,7 @@ def test_small_data_runs_reset_the_budget_multiplier_unless_the_recipe_says_othe
     assert job.train.dual_reset is expected
 
 
+@pytest.mark.slow
 def test_check_gate_exit_codes(job, tmp_path):
     out, _, _ = job
     onnx, adv = out / "model.onnx", out / "adv.npz"
@@ -148,6 +153,7 @@ def test_check_gate_exit_codes(job, tmp_path):
     assert code == 2 and "budgets.mopz" in text
 
 
+@pytest.mark.slow
 def test_eval_reevaluates_a_saved_model_on_any_split(job, tmp_path):
     out, _, _ = job
     code, text = run("eval", out / "model.pt", "--data", "digits", "--split", "val", "--n", 40, "--pgd-steps", 3,
@@ -157,6 +163,7 @@ def test_eval_reevaluates_a_saved_model_on_any_split(job, tmp_path):
     assert acc["clean"] >= acc["pgd-3"]
 
 
+@pytest.mark.slow
 def test_eval_draws_its_attacks_from_its_seed_so_a_rerun_repeats_the_figures(job, tmp_path, monkeypatch):
     import rcomp.attacks
 
@@ -179,6 +186,7 @@ def test_eval_draws_its_attacks_from_its_seed_so_a_rerun_repeats_the_figures(job
     assert [f["attack_seed"] for f in figures] == [7, 7, 8]
 
 
+@pytest.mark.slow
 def test_eval_no_progress_keeps_bars_out_of_logs(job):
     out, _, _ = job
     args = ["eval", str(out / "model.pt"), "--data", "digits", "--split", "val", "--n", "8", "--pgd-steps", "1"]
@@ -188,6 +196,7 @@ def test_eval_no_progress_keeps_bars_out_of_logs(job):
     assert quiet.stdout == with_bars.stdout  # the same table either way
 
 
+@pytest.mark.slow
 def test_eval_worst_case_counts_an_image_only_if_every_attack_failed_on_it(job, tmp_path, monkeypatch):
     """Two fake attacks that fool different images: the worst case is their per-image AND, not the lower figure."""
     import torch
@@ -224,6 +233,7 @@ def test_eval_worst_case_counts_an_image_only_if_every_attack_failed_on_it(job, 
     assert "worst-case" in text
 
 
+@pytest.mark.slow
 def test_count_and_export_of_the_checkpoint(job, tmp_path):
     out, _, _ = job
     code, text = run("count", out / "model.pt", "--profile", LENIENT)
@@ -232,6 +242,7 @@ def test_count_and_export_of_the_checkpoint(job, tmp_path):
     assert code == 0 and "top-1 agreement 100.00%" in text
 
 
+@pytest.mark.slow
 def test_a_failed_job_keeps_the_previous_folder(job, tmp_path, monkeypatch):
     out, _, _ = job
     target = tmp_path / "run"
@@ -253,6 +264,7 @@ def test_a_failed_job_keeps_the_previous_folder(job, tmp_path, monkeypatch):
     assert code == 2 and "--resume" in text
 
 
+@pytest.mark.slow
 def test_posttrain_baseline_meets_the_same_budget(tmp_path):
     out = tmp_path / "post"
     code, output = run("train", "--method", "posttrain", "--target-ops", "0.5", "--out", out,
@@ -267,6 +279,7 @@ def test_posttrain_baseline_meets_the_same_budget(tmp_path):
     assert code == 0 and f"{t['macs'] / 1e6:.3f} MOps" in text
 
 
+@pytest.mark.slow
 def test_posttrain_reusing_a_finished_dense_phase_is_charged_its_recorded_time(tmp_path):
     """The bench shares one dense phase between post-train runs; each must still pay for it."""
     common = ["--method", "posttrain", "--model", "tiny_cnn", "--data", "digits", "--epochs", "3",
@@ -288,6 +301,7 @@ def test_posttrain_reusing_a_finished_dense_phase_is_charged_its_recorded_time(t
     assert t2["macs"] <= 0.3 * t2["dense_macs"]
 
 
+@pytest.mark.slow
 def test_posttrain_on_its_own_schedule_prunes_the_dense_baseline_then_fine_tunes(tmp_path):
     """--finetune-epochs: the dense phase is all of --epochs, so a dense run's checkpoints are that phase."""
     common = ["--model", "tiny_cnn", "--data", "digits", "--epochs", "2", "--batch-size", "64", "--no-progress"]
@@ -331,6 +345,7 @@ def test_eval_n_takes_a_fixed_random_subset_not_the_first_class():
     assert eval_subset(dataset, None) is dataset and eval_subset(dataset, 5000) is dataset
 
 
+@pytest.mark.slow
 def test_a_resumed_train_charges_its_wall_time_the_epochs_before_the_resume(tmp_path):
     import torch
 
@@ -349,6 +364,7 @@ def test_a_resumed_train_charges_its_wall_time_the_epochs_before_the_resume(tmp_
     assert t["resumed_from"] == 1 and t["wall_seconds"] > 1000.0
 
 
+@pytest.mark.slow
 def test_arch_from_trains_a_pruned_models_widths_from_the_seeds_initial_weights(job, tmp_path):
     """The from-scratch baseline: the pruned run's architecture, counted against the same dense
     model, starting from the zoo model's seed-0 weights cut to those widths (not the trained ones)."""
@@ -387,6 +403,7 @@ def test_arch_from_trains_a_pruned_models_widths_from_the_seeds_initial_weights(
     assert compared, "no pruned root with whole inputs to compare"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--target-ops", "0.5"], "without a budget"),
     (["--model", "resnet20"], "is a pruned tiny_cnn, not --model resnet20"),
@@ -398,6 +415,7 @@ def test_arch_from_is_refused_with_a_budget_or_another_model(job, tmp_path, extr
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
+@pytest.mark.slow
 def test_the_main_job_benchmark_reads_its_row_from_the_jobs_own_files(job, tmp_path, load_bench):
     """bench/main_job.py's figures are the report's and train.json's, not its own measurements; a job
     that stopped before its report is recorded as such; rows are appended, never rewritten."""
@@ -424,6 +442,7 @@ def test_the_main_job_benchmark_reads_its_row_from_the_jobs_own_files(job, tmp_p
     assert "note: a note" in table[5] and "Newest run, epoch by epoch" not in "\n".join(table)
 
 
+@pytest.mark.slow
 def test_eval_reports_each_class_and_autoattack_beside_pgd(job, tmp_path):
     """Per-class figures add up to the overall ones; AutoAttack sits in the worst case; the worst
     class is named in the text."""

@@ -18,7 +18,7 @@ import torch
 from rcomp.checkpoint import CheckpointManager
 from rcomp.data import load_data
 from rcomp.errors import CheckpointError, ConfigError, NumericalError, TrainingCollapse
-from rcomp.masks import MASK_INIT, MaskedModel, MaskSet
+from rcomp.masks import MaskedModel, MaskSet
 from rcomp.models import create_model
 from rcomp.surgery import remove_channels
 from rcomp.train import (
@@ -64,40 +64,24 @@ def test_pruned_run_meets_the_ops_target_and_learns(digits, regularity):
     assert [h.epoch for h in result.history] == [1, 2, 3, 4] and result.co_events == []
 
 
-def test_masks_wait_dense_until_mask_start_then_start_from_magnitude(digits, monkeypatch):
+@pytest.mark.slow
+def test_masks_wait_dense_until_mask_start_then_start_from_magnitude(digits):
+    """Through train() alone: the epoch before mask_start keeps every mask on and still, with no budget
+    pressure (ops 1.0 of dense); the masks then start from the channels' magnitudes and meet the budget."""
     config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, mask_start=0.5, mask_init="magnitude",
                          warmup_fraction=0.2, **FAST)
-    trainer = _Trainer(config, digits, _model(digits), None, _quiet)
-    seen = []
-    step = trainer._step
-
-    def record(*args):
-        seen.append((trainer.global_step, trainer._masks_learning(), [p.detach().clone() for p in trainer.masks.params]))
-        step(*args)
-
-    graded = []
-    check = trainer._clip_and_check
-
-    def after_backward(*args):  # which steps gave the masks a gradient
-        graded.append((trainer.global_step, trainer.frozen, all(p.requires_grad and p.grad is not None
-                                                                  for p in trainer.masks.params)))
-        check(*args)
-
-    monkeypatch.setattr(trainer, "_step", record)
-    monkeypatch.setattr(trainer, "_clip_and_check", after_backward)
-    result = trainer.run(resume=False)
-    start = trainer.start_step
-    assert any(has for _, _, has in graded) and any(frozen for _, frozen, _ in graded)
-    assert [g for g, frozen, has in graded if has] == [g for g, frozen, _ in graded if start <= g and not frozen]
-    assert 0 < start < trainer.total_steps
-    before = [m for g, started, m in seen if g < start]
-    assert before and all(not started for g, started, _ in seen if g < start)
-    assert all(torch.all(p == MASK_INIT) for ms in before for p in ms)  # untouched while dense
-    assert all(float(trainer.controller.limit_at(c, (start - 1) / trainer.total_steps)) == trainer.cost.dense_ops
-               for c in trainer.controller.constraints)
-    after = torch.cat([p.detach().flatten() for p in trainer.masks.params])
+    lines = []
+    result = train(config, digits, _model(digits), out_dir=None, log=lines.append)
+    started = next(line for line in lines if line.startswith("masks start learning at step"))
+    step, total = (int(v) for v in started.split("at step ")[1].split(" ")[0].split("/"))
+    assert 0 < step < total and "magnitude init" in started
+    dense_epoch = result.history[0]
+    assert (dense_epoch.masks_flipped, dense_epoch.mask_density, dense_epoch.ops_ratio) == (0.0, 1.0, 1.0)
+    after = torch.cat([p.detach().flatten() for p in result.model.masks.params])
     assert len(set(after.abs().tolist())) > 1  # masks differ: they started from the channels' magnitudes
     assert result.budget_status["satisfied"] and result.budget_status["ops_ratio"] <= 0.5
+    dense = train(TrainConfig(epochs=1, **FAST), digits, _model(digits), out_dir=None, log=_quiet).history
+    assert dense[0].multipliers is None
 
 
 @pytest.mark.parametrize("bad", [dict(mask_init="random"), dict(mask_start=0.8), dict(mask_start=-0.1)])
@@ -123,6 +107,7 @@ def test_exploding_lr_raises_numerical_error_naming_epoch_and_step(digits):
         train(TrainConfig(epochs=1, **{**FAST, "lr_max": 1e9}), digits, _model(digits), out_dir=None, log=_quiet)
 
 
+@pytest.mark.slow
 def test_nan_loss_keeps_the_last_good_checkpoint(digits, tmp_path, monkeypatch):
     import rcomp.train as train_module
 
@@ -195,6 +180,7 @@ def test_pgd_far_below_the_training_attack_is_overfitting(pgd_acc, fgsm_acc, tra
                                        train_adv_acc=train_adv_acc) is broken
 
 
+@pytest.mark.slow
 def test_guard_passes_the_epochs_training_attack_accuracy(digits, tmp_path, monkeypatch):
     """Epoch 2: PGD and FGSM both near zero ("both fell" to the FGSM rules) while training learns."""
     _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.5, 0.09, 0.0), (0.6, 0.6, 0.45)])
@@ -221,6 +207,7 @@ def _scripted_guard(monkeypatch, values):
     monkeypatch.setattr(_Trainer, "_guard_accuracies", lambda self, epoch: values[epoch - 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["fgsm-rs", "nfgsm"])
 def test_guard_restores_the_best_state_and_steps_down(digits, tmp_path, monkeypatch, attack):
     _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.6, 0.6, 0.50), (0.7, 0.8, 0.10), (0.7, 0.8, 0.45)])
@@ -238,6 +225,7 @@ def test_guard_restores_the_best_state_and_steps_down(digits, tmp_path, monkeypa
     assert state["lr_factor"] == (0.5 if halved else 1.0)  # a resumed run keeps the rung
 
 
+@pytest.mark.slow
 def test_guard_restore_rolls_the_budget_multipliers_back_with_the_masks(digits, tmp_path, monkeypatch):
     # masks learn from step 0 and freeze at 0.8 of 4 epochs: epoch 3 overfits while they still move
     _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.6, 0.6, 0.50), (0.7, 0.8, 0.10), (0.7, 0.8, 0.45)])
@@ -283,6 +271,7 @@ def test_guard_stops_at_the_bottom_of_the_ladder_and_without_a_best_keeps_the_we
     assert len(result.history) == 3 and result.best_epoch == 2
 
 
+@pytest.mark.slow
 def test_a_second_collapse_before_the_masks_froze_fails_the_run_instead_of_returning_an_untrained_shape(
         digits, tmp_path, monkeypatch):
     # N-FGSM: epoch 2 overfits (half the LR), epoch 3 again, the masks freeze only at 0.8 of 4 epochs
@@ -300,6 +289,7 @@ def test_a_second_collapse_without_a_healthy_epoch_fails_the_run(digits, monkeyp
         train(config, digits, _model(digits), out_dir=None, log=_quiet)
 
 
+@pytest.mark.slow
 def test_rcomp_train_exits_3_on_a_collapse_and_publishes_no_model(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
@@ -315,6 +305,7 @@ def test_rcomp_train_exits_3_on_a_collapse_and_publishes_no_model(tmp_path, monk
     assert not out.exists() and any(out.with_name("run.partial").glob("checkpoints/ckpt-epoch0002.pt"))
 
 
+@pytest.mark.slow
 def test_a_state_restored_from_before_mask_start_gets_its_masks_started_again(digits, monkeypatch):
     # the masks start in epoch 2 (mask_start 0.4 of 3 epochs); epoch 2 overfits; the best is epoch 1
     _scripted_guard(monkeypatch, [(0.5, 0.5, 0.40), (0.6, 0.6, 0.05), (0.6, 0.6, 0.45)])
@@ -333,6 +324,7 @@ def test_a_state_restored_from_before_mask_start_gets_its_masks_started_again(di
 # slim at the freeze
 
 
+@pytest.mark.slow
 def test_slim_at_freeze_trains_the_network_the_masked_run_would_ship(digits):
     """Removing the switched-off channels at the freeze changes the arithmetic, not the model.
 
@@ -367,6 +359,7 @@ def test_slim_at_freeze_trains_the_network_the_masked_run_would_ship(digits):
     assert sum("slim from here on" in line for line in lines) == 1
 
 
+@pytest.mark.slow
 def test_a_slim_run_that_ends_over_budget_is_not_cut_again(digits, monkeypatch):
     """The end of training projects again when the budget is not met; a slim network has no masked
     channels left to project, and cutting it again from the masked copy would throw away every step
@@ -405,6 +398,7 @@ def _whole_and_resumed_from_epoch_2(config, digits, tmp_path):
     return whole, train(config, digits, _model(digits), out_dir=tmp_path / "b", resume=True, log=_quiet)
 
 
+@pytest.mark.slow
 def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path):
     config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5,
                          **FAST)  # frozen during epoch 2
@@ -415,6 +409,7 @@ def test_resume_after_the_masks_froze_replays_exactly(digits, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_the_slim_freeze_rebuilds_the_slim_network_and_replays_exactly(digits, tmp_path):
     config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, freeze_fraction=0.5, slim_at_freeze=True,
                          **FAST)  # slim since epoch 2
@@ -424,6 +419,7 @@ def test_resume_after_the_slim_freeze_rebuilds_the_slim_network_and_replays_exac
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask_start, warmup", [(0.34, 0.2), (0.7, 0.05)])  # the epoch-2 checkpoint: after / before
 def test_resume_around_mask_start_replays_exactly(digits, tmp_path, mask_start, warmup):
     config = TrainConfig(epochs=3, regularity="channel", target_ops=0.5, mask_start=mask_start, mask_init="magnitude",
@@ -501,6 +497,7 @@ def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
+@pytest.mark.slow
 def test_the_trainer_builds_its_attack_from_the_configured_labels(digits, monkeypatch):
     import rcomp.attacks
 
@@ -522,6 +519,7 @@ def test_the_trainer_builds_its_attack_from_the_configured_labels(digits, monkey
 # the residual streams' own floor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [0.6, 0.4])
 def test_min_keep_stream_holds_the_residual_stream_through_in_train_pruning(digits, target):
     """The stream floor reaches the masks and the projection: without it the same runs cut the stream."""
@@ -536,6 +534,7 @@ def test_min_keep_stream_holds_the_residual_stream_through_in_train_pruning(digi
     assert any(kept < size for kept, size in stream_widths(None))
 
 
+@pytest.mark.slow
 def test_every_epoch_records_the_budget_multipliers(digits):
     """The multiplier's path is what tells a lagging controller from a wound-up one afterwards."""
     config = TrainConfig(epochs=2, regularity="channel", target_ops=0.5, target_params=0.8, dual_reset=True, **FAST)
