@@ -375,10 +375,8 @@ _CIFAR_MAX_BYTES = 256 * 1024**2
 
 def _numpy_global(module: str, name: str):
     """The object a whitelisted numpy global names, under numpy 1 (numpy.core) and 2 (numpy._core)."""
-    import codecs
-
     if module == "_codecs":
-        return codecs.encode
+        return _latin1_bytes
     if module == "numpy":
         return getattr(np, name)
     try:
@@ -386,6 +384,13 @@ def _numpy_global(module: str, name: str):
     except ImportError:  # numpy 1.x
         from numpy import core  # type: ignore[no-redef]
     return getattr(getattr(core, module.rsplit(".", 1)[1]), name)
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes (latin-1 only: no codec lookup by name)."""
+    if encoding.replace("-", "").lower() != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError("refusing _codecs.encode with anything but a latin-1 string")
+    return text.encode("latin1")
 
 
 class _CifarUnpickler(pickle.Unpickler):
