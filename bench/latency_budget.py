@@ -51,9 +51,12 @@ SHAPE = (1, 3, 32, 32)
 TARGETS = (0.7, 0.5, 0.3)
 
 
-def build_table(profile_name: str, runs: int) -> tuple[dict, Path]:
-    """The profile's ResNet20 table, through the CLI a user runs (layers + dense ONNX in RUNS)."""
+def build_table(profile_name: str, runs: int, reuse: bool = False) -> tuple[dict, Path]:
+    """The profile's ResNet20 table, through the CLI a user runs (layers + dense ONNX in RUNS).
+    ``reuse``: the table the training runs were given, as it is (a new build re-measures the calibration)."""
     out = RUNS / f"table-{profile_name}.json"
+    if reuse and out.exists():
+        return json.loads(out.read_text()), out
     RUNS.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "rcomp", "latency-table", "--model", "resnet20", "--profile", profile_name,
            "--out", str(out), "--runs", str(runs), "--cache", str(RUNS / "cache")]
@@ -109,14 +112,14 @@ def measure_profile(profile_name: str, args) -> dict:
     from rcomp.export.onnx_export import export_onnx
 
     profile = resolve_profile(profile_name)
-    table, table_path = build_table(profile_name, args.table_runs)
+    table, table_path = build_table(profile_name, args.table_runs, reuse=args.train)
     models, unreachable = models_for(table_path, profile.target.channel_multiple)
     models.update(trained_models(profile_name, args))
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         dense_macs = count_model(models["dense"][0], SHAPE).macs
-        for name, (model, ops_t, lat_t) in models.items():
+        for name, (model, ops_t, lat_t, *_) in models.items():
             paths[name] = Path(tmp) / f"{name}.onnx"
             export_onnx(model, SHAPE, paths[name], opset=profile.opset, metadata={})
             widths = lt.onnx_widths(table, paths[name])
@@ -152,25 +155,33 @@ def _table_summary(table: dict) -> dict:
 # part 2: training to latency targets
 
 
-def run_name(profile: str, target: float, data: str, epochs: int) -> str:
-    kind = data.split(":", 1)[0] if not data.startswith("imagefolder") else Path(data.split(":", 1)[1]).name
-    return f"r20-latency-{target}-{profile}-{kind}-e{epochs}"
+def run_name(kind: str, profile: str, target: float, data: str, epochs: int) -> str:
+    """``r20-latency-0.5-jetson-digits-e3`` (budget kind, target, the table's profile, data, epochs)."""
+    where = data.split(":", 1)[0] if not data.startswith("imagefolder") else Path(data.split(":", 1)[1]).name
+    return f"r20-{kind}-{target}-{profile}-{where}-e{epochs}"
 
 
 def train_runs(args) -> None:
-    """``rcomp train`` per (profile, target): skipped when finished, resumed when interrupted."""
+    """``rcomp train`` per (profile, target): skipped when finished, resumed when interrupted.
+
+    The runs take the table but not ``--profile``: the profile's ops and params budgets would join
+    the latency budget and the tightest would bind (on digits the automotive-ecu profile's 12.5 MOps
+    did), while the comparison is between one latency budget and one ops budget. ``--ops-targets``
+    trains the ops-budgeted runs to set beside them (the same recipe, ``--target-ops``)."""
     for profile in args.profiles:
         table_path = RUNS / f"table-{profile}.json"
         if not table_path.exists():
             build_table(profile, args.table_runs)
-        for t in args.targets:
-            out = RUNS / run_name(profile, t, args.data, args.epochs)
+        budgets = [("latency", t, ["--latency-table", str(table_path), "--target-latency", str(t)]) for t in args.targets]
+        budgets += [("ops", t, ["--target-ops", str(t)]) for t in args.ops_targets]
+        for kind, t, flags in budgets:
+            out = RUNS / run_name(kind, profile, t, args.data, args.epochs)
             if (out / "model.pt").exists():
                 print(f"[{out.name}] done, not retrained", flush=True)
                 continue
             cmd = [sys.executable, "-m", "rcomp", "train", "--model", "resnet20", "--data", args.data,
-                   "--epochs", str(args.epochs), "--profile", profile, "--latency-table", str(table_path),
-                   "--target-latency", str(t), "--out", str(out), "--no-progress"]
+                   "--epochs", str(args.epochs), *flags, "--channel-multiple", str(args.channel_multiple[profile]),
+                   "--out", str(out), "--no-progress"]
             if (out / "checkpoints").exists():
                 cmd.append("--resume")
             print(f"[{out.name}] {' '.join(cmd)}", flush=True)
@@ -184,15 +195,19 @@ def trained_models(profile: str, args) -> dict:
     from rcomp.surgery import load_pruned
 
     out = {}
-    for run in sorted(RUNS.glob(f"r20-latency-*-{profile}-*")):
-        if not (run / "model.pt").exists():
+    for run in sorted(RUNS.glob(f"r20-*-{profile}-*")):
+        if not (run / "model.pt").exists() or not run.is_dir():
             continue
         doc = json.loads((run / "train.json").read_text())
         last = doc["history"][-1]
-        target = float(re.match(r"r20-latency-([0-9.]+)-", run.name).group(1))
+        kind, value = re.match(r"r20-(latency|ops)-([0-9.]+)-", run.name).groups()
         extra = {"trained": True, "data": doc.get("data"), "epochs": len(doc["history"]),
-                 "val_clean": last.get("val_clean"), "val_pgd": last.get("val_pgd")}
-        out[run.name] = (load_pruned(run / "model.pt")[0].eval(), None, target, extra)
+                 "val_clean": last.get("val_clean"), "val_pgd": last.get("val_pgd"),
+                 "constraints": [{k: c[k] for k in ("metric", "limit", "value", "source")}
+                                 for c in doc["budget"]["constraints"]],
+                 "train_latency_ratio_by_table": doc["budget"].get("latency_ratio")}
+        ops_t, lat_t = (float(value), None) if kind == "ops" else (None, float(value))
+        out[run.name] = (load_pruned(run / "model.pt")[0].eval(), ops_t, lat_t, extra)
     return out
 
 
@@ -232,12 +247,17 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="part 2: train to the latency targets first")
     p.add_argument("--data", default="imagefolder:/work/shared/datasets/cifar10-jpeg")
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    p.add_argument("--targets", default=",".join(map(str, TARGETS)), help="latency targets (fractions of dense)")
+    p.add_argument("--ops-targets", default="", help="also train ops-budgeted runs at these fractions, for the comparison")
     p.add_argument("--note", default="", help="what else the machine was doing")
     p.add_argument("--results", default=str(RESULTS), help="results file (docs/latency.md shows the default one)")
     args = p.parse_args()
     args.profiles = args.profiles.split(",")
-    args.targets = [float(t) for t in args.targets.split(",")]
+    args.targets = [float(t) for t in args.targets.split(",") if t]
+    args.ops_targets = [float(t) for t in args.ops_targets.split(",") if t]
+    from rcomp.config import resolve_profile
+
+    args.channel_multiple = {p: resolve_profile(p).target.channel_multiple for p in args.profiles}
     if args.train:
         train_runs(args)
     profiles = [measure_profile(name, args) for name in args.profiles]

@@ -142,6 +142,22 @@ def test_posttrain_baseline_prunes_to_the_latency_budget(tiny_table):
     assert info["status"]["satisfied"] and info["status"]["latency_ratio"] <= 0.5
 
 
+def test_rl_episodes_keep_to_the_latency_budget(tiny_table):
+    import random
+
+    from rcomp.rl import build_env, run_episode
+    from rcomp.train import TrainConfig
+
+    torch.manual_seed(0)
+    config = TrainConfig(target_latency=0.5, latency_table=str(tiny_table[3]))
+    env = build_env(create_model("tiny_cnn").eval(), config, torch.rand(SHAPE))
+    assert [c.metric for c in env.constraints] == ["latency"]
+    rng = random.Random(0)
+    for _ in range(3):  # AMC's action clipping keeps every episode within the budget, whatever the agent asks
+        keeps, _ = run_episode(env, lambda state: rng.random())
+        assert env.values(keeps)["latency"] <= env.constraints[0].limit + 1e-9
+
+
 def test_latency_budget_needs_its_table():
     from types import SimpleNamespace
 
