@@ -1,11 +1,14 @@
 """One training loop for every method: plain, robust (FastAT / N-FGSM) and robust in-train pruning.
 
 Per step: (augment) → training attack on the current model in train mode (as Wong et al. do) →
-``CE(model(x_adv), y) + budget penalty`` → backward → SGD step. Masks are ordinary parameters in
-the same optimizer and share the weights' weight decay (the poster's "regularize masks along with
-the weights"). At ``freeze_fraction`` of the steps the budget controller projects the hard masks
-onto the budget once and the masks freeze; the weights then keep training on the final
-architecture, so the network that is evaluated and exported is the one that was fine-tuned.
+``CE(model(x_adv), y) + budget penalty`` → backward → SGD step → the masks' rules. The masks, the
+budget and those rules are :class:`rcomp.pruner.InTrainPruner`'s, the object the Python API gives
+users for their own loops; this module adds the data, the schedule, the guard and checkpoints.
+Masks are ordinary parameters in the same optimizer and share the weights' weight decay (the
+poster's "regularize masks along with the weights"). At ``freeze_fraction`` of the steps the budget
+controller projects the hard masks onto the budget once and the masks freeze; the weights then keep
+training on the final architecture, so the network that is evaluated and exported is the one that
+was fine-tuned.
 With ``mask_start`` > 0 the run begins dense (masks on and still, no budget) and the masks start
 learning at that fraction of the steps, optionally from group magnitude (``mask_init``); the budget
 schedule then starts from there. With ``slim_at_freeze`` the channels the frozen masks switch off
@@ -34,8 +37,8 @@ the masks have not frozen yet, there is no finished model to return and the run 
 Data parallel (``torchrun``, :mod:`rcomp.distributed`): every rank holds the whole MaskedModel and
 takes a strided share of each global batch (``batch_size`` stays the global batch, so a recipe
 means the same on 1 or N ranks). The loss forward runs through DistributedDataParallel, which
-averages every gradient, masks' task-loss gradients included; the budget gradient depends only on
-the masks, identical on every rank, and is added after that all-reduce. Attacks run on the
+averages every gradient, masks' included; the budget term's gradient depends only on the masks,
+identical on every rank, so its average is itself. Attacks run on the
 unwrapped model (they differentiate w.r.t. the input only). BatchNorm is per rank; running
 statistics are averaged at the end of each epoch. Evaluation is sharded and its counts summed,
 so every decision (CO guard, projection, stopping) is taken identically on all ranks, which
@@ -275,32 +278,29 @@ class _Trainer:
         self.device = torch.device(distributed.resolve_device(distributed.device_for(config.device, self.world)))
         self._check_world()
         torch.manual_seed(config.seed)
-        self.model, self.masks = self._wrap(model)
+        self.train_set = bundle.split("train")
+        self.steps_per_epoch = len(self._loader(0))
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.pruner = self._pruner(model.to(self.device))
+        self.model = self.pruner.model if self.pruner is not None else model
+        self.masks = self.pruner.masks if self.pruner is not None else None
+        self.cost = self.pruner.cost if self.pruner is not None else None
+        self.controller = self.pruner.controller if self.pruner is not None else None
         self.masked = self.model  # the MaskedModel, also once self.model is the slim network
         self.pruned_channels: list | None = None  # the removals once slim (slim_at_freeze)
-        self.model.to(self.device)
         self.net = self.model  # the DistributedDataParallel wrapper once run() starts
         self.amp, self.channels_last = config.amp and self.device.type == "cuda", self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.cost, self.controller = self._budget()
-        if self.masks is not None and self.masks.regularity == "channel":
-            set_channel_floors(self.masks, config)
-        self.budget_scale = self._budget_gradient_scale()
         self.optimizer = self._optimizer()
         self.guard = CatastrophicOverfittingGuard(config.co_drop)
         self.ckpt = CheckpointManager(Path(out_dir) / "checkpoints", warn=log) if out_dir is not None else None
-        self.train_set = bundle.split("train")
-        self.steps_per_epoch = len(self._loader(0))
-        self.total_steps = config.epochs * self.steps_per_epoch
-        self.global_step, self.epoch, self.frozen, self.stopped = 0, 0, False, False
-        self.start_step = round(config.mask_start * self.total_steps)
+        self.global_step, self.epoch, self.stopped = 0, 0, False
         self.attack = config.attack
         self.lr_factor = 1.0  # halved by the guard's last rung (see _on_overfitting)
         self.history: list[EpochLog] = []
         self.co_events: list[str] = []
-        self.projection: dict | None = None
         self.returned_epoch: int | None = None
         self.guard_batch = _stack(_subset(self.train_set, GUARD_SIZE, config.seed))
         self.val_set = _subset(bundle.split("val"), config.eval_size, config.seed)
@@ -317,43 +317,54 @@ class _Trainer:
         """(Re)wrap for data parallelism: DDP reduces only parameters that train, so again once masks freeze."""
         self.net = self.model  # drop the previous wrapper (and its gradient hooks) first
         self.net = distributed.wrap(self.model, self.device)
+        self._ddp_masks_learning = self.pruner is not None and self.pruner.learning
 
-    def _wrap(self, model: nn.Module):
-        from rcomp.masks import MaskedModel, attach_masks
+    def _sync_ddp(self) -> None:
+        """Wrap again when the masks started or froze since the last wrap (the pruner's step does
+        both): training data-parallel, DDP reduces only the parameters that train."""
+        if self.net is not self.model and self.pruner is not None and self.pruner.learning != self._ddp_masks_learning:
+            self._wrap_ddp()
 
-        if isinstance(model, MaskedModel):
-            return model, model.masks
-        if self.cfg.regularity is None:
-            return model, None
-        device = next(model.parameters()).device
-        example = torch.zeros(1, *self.bundle.input_shape, device=device)
-        masked = attach_masks(model, self.cfg.regularity, example)
-        return masked, masked.masks
+    def _pruner(self, model: nn.Module):
+        """The masks, budget and per-step mask rules of in-train pruning (:class:`rcomp.pruner.InTrainPruner`,
+        the object the Python API gives users), from this run's config; None for a dense run."""
+        from rcomp.budget import latency_constraints
+        from rcomp.masks import MaskedModel
+        from rcomp.pruner import InTrainPruner
 
-    def _budget(self):
-        if self.masks is None:
-            return None, None
-        from rcomp.budget import BudgetController, CostModel, constraints_from_targets, latency_constraints
-
-        example = torch.zeros(1, *self.bundle.input_shape, device=self.device)
-        cost = CostModel.build(self.model, example)
-        if not self.cfg.has_budget:
-            return cost, None
+        if self.cfg.regularity is None and not isinstance(model, MaskedModel):
+            return None
         c = self.cfg
-        constraints = constraints_from_targets(cost, target_ops=c.target_ops, target_params=c.target_params,
-                                               mops=c.mops, params=c.params)
-        constraints += latency_constraints(cost, c)
-        return cost, BudgetController(cost, constraints, penalty_weight=c.penalty_weight,
-                                      warmup_fraction=c.warmup_fraction, freeze_fraction=c.freeze_fraction,
-                                      dual_lr=c.dual_lr, start_fraction=c.mask_start, dual_reset=c.dual_reset)
+        budget = {"ops": c.target_ops, "params": c.target_params, "mops": c.mops, "param_count": c.params}
+        return InTrainPruner(
+            model, torch.zeros(1, *self.bundle.input_shape, device=self.device), budget,
+            total_steps=self.total_steps, regularity=c.regularity or model.masks.regularity,
+            channel_multiple=c.channel_multiple, min_keep=c.min_keep, min_keep_stream=c.min_keep_stream,
+            mask_start=c.mask_start, mask_init=c.mask_init, warmup=c.warmup_fraction, freeze_at=c.freeze_fraction,
+            max_switch_off=c.max_switch_off, cost_exponent=c.cost_exponent, penalty_weight=c.penalty_weight,
+            dual_lr=c.dual_lr, dual_reset=c.dual_reset, mask_weight_decay=c.mask_weight_decay,
+            extra_constraints=lambda cost: latency_constraints(cost, c), log=self.log)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the masks are projected and frozen (the pruner's state)."""
+        return self.pruner is not None and self.pruner.frozen
+
+    @property
+    def start_step(self) -> int:
+        """The step the masks start learning at (``mask_start`` of the steps)."""
+        return self.pruner.start_step if self.pruner is not None else 0
+
+    @property
+    def projection(self) -> dict | None:
+        """The freeze's projection report, once the masks froze."""
+        return self.pruner.projection if self.pruner is not None else None
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
-        if self.masks is not None:
-            weights = self.model.parameters() if self.pruned_channels is not None else self.model.weight_parameters()
-            groups = [{"params": list(weights)},
-                      {"params": list(self.masks.parameters()),
-                       "weight_decay": c.weight_decay if c.mask_weight_decay is None else c.mask_weight_decay}]
+        if self.pruner is not None:
+            slim = self.model.parameters() if self.pruned_channels is not None else None
+            groups = self.pruner.param_groups(weight_decay=c.weight_decay, weights=slim)
         else:
             groups = [{"params": list(self.model.parameters())}]
         return torch.optim.SGD(groups, lr=c.lr_max, momentum=c.momentum, weight_decay=c.weight_decay,
@@ -380,7 +391,6 @@ class _Trainer:
     def run(self, resume: bool) -> TrainResult:
         started = time.perf_counter()
         resumed_from = self._resume() if resume else None
-        self._masks_require_grad()
         self._wrap_ddp()
         while self.epoch < self.cfg.epochs and not self.stopped:
             self._run_epoch(self.epoch + 1)
@@ -432,8 +442,9 @@ class _Trainer:
         return augment_batch(x, padding=max(1, round(x.shape[-1] / 8)), flip=self.cfg.hflip, generator=generator)
 
     def _step(self, x, y, epoch: int, step: int, g_att, totals: dict) -> None:
-        self._maybe_start_masks()
-        self._masks_require_grad()
+        """One optimizer step; the masks' part of it (budget term, switch-off limit, clipping,
+        multipliers, start and freeze) is the pruner's, as in a user's own loop."""
+        self._sync_ddp()
         lr = lr_at_step(self.cfg, self.global_step + 1, self.total_steps) * self.lr_factor
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -443,133 +454,42 @@ class _Trainer:
                           predicted_labels=self.cfg.attack_labels == "predicted") if attack else x
             logits = self.net(x_in)  # through DDP: this backward all-reduces the gradients
             loss = F.cross_entropy(logits, y)
-        penalty = self._penalty()
+        penalty = self.pruner.penalty() if self.pruner is not None else torch.zeros((), device=self.device)
         total = loss + penalty
         self._check_finite(total, "loss", epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
-        self._backward(loss, penalty)
+        self._backward(total)
         self._clip_and_check(epoch, step)
-        masks_active = self._masks_active()
-        before = self.masks.on_states() if masks_active else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if masks_active:
-            self.masks.limit_switch_off(before, max(1, math.ceil(self.cfg.max_switch_off * self.masks.num_units)))
-            self.masks.clip_()
         self.global_step += 1
-        if self.controller is not None and self._masks_active():
-            self.controller.update(self.global_step / self.total_steps)
+        projection = self.pruner.step() if self.pruner is not None else None
         _accumulate(totals, lr, loss, penalty, logits, y)
-        self._maybe_freeze()
+        if projection is not None:
+            self._freeze(f"at step {self.global_step}/{self.total_steps}", projection)
 
     def _autocast(self):
         """fp16 autocast for the training forwards (attack and loss) with ``amp`` on CUDA; evaluation stays fp32."""
         return torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
 
-    def _backward(self, loss: torch.Tensor, penalty: torch.Tensor) -> None:
-        """Task-loss gradient as is; the budget gradient of each mask rescaled by its cost share.
+    def _backward(self, total: torch.Tensor) -> None:
+        """One backward of ``loss + penalty``: the budget term carries each mask's budget gradient,
+        already scaled by its cost share (:meth:`InTrainPruner.penalty`).
 
-        Under DDP ``loss.backward()`` averages every gradient over the ranks, the masks' included.
-        The budget gradient depends on the masks alone, identical on every rank, so adding it
-        after that all-reduce (and after unscaling, under AMP) keeps the ranks identical.
+        Under DDP this backward averages every gradient over the ranks, the masks' included; the
+        budget gradient depends on the masks alone and is the same on every rank, so its average
+        is itself and the ranks stay identical.
         """
-        if self.budget_scale is None or not penalty.requires_grad:
-            self.scaler.scale(loss + penalty).backward()
-            self.scaler.unscale_(self.optimizer)
-            return
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
-        params = list(self.masks.params)
-        grads = torch.autograd.grad(penalty, params, allow_unused=True)
-        scales = self.budget_scale or [1.0] * len(params)
-        for p, g, scale in zip(params, grads, scales):
-            if g is not None:
-                p.grad = g * scale if p.grad is None else p.grad + g * scale
-
-    def _budget_gradient_scale(self) -> list[torch.Tensor] | None:
-        """Per-unit factors ``(cost_i / mean cost) ** -cost_exponent`` for the budget gradient.
-
-        The budget gradient of a unit is proportional to its cost, and the channels of a residual
-        stream cost ~14x a block-internal channel in ResNet20 (they feed every block of a stage).
-        With the raw gradient those channels were pruned first and together — 15 of 16 within a few
-        steps, accuracy at chance — before the task loss could resist. An exponent of 1 would rank
-        units by learned importance alone; 0.5 keeps the pruning cost-aware but lets importance win.
-        """
-        if self.controller is None or self.cfg.cost_exponent == 0 or self.masks.regularity != "channel":
-            return None
-        params = list(self.masks.params)
-        value = sum(self.cost.value(c.metric) / c.limit for c in self.controller.constraints)
-        grads = torch.autograd.grad(value, params, allow_unused=True)
-        flat = torch.cat([g.abs().flatten() if g is not None else torch.zeros(p.numel(), device=p.device)
-                          for g, p in zip(grads, params)])
-        mean = flat[flat > 0].mean() if bool((flat > 0).any()) else torch.tensor(1.0)
-        scales = []
-        for g, p in zip(grads, params):
-            c = g.detach().abs() if g is not None else torch.zeros_like(p)
-            scales.append(((c / mean).clamp_min(1e-3) ** -self.cfg.cost_exponent).clamp(0.05, 20.0))
-        return scales
 
     def _alpha(self) -> float | None:
         # after a guard switch to N-FGSM, a step size chosen for FGSM-RS no longer applies
         return self.cfg.alpha if self.attack == self.cfg.attack else None
 
-    def _maybe_start_masks(self) -> None:
-        """At ``mask_start`` the masks begin to learn; with ``mask_init: magnitude`` they start from it.
-
-        Masks that all start at the same value give the budget nothing to choose by: the first
-        units to cross zero are those the budget gradient pushes hardest (measured: the residual
-        streams, whatever their use). A short dense phase inside the one run gives the weights time
-        to differentiate the channels, and torch-pruning's group magnitude (the post-train baseline's
-        criterion) then orders the masks; the task-loss gradient refines that order from there on.
-        """
-        if self.masks is None or self.global_step != self.start_step:
-            return
-        self._init_masks()
-
-    def _init_masks(self) -> None:
-        """Set the masks as ``mask_init`` says, from the weights they start with."""
-        if self.cfg.mask_init == "magnitude":
-            self.masks.init_from_scores(self._magnitude_scores())
-        elif self.start_step == 0:
-            return  # the default: masks learn from the first step, nothing to say
-        self.log(f"masks start learning at step {self.global_step}/{self.total_steps} ({self.cfg.mask_init} init)")
-
-    def _masks_require_grad(self) -> None:
-        """The masks take gradients only in the steps that train them, from ``mask_start`` to the freeze.
-
-        Outside those steps (they wait, on, for ``mask_start``, or are frozen) each mask is a
-        constant 0/1 per unit, which :meth:`MaskSet.binary` then reuses instead of binarizing it
-        again in every forward: the same numbers, less work. Derived from the step, so a resumed
-        run or a guard restore needs no flag of its own.
-        """
-        if self.masks is None:
-            return
-        learning = self._masks_active()
-        if any(p.requires_grad != learning for p in self.masks.params):
-            self.masks.freeze(not learning)
-            if self.net is not self.model:  # training data-parallel: DDP reduces only what trains
-                self._wrap_ddp()
-
-    def _masks_active(self) -> bool:
-        """Whether this step trains masks: there are some, they have started and not yet frozen."""
-        return self.masks is not None and not self.frozen and self._masks_learning()
-
     def _masks_learning(self) -> bool:
         """Whether the step being taken trains the masks (derived from the step: resumes need no flag)."""
         return self.global_step >= self.start_step
-
-    def _magnitude_scores(self) -> list[torch.Tensor]:
-        if self.masks.regularity == "channel":
-            from rcomp.posttrain import magnitude_scores
-
-            example = torch.zeros(1, *self.bundle.input_shape, device=self.device)
-            return magnitude_scores(self.model.model, self.masks, example)
-        return self.masks.weight_magnitudes()
-
-    def _penalty(self) -> torch.Tensor:
-        if self.controller is None or not self._masks_active():
-            return torch.zeros((), device=self.device)
-        return self.controller.penalty(self.global_step / self.total_steps).to(self.device)
 
     def _check_finite(self, value: torch.Tensor, what: str, epoch: int, step: int) -> None:
         """Raise on a non-finite value on any rank: every rank stops at the same step, none waits forever."""
@@ -585,21 +505,13 @@ class _Trainer:
         if not self.amp:  # under AMP an overflow is the GradScaler's to handle: it skips the step
             self._check_finite(norm, "gradient norm", epoch, step)
 
-    def _maybe_freeze(self) -> None:
-        if self.controller is None or self.frozen:
-            return
-        if self.controller.should_freeze(self.global_step / self.total_steps):
-            self._freeze(f"at step {self.global_step}/{self.total_steps}")
-
-    def _freeze(self, when: str) -> None:
-        """Project the hard masks onto the budget and freeze them: the architecture is final."""
-        self.projection = self.controller.project()
-        self.masks.freeze()
+    def _freeze(self, when: str, projection: dict | None = None) -> None:
+        """After the masks are projected onto the budget and frozen (by the pruner's step, or here
+        at the end of training): the architecture is final."""
+        p = projection if projection is not None else self.pruner.freeze()
         if self.net is not self.model:  # still training data-parallel: the frozen masks leave DDP
             self._wrap_ddp()
-        self.frozen = True
         self.guard.reset()
-        p = self.projection
         self.log(f"masks projected and frozen {when}: ops {p['ops_before']:,} -> {p['ops_after']:,}, "
                  f"params {p['params_before']:,} -> {p['params_after']:,}, {p['units_changed']} units changed")
         if self.cfg.slim_at_freeze:
@@ -765,7 +677,7 @@ class _Trainer:
             restored = f"best {g.best_pgd:.1%} at epoch {g.best_epoch}; restored epoch {g.best_epoch}'s weights"
             masks_never_started = g.best_epoch * self.steps_per_epoch <= self.start_step
             if self.masks is not None and self._masks_learning() and masks_never_started:
-                self._init_masks()  # start them again from the restored weights, as at mask_start
+                self.pruner.init_masks()  # start them again from the restored weights, as at mask_start
         message = (f"catastrophic overfitting at epoch {epoch}: guard-batch PGD {pgd_acc:.1%}, FGSM {fgsm_acc:.1%} "
                    f"({restored}), {action}")
         self.log(f"warning: {message}")
@@ -853,14 +765,12 @@ class _Trainer:
 
     def _restore_progress(self, state: dict) -> None:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
-        self.frozen, self.stopped, self.attack = bool(state["frozen"]), bool(state["stopped"]), state["attack"]
+        self.stopped, self.attack = bool(state["stopped"]), state["attack"]
         self.lr_factor = float(state.get("lr_factor", 1.0))  # checkpoints before the LR rung had none
-        self.projection = state["projection"]
-        if self.frozen:
-            self.masks.freeze()
+        if self.pruner is not None:
+            self.pruner.load_state_dict({"step": self.global_step, "frozen": bool(state["frozen"]),
+                                         "projection": state["projection"], "budget": state.get("budget")})
         self.guard.load_state_dict(state["guard"])
-        if self.controller is not None and state.get("budget") is not None:
-            self.controller.load_state_dict(state["budget"])
         self.co_events = list(state["co_events"])
         self.history = [EpochLog(**h) for h in state["history"]]
         if state.get("scaler"):
