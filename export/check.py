@@ -154,6 +154,10 @@ class CheckReport:
             m = self.metrics
             lines.append(f"vs dense: {m['speedup_p50']:.2f}x faster (p50), {m['speedup_p90']:.2f}x (p90); "
                          f"{m['ops_reduction']:.2f}x fewer MACs")
+        worst = self.metrics.get("worst_class")
+        if worst:
+            lines.append(f"worst class: {worst['class']} ({worst['n']} images): clean {worst['clean_acc']:.2%} "
+                         f"(of {worst['classes_checked']} classes checked)")
         lines += int8_check.summary_lines(self)  # INT8 hook (issue 51): each attack, the minimum, vs float
         return lines + [f"WARNING: {f}" for f in self.flags]
 
@@ -640,7 +644,8 @@ def _robustness(report: CheckReport, sess, profile, inp: _Inputs, square_queries
     if x is not None:
         clean = _correct(sess, x, y)
         source = "attack set x_clean" if inp.aset else "data"
-        report.metrics.update(n_examples=len(y), clean_acc=float(clean.mean()), clean_source=source)
+        report.metrics.update(n_examples=len(y), clean_acc=float(clean.mean()), clean_source=source,
+                              worst_class=worst_class(clean, y))
     if inp.aset is not None:
         adv = _adversarial(report, sess, inp.aset, clean, rob, square_queries, square_n, seed)
         adv = int8_check.describe(report, adv)  # INT8 hook (issue 51): the row names the three attacks
@@ -653,6 +658,20 @@ def _robustness(report: CheckReport, sess, profile, inp: _Inputs, square_queries
     if rob.min_adv_acc is not None:
         report.rows.append(_floor_row("adv_acc", adv, rob.min_adv_acc,
                                       f"pass --attack-set (PGD examples at eps {rob.eps:.4g})"))
+
+
+def worst_class(correct: np.ndarray, y: np.ndarray) -> dict | None:
+    """The class (label index) with the lowest clean accuracy among the checked images.
+
+    On imbalanced data (43 traffic-sign classes, 210 to 2,250 training images each) a good mean can
+    hide a class the model gets wrong; the report names it. None for a single-class set.
+    """
+    labels = np.unique(y)
+    if len(labels) < 2:
+        return None
+    acc = {int(c): float(correct[y == c].mean()) for c in labels}
+    cls = min(acc, key=lambda c: (acc[c], c))
+    return {"class": cls, "n": int((y == cls).sum()), "clean_acc": acc[cls], "classes_checked": len(labels)}
 
 
 def _floor_row(name: str, figure: tuple[float, str] | None, limit: float, missing: str) -> CheckRow:

@@ -174,3 +174,22 @@ def test_light_modules_import_and_run_without_torch(models):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_report_names_the_class_with_the_lowest_clean_accuracy(models, attack_set):
+    from rcomp.export.check import worst_class
+
+    y = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    correct = np.array([1, 1, 1, 0, 0, 1, 1, 1, 0], dtype=bool)
+    assert worst_class(correct, y) == {"class": 1, "n": 3, "clean_acc": pytest.approx(1 / 3), "classes_checked": 3}
+    assert worst_class(correct[:2], y[:2]) is None  # one class: nothing to single out
+    a = np.load(attack_set)
+    p = predict(make_session(models / "model.onnx", threads=1, graph_optimization="all"), a["x_clean"]).argmax(1)
+    y = np.where(np.arange(len(p)) < 16, p, (p + 1) % 10)  # the last 8 labelled one class past the prediction
+    path = models / "two-classes.npz"
+    make_attack_set(path, a["x_clean"], y, a["x_adv"], float(a["eps"]), "noise")
+    report = run_check(models / "model.onnx", profile(robustness=FLOORS, **GENEROUS), attack_set=path,
+                       latency_runs=5, square_queries=0, dense_onnx=models / "dense.onnx")
+    worst = report.metrics["worst_class"]
+    assert worst["clean_acc"] == 0.0 and worst["class"] in set((p[16:] + 1) % 10)
+    assert f"worst class: {worst['class']} ({worst['n']} images): clean 0.00%" in report.to_text()
