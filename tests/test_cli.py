@@ -122,3 +122,25 @@ def test_recipe_with_unknown_key_names_file_and_key(tmp_path):
     code, out = run("train", "--model", "tiny_cnn", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
     assert code == 2
     assert "recipe.yaml" in out and "lr_maxx" in out and "lr_max" in out
+
+
+def test_no_hflip_reaches_the_training_recipe():
+    """Traffic signs: a mirrored 'turn left' is a 'turn right', so the flag must turn the flips off."""
+    from rcomp.pipeline import build_job
+
+    base = {"data_spec": "digits", "model_name": "tiny_cnn"}
+    assert build_job(dict(base, hflip=False), profile=None, out="x", method="dense").train.hflip is False
+    assert build_job(dict(base), profile=None, out="x", method="dense").train.hflip is True
+
+
+def test_augmentation_without_flips_never_mirrors_an_image():
+    import torch
+
+    from rcomp.data import augment_batch
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4).repeat(16, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(x, padding=0, flip=False, generator=g), x)
+    flipped = augment_batch(x, padding=0, flip=True, generator=torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(f, xi.flip(-1)) for f, xi in zip(flipped, x)]
+    assert any(mirrored) and all(m or torch.equal(f, xi) for m, f, xi in zip(mirrored, flipped, x))

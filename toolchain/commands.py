@@ -45,6 +45,9 @@ def _training_options(fn):
         click.option("--attack-labels", type=click.Choice(["true", "predicted"]), default=None,
                      help="Label the training attack ascends: the ground truth [default] or the model's prediction (against label leaking)."),
         click.option("--eps", type=str, default=None, help="Training eps in pixel units, e.g. 8/255."),
+        click.option("--hflip/--no-hflip", default=None,
+                     help="Random horizontal flips in augmentation [on]; --no-hflip for data whose mirror image is "
+                          "another class (traffic signs: turn left/right, keep left/right)."),
         click.option("--regularity", type=click.Choice(["channel", "weight", "none"]), default=None, help="Pruning regularity (none = dense)."),
         click.option("--target-ops", type=FiniteFloatRange(0, 1, min_open=True), default=None, help="Ops budget as a fraction of the dense model."),
         click.option("--target-params", type=FiniteFloatRange(0, 1, min_open=True), default=None, help="Params budget as a fraction of the dense model."),

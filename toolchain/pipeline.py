@@ -96,7 +96,7 @@ _CLI_TO_CONFIG = (
     "epochs", "batch_size", "lr_max", "schedule", "attack", "attack_labels", "regularity", "target_ops", "target_params",
     "channel_multiple", "finetune_epochs",
     "target_latency", "latency_table",
-    "seed",
+    "seed", "hflip",
 )
 
 
