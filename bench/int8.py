@@ -165,6 +165,7 @@ def bench_model(name: str, ckpt: Path, data: str, args, tmp: Path) -> dict:
             "square": square.mean(), "twin_pgd": twin.mean(), "min": per_image.mean(),
             "strongest_single": min(attacks, key=attacks.get),
             "drop_min_points": 100 * (row["float"]["min"] - per_image.mean()),
+            "robust_float_only": int((f_min & ~per_image).sum()), "robust_int8_only": int((per_image & ~f_min).sum()),
             "drop_clean_points": 100 * (row["float"]["clean"] - clean.mean()),
             "agreement_with_float": float(np.mean(correct_pred(sess, x) == correct_pred(fsess, x))),
             "twin_session_agreement": agree_twin, "bytes": q.stat().st_size,
@@ -206,6 +207,40 @@ def qdq_overhead(runs: int) -> dict:
     return out
 
 
+def fusion(runs: int) -> dict:
+    """Which kernels the INT8 graph runs at each optimization level, and its latency there.
+
+    At "basic" onnxruntime keeps every DequantizeLinear -> float Conv -> QuantizeLinear; from
+    "extended" on it fuses them into QLinearConv/QLinearAdd/QGemm (integer kernels). The op counts of
+    the optimized graph (``optimized_model_filepath``) say which one ran."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    from rcomp.export.quantize import quantize_onnx
+    from rcomp.export.runtime import GRAPH_OPTIMIZATION, compare_latency, make_session
+    from rcomp.pipeline import export_command
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        f, q = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        export_command(str(HERE / "models" / "r20-intrain-0.5.pt"), None, str(f), 17, None, 8)
+        quantize_onnx(f, q, np.random.default_rng(0).random((32, *SHAPE[1:]), dtype=np.float32))
+        for level in ("basic", "extended", "all"):
+            so = ort.SessionOptions()
+            so.graph_optimization_level = GRAPH_OPTIMIZATION[level]
+            so.optimized_model_filepath = str(Path(tmp) / f"opt-{level}.onnx")
+            ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+            ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+            sessions = {k: make_session(str(p), threads=1, graph_optimization=level) for k, p in (("float", f), ("int8", q))}
+            stats = compare_latency(sessions, SHAPE, runs=runs, warmup=20, rounds=10)
+            out[level] = {"int8_ops": dict(ops), "float_p50_ms": stats["float"].p50_ms, "int8_p50_ms": stats["int8"].p50_ms,
+                          "ratio": stats["int8"].p50_ms / stats["float"].p50_ms}
+            print(f"fusion {level}: int8/float {out[level]['ratio']:.2f}, ops {dict(ops)}", flush=True)
+    return {"model": "bench/models/r20-intrain-0.5.pt (weights irrelevant: random calibration)", "levels": out}
+
+
 def merge(update: dict) -> dict:
     """Read-modify-write of the results under a lock: runs of --only merge their models' rows."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -224,28 +259,40 @@ def _p(v) -> str:
 
 
 def render(doc: dict) -> None:
-    head = ("| model | calibration | float clean | INT8 clean | float min (PGD, Square) | INT8 transfer | INT8 Square | "
-            "INT8 twin PGD | INT8 min | drop (points) | agree | INT8/float p50 (all) | INT8/float p50 (basic) | size INT8/float |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| model | n / attacked | calibration | float clean | INT8 clean | float min (PGD, Square) | INT8 transfer | INT8 Square | "
+            "INT8 twin PGD | INT8 min | drop (points) | agree | INT8/float p50 (all) | INT8/float p50 (basic) | INT8/dense float p50 (all) | size INT8/float |")
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in doc.get("models", {}).items():
         f = r["float"]
         for method, q in r["int8"].items():
             lat = q["latency"]
             basic = lat["basic"]["int8"]["p50_ms"] / lat["basic"]["float"]["p50_ms"]
-            lines.append(f"| {name} | {method} | {_p(f['clean'])} | {_p(q['clean'])} | {_p(f['min'])} "
+            lines.append(f"| {name} | {r['n']} / {r['attack_n']} | {method} | {_p(f['clean'])} | {_p(q['clean'])} | {_p(f['min'])} "
                          f"({_p(f['pgd_whitebox_attack_n'])}, {_p(f['square'])}) | {_p(q['transfer_attack_n'])} | {_p(q['square'])} | "
                          f"{_p(q['twin_pgd'])} | {_p(q['min'])} | {q['drop_min_points']:+.1f} | {_p(q['agreement_with_float'])} | "
-                         f"{q['latency_ratio_int8_float']:.2f} | {basic:.2f} | {q['bytes'] / r['float_bytes']:.2f} |")
+                         f"{q['latency_ratio_int8_float']:.2f} | {basic:.2f} | {lat['all']['int8']['p50_ms'] / lat['all']['dense']['p50_ms']:.2f} | "
+                         f"{q['bytes'] / r['float_bytes']:.2f} |")
     over = doc.get("qdq_overhead", {})
     if over:
         lines += ["", "One 3x3 convolution (+ReLU) at 32x32, batch 1, 1 thread, optimization all: INT8 (QDQ, u8s8) / float p50", "",
                   "| width | MMACs | float ms | INT8 ms | INT8/float |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {w} | {o['macs'] / 1e6:.1f} | {o['float_p50_ms']:.3f} | {o['int8_p50_ms']:.3f} | {o['ratio']:.2f} |"
                   for w, o in over.items()]
+    fu = doc.get("fusion", {}).get("levels", {})
+    if fu:
+        lines += ["", "ResNet20 (r20-intrain-0.5) INT8 by graph optimization level: the kernels onnxruntime runs and p50 INT8/float", "",
+                  "| level | INT8 graph after optimization | float ms | INT8 ms | INT8/float |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {lv} | {', '.join(f'{k} {v}' for k, v in sorted(o['int8_ops'].items(), key=lambda kv: -kv[1]))} | "
+                  f"{o['float_p50_ms']:.3f} | {o['int8_p50_ms']:.3f} | {o['ratio']:.2f} |" for lv, o in fu.items()]
     m = doc.get("machine", {})
-    sizes = doc.get("sizes", {})
-    lines += ["", f"_Source: `bench/results/int8.json`, command `{doc.get('command', '?')}`, commit `{str(doc.get('commit', '?'))[:10]}`, "
-                  f"{m.get('cpus', '?')} CPUs ({m.get('cpu_model', '?')}), {doc.get('date', '?')}; sizes {json.dumps(sizes)}._"]
+    by_command: dict[str, set] = {}
+    for r in doc.get("models", {}).values():
+        by_command.setdefault(r.get("command", "?"), set()).add(str(r.get("commit", "?"))[:10])
+    commands = [f"`{c}` (HEAD at the rows' writing: {', '.join(sorted(v))})" for c, v in sorted(by_command.items())]
+    lines += ["", f"_Source: `bench/results/int8.json`; rows by {', '.join(commands)}; the single-conv table by "
+                  f"`{doc.get('qdq_overhead_command', '?')}`, the fusion table by `{doc.get('fusion_command', '?')}`; {m.get('cpus', '?')} CPUs ({m.get('cpu_model', '?')}), shared with other jobs "
+                  f"(load average 12-17 during the runs), {doc.get('date', '?')}. n = validation images (fixed seeded subset) for clean and transfer, "
+                  "attacked = the first of them, on which every attack ran and the minima and drop are computed. Square: 200 queries; eps 8/255; PGD-10, step 2/255; calibration 256 training images (seed 0)._"]
     body = "\n".join(lines) + "\n"
     text = DOC.read_text() if DOC.exists() else "<!-- bench:int8 -->\n<!-- /bench:int8 -->\n"
     pattern = re.compile(r"(<!-- bench:int8 -->\n).*?(<!-- /bench:int8 -->)", re.S)
@@ -263,6 +310,8 @@ def main() -> None:
     p.add_argument("--calibration-size", type=int, default=256)
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--overhead", action="store_true", help="also the single-conv QDQ overhead by width")
+    p.add_argument("--suffix", default="", help="appended to the model names in the results (a second run at other sizes)")
+    p.add_argument("--fusion", action="store_true", help="also which kernels run at each optimization level")
     p.add_argument("--render", action="store_true")
     args = p.parse_args()
     if args.render:
@@ -276,16 +325,21 @@ def main() -> None:
     command = " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), "python"] + sys.argv)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            rows[name] = bench_model(name, *models[name], args, Path(tmp))
-            rows[name].update(command=command, commit=commit(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-            merge({"models": {name: rows[name]}})
+            key = name + args.suffix
+            rows[key] = bench_model(name, *models[name], args, Path(tmp))
+            rows[key].update(command=command, commit=commit(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                             sizes={"n": args.n, "attack_n": args.attack_n, "square_queries": args.square_queries,
+                                    "calibration_size": args.calibration_size, "latency_runs": args.runs})
+            merge({"models": {key: rows[key]}})
     update = {"command": command,
               "commit": commit(), "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "sizes": {"n": args.n, "attack_n": args.attack_n, "square_queries": args.square_queries,
                         "calibration_size": args.calibration_size, "latency_runs": args.runs, "eps": "8/255",
                         "pgd": f"{STEPS} steps of 2/255"}, "models": {}}
     if args.overhead:
-        update["qdq_overhead"] = qdq_overhead(args.runs)
+        update.update(qdq_overhead=qdq_overhead(args.runs), qdq_overhead_command=command)
+    if args.fusion:
+        update.update(fusion=fusion(args.runs), fusion_command=command)
     render(merge(update))
 
 

@@ -137,9 +137,6 @@ class _Reader:
     def get_next(self):
         return next(self._feeds, None)
 
-    def rewind(self):  # not needed: each quantize_static call gets a fresh reader
-        raise NotImplementedError
-
 
 def quantize_onnx(
     float_path,
