@@ -247,3 +247,4 @@ def test_prune_with_precision_int8_ships_and_checks_the_int8_model(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["metrics"]["int8"]["twin_pgd_acc"] is not None
     assert report["metrics"]["int8"]["float_model"] == "model.fp32.onnx"
+    assert "model.fp32.onnx (model.onnx is INT8)" in output and "INT8 adversarial accuracy" in output

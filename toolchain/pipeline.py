@@ -597,7 +597,8 @@ class PruneJobOutcome:
             "",
             self.report.to_text(),
             "",
-            f"artifacts in {self.out}/: model.pt model.onnx dense.onnx adv.npz count.json train.json report.json report.md",
+            f"artifacts in {self.out}/: model.pt model.onnx dense.onnx adv.npz count.json train.json report.json report.md"
+            + (" model.fp32.onnx (model.onnx is INT8)" if (self.out / "model.fp32.onnx").is_file() else ""),
             "verdict: " + ("PASS" if self.passed else "FAIL"),
         ])
 
