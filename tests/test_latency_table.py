@@ -27,7 +27,7 @@ def tiny_table(tmp_path_factory):
     d = tmp_path_factory.mktemp("latency")
     profile = resolve_profile("jetson")
     layers = emit_layers("tiny_cnn", profile, d / "layers.json")
-    table = lt.measure_table(layers, profile, runs=6, rounds=2, warmup=1, cache_dir=d / "cache",
+    table = lt.measure_table(layers, profile, runs=20, rounds=4, warmup=2, cache_dir=d / "cache",
                              dense_onnx=str(d / "layers.onnx"))
     path = d / "table.json"
     path.write_text(json.dumps(table))
@@ -50,7 +50,7 @@ def test_table_measures_every_conv_at_its_widths(tiny_table):
     full = sum(e["p50_ms"][-1][-1] for e in table["layers"])
     assert lt.dense_ms(table, calibrated=False) == pytest.approx(full + table["fixed_ms"] + table["overhead_ms"])
     # a second build of the same layers comes entirely from the cache
-    again = lt.measure_table(layers, resolve_profile("jetson"), runs=6, rounds=2, warmup=1, cache_dir=d / "cache")
+    again = lt.measure_table(layers, resolve_profile("jetson"), runs=20, rounds=4, warmup=2, cache_dir=d / "cache")
     assert again["layers"] == table["layers"] and again["method"]["cache_hits"] > 0
 
 
@@ -75,6 +75,14 @@ def test_latency_table_command_runs_without_torch(tiny_table, tmp_path):
     assert proc.returncode == 0, proc.stderr
     table = json.loads((tmp_path / "t.json").read_text())
     assert table["format"] == lt.TABLE_FORMAT and table["calibration"] is not None  # the dense ONNX beside the layers
+
+
+def reachable(table) -> float:
+    """A latency target between the table's floor (every prunable side at its smallest measured
+    width) and dense: reachable whatever this (loaded) machine measured."""
+    smallest = {e["name"]: (min(e["out_widths"]), min(e["in_widths"])) for e in table["layers"]}
+    floor = lt.predict_widths(table, smallest) / lt.dense_ms(table)
+    return round((1.0 + floor) / 2, 3)
 
 
 def _invoke(*args):
@@ -114,7 +122,7 @@ def test_projection_meets_the_latency_budget_and_the_tightest_binds(tiny_table):
     latency.backward()
     assert float(latency.detach()) == pytest.approx(cost.dense_latency)
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in masked.masks.params)
-    limit = 0.6 * cost.dense_latency
+    limit = reachable(table) * cost.dense_latency
     status = _project(cost, [Constraint("latency", limit)])
     assert status["latency_ms"] <= limit and status["satisfied"]
     # exported widths predict the same value the cost model computed
@@ -137,9 +145,10 @@ def test_posttrain_baseline_prunes_to_the_latency_budget(tiny_table):
     from rcomp.train import TrainConfig
 
     torch.manual_seed(0)
-    config = TrainConfig(target_latency=0.5, latency_table=str(tiny_table[3]), channel_multiple=8)
+    target = reachable(tiny_table[2])
+    config = TrainConfig(target_latency=target, latency_table=str(tiny_table[3]), channel_multiple=8)
     pruned, info = prune_by_magnitude(create_model("tiny_cnn").eval(), config, torch.rand(SHAPE))
-    assert info["status"]["satisfied"] and info["status"]["latency_ratio"] <= 0.5
+    assert info["status"]["satisfied"] and info["status"]["latency_ratio"] <= target
 
 
 def test_rl_episodes_keep_to_the_latency_budget(tiny_table):
@@ -149,7 +158,7 @@ def test_rl_episodes_keep_to_the_latency_budget(tiny_table):
     from rcomp.train import TrainConfig
 
     torch.manual_seed(0)
-    config = TrainConfig(target_latency=0.5, latency_table=str(tiny_table[3]))
+    config = TrainConfig(target_latency=reachable(tiny_table[2]), latency_table=str(tiny_table[3]))
     env = build_env(create_model("tiny_cnn").eval(), config, torch.rand(SHAPE))
     assert [c.metric for c in env.constraints] == ["latency"]
     rng = random.Random(0)
@@ -175,12 +184,12 @@ def test_intrain_run_meets_the_latency_target_by_the_table(tiny_table, tmp_path)
     from rcomp.surgery import load_pruned
 
     _, _, table, path = tiny_table
-    out = tmp_path / "run"
+    out, target = tmp_path / "run", reachable(table)
     r = _invoke("train", "--model", "tiny_cnn", "--data", "digits", "--epochs", "2", "--latency-table", str(path),
-                "--target-latency", "0.5", "--channel-multiple", "8", "--out", str(out), "--no-progress")
+                "--target-latency", str(target), "--channel-multiple", "8", "--out", str(out), "--no-progress")
     assert r.exit_code == 0, r.output
     budget = json.loads((out / "train.json").read_text())["budget"]
-    assert budget["satisfied"] and budget["latency_ratio"] <= 0.5
+    assert budget["satisfied"] and budget["latency_ratio"] <= target
     model = load_pruned(out / "model.pt")[0].eval()
     export_onnx(model, SHAPE, tmp_path / "m.onnx", opset=17, metadata={})
-    assert lt.predict_onnx(table, tmp_path / "m.onnx") <= 0.5 * lt.dense_ms(table) + 1e-9
+    assert lt.predict_onnx(table, tmp_path / "m.onnx") <= target * lt.dense_ms(table) + 1e-9
