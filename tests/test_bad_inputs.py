@@ -128,6 +128,7 @@ def run_case(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rcomp", *args], capture_output=True, text=True, cwd=tmp, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, build, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(tmp_path, case, build, expected):
     args = build(tmp_path)

@@ -59,6 +59,7 @@ def test_profiles_list_shows_the_shipped_profiles():
         assert name in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [

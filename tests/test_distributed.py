@@ -96,6 +96,7 @@ def test_a_tail_smaller_than_the_world_is_dropped():
 # two ranks under torchrun
 
 
+@pytest.mark.slow
 def test_two_ranks_see_different_data_and_end_identical(two_ranks):
     _, _, (r0, r1) = two_ranks
     assert len(r0["batches"]) == len(r1["batches"]) == 24  # 2 epochs of the same 12 global batches
@@ -110,6 +111,7 @@ def test_two_ranks_see_different_data_and_end_identical(two_ranks):
     assert strip[0] == strip[1] and strip[0][-1]["ops_ratio"] <= 0.5
 
 
+@pytest.mark.slow
 def test_masks_that_wait_for_mask_start_learn_alike_on_every_rank_once_they_start(tmp_path):
     """Before mask_start the masks take no gradient (the trainer wraps DDP again when they start)."""
     _torchrun(tmp_path, tmp_path / "dump", tmp_path / "out", recipe=RECIPE + "mask_start: 0.4\n")
@@ -121,6 +123,7 @@ def test_masks_that_wait_for_mask_start_learn_alike_on_every_rank_once_they_star
     assert bool((masks <= 0).any()) and r0["history"][-1]["ops_ratio"] <= 0.5
 
 
+@pytest.mark.slow
 def test_ranks_that_slim_at_the_freeze_train_the_slim_network_alike(tmp_path):
     """After the freeze DDP is wrapped around the slim network: its gradients, not the masked one's, are reduced."""
     proc = _torchrun(tmp_path, tmp_path / "dump", tmp_path / "out", recipe=RECIPE + "slim_at_freeze: true\n")
@@ -130,6 +133,7 @@ def test_ranks_that_slim_at_the_freeze_train_the_slim_network_alike(tmp_path):
     assert not any(k.startswith("masks.") for k in r0["state"]) and r0["history"][-1]["ops_ratio"] <= 0.5
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_logs_and_one_output_folder(two_ranks):
     tmp, proc, _ = two_ranks
     assert os.listdir(tmp / "out") == ["run"]  # no run.partial, no second copy
@@ -140,6 +144,7 @@ def test_only_rank_zero_writes_logs_and_one_output_folder(two_ranks):
     assert proc.stdout.count("model written to") == 1 and proc.stdout.count("epoch 2/2") == 1
 
 
+@pytest.mark.slow
 def test_resumed_ranks_end_where_the_uninterrupted_run_did(two_ranks):
     tmp, _, (r0, _) = two_ranks
     out = tmp / "resumed" / "run"

@@ -186,6 +186,7 @@ def test_config_validation():
 # end to end through the CLI
 
 
+@pytest.mark.slow
 def test_rcomp_train_method_rl_meets_the_target(tmp_path):
     from rcomp.count import count_model
     from rcomp.models import create_model

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from rcomp.data import load_data
@@ -49,6 +50,7 @@ def _train(out, seed: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_with_one_command_train_the_same_model(tmp_path):
     procs = {name: _train(tmp_path / name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))}
     for name, proc in procs.items():

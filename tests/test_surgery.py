@@ -119,6 +119,7 @@ def test_apply_pruning_replays_on_a_fresh_model(pruned_resnet20):
     assert shapes == {k: v.shape for k, v in pruned.model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_checkpoint_roundtrip_in_another_process(pruned_resnet20, tmp_path):
     _, pruned = pruned_resnet20
     path = tmp_path / "pruned.pt"
