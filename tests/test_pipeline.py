@@ -127,7 +127,10 @@ def test_check_gate_exit_codes(job, tmp_path):
     out, _, _ = job
     onnx, adv = out / "model.onnx", out / "adv.npz"
     code, text = run("check", onnx, "--profile", LENIENT, "--attack-set", adv, "--latency-runs", 5,
-                     "--report-dir", tmp_path / "ok")
+                     "--report-dir", tmp_path / "no-dense")
+    assert code == 1 and "needs --dense" in text  # fractions of dense are judged from a graph, never from metadata
+    code, text = run("check", onnx, "--profile", LENIENT, "--attack-set", adv, "--latency-runs", 5,
+                     "--dense", out / "dense.onnx", "--report-dir", tmp_path / "ok")
     assert code == 0, text
     assert json.loads((tmp_path / "ok" / "report.json").read_text())["passed"] is True
 
@@ -135,7 +138,7 @@ def test_check_gate_exit_codes(job, tmp_path):
     tight["budgets"]["mops"] = 0.01
     (tmp_path / "tight.yaml").write_text(yaml.safe_dump(tight))
     code, text = run("check", onnx, "--profile", tmp_path / "tight.yaml", "--attack-set", adv, "--latency-runs", 5,
-                     "--report-dir", tmp_path / "tight")
+                     "--dense", out / "dense.onnx", "--report-dir", tmp_path / "tight")
     assert code == 1, text
     rows = json.loads((tmp_path / "tight" / "report.json").read_text())["rows"]
     assert any(r["name"] == "mops" and r["passed"] is False for r in rows)
