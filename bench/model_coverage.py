@@ -8,7 +8,7 @@ Stages, each timed, the first failure recorded with a one-line reason:
    ``image_size`` = that size;
 2. ``masks``   channel masks on torch-pruning's coupled groups (unsafe groups are left alone, counted);
 3. ``train``   ``STEPS`` SGD steps on random images, cross-entropy + the budget penalty
-   (``--target-ops 0.5``), then rcomp's projection onto the budget and BatchNorm statistics
+   (``--target-ops 0.5``), gradients clipped to norm ``GRAD_CLIP``, then rcomp's projection onto the budget and BatchNorm statistics
    re-estimated on 16 random images (``rcomp.rl.recalibrate_bn``), so eval-mode logits are O(1);
 4. ``remove``  channel removal (torch-pruning) and its exactness: the pruned model must compute what
    the masked one did (max |logit diff| within ``1e-4 + 1e-5 * max |logit|``);
@@ -48,6 +48,7 @@ TARGET_OPS = 0.5
 STEPS = 2
 BATCH = 2
 NUM_CLASSES = 10
+GRAD_CLIP = 5.0
 PARITY_N = 4
 #: The issue's parity bar: top-1 identical and max |logit diff| at most this, absolute.
 PARITY_ABS = 1e-4
@@ -136,6 +137,8 @@ def _train_masks(model, x_example, rows: dict):
         loss = F.cross_entropy(masked(x), y) + controller.penalty(progress)
         opt.zero_grad()
         loss.backward()
+        # as rcomp's trainer does: BatchNorm over 2 images of 1x1 maps gave gradients of 1e9 (EfficientNetV2)
+        torch.nn.utils.clip_grad_norm_(masked.parameters(), GRAD_CLIP)
         opt.step()
         masked.masks.clip_()
         controller.update(progress)
@@ -295,11 +298,13 @@ def render(doc: dict) -> str:
         "",
         "Each model: built by `create_model(\"torchvision:NAME\")` (random init, 10 classes) at the smallest of "
         f"{', '.join(map(str, SIZES))} px its forward and torch's ONNX exporter accept (ViTs get `image_size` = that size); channel masks on "
-        f"torch-pruning's coupled groups; {STEPS} SGD steps (batch {BATCH}, random images) with the budget penalty for "
+        f"torch-pruning's coupled groups; {STEPS} SGD steps (batch {BATCH}, random images) with the budget penalty (gradient norm clipped to {GRAD_CLIP:g}) for "
         f"`--target-ops {TARGET_OPS}`; rcomp's projection onto the budget; BatchNorm statistics re-estimated on 16 random images; channel removal, checked to compute the masked "
         f"model's logits (|diff| ≤ 1e-4 + 1e-5·max|logit|); fvcore count ≤ the budget; ONNX export (opset 17, onnx-simplifier, onnx.checker); onnxruntime parity on {PARITY_N} inputs "
         "(top-1 identical, max |logit diff| ≤ 1e-4 absolute; the maximum is in the table). Each model runs in its own "
         f"process with a {doc['timeout']:.0f} s timeout.",
+        *[f"Rerun {i + 1} ({r['date']}, commit {r['commit'][:10]}): `{r['command']}`; those rows are marked rerun {i + 1}."
+          for i, r in enumerate(doc.get("reruns", []))],
         "",
         f"**Convolutional classifiers: {s['convolutional_passed']} of {s['convolutional']} pass every stage "
         f"({100 * (s['convolutional_pass_rate'] or 0):.1f} %).** All models (with the attention ones: ViT, Swin, MaxViT): "
@@ -320,6 +325,7 @@ def render(doc: dict) -> str:
         groups = f"{r['groups']} / {r['skipped_groups']}" if "groups" in r else ""
         inp = "x".join(map(str, r["input"][-2:])) if r.get("input") else ""
         reason = (r.get("reason") or "").replace("|", "\\|")
+        res += f" (rerun {r['rerun']})" if r.get("rerun") else ""
         lines.append(f"| {r['model']} | {inp} | {res} | {fmt(r.get('ops_ratio'), '{:.3f}')} | {groups} | "
                      f"{fmt(r.get('removal_max_diff'), '{:.1e}')} | {fmt(r.get('parity_max_abs_diff'), '{:.1e}')} | "
                      f"{fmt(r.get('wall_seconds'), '{:.0f}')} | {reason} |")
@@ -362,6 +368,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated torchvision names [all]")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
     p.add_argument("--jobs", type=int, default=1, help="models run at the same time (one thread each)")
+    p.add_argument("--merge", action="store_true", help="with --only: run those models again and replace their rows")
     p.add_argument("--render", action="store_true", help="only re-render docs/model-coverage.md from the results file")
     p.add_argument("--stopped", default=None, help="with --render: the run was stopped at this time (UTC); models "
                    "without a row get one saying they were not run")
@@ -381,7 +388,16 @@ def main() -> None:
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         names = [n for n in names if n in wanted]
-    doc = {"command": "OMP_NUM_THREADS=1 python bench/model_coverage.py" + (f" --only {args.only}" if args.only else "")
+    if args.merge:
+        doc = json.loads(RESULTS.read_text())
+        rerun = {"command": "OMP_NUM_THREADS=1 python bench/model_coverage.py --merge --only " + ",".join(names)
+                 + f" --timeout {args.timeout:g} --jobs {args.jobs}", "commit": commit(),
+                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "models": names}
+        doc.setdefault("reruns", []).append(rerun)
+        doc["rows"] = [r for r in doc["rows"] if r["model"] not in names]
+    else:
+        doc = None
+    doc = doc or {"command": "OMP_NUM_THREADS=1 python bench/model_coverage.py" + (f" --only {args.only}" if args.only else "")
            + (f" --timeout {args.timeout:g}" if args.timeout != 900.0 else "") + (f" --jobs {args.jobs}" if args.jobs != 1 else ""),
            "commit": commit(), "machine": machine_info(), "versions": versions(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "timeout": args.timeout,
@@ -392,6 +408,8 @@ def main() -> None:
         futures = [pool.submit(run_subprocess, name, args.timeout) for name in sorted(names, key=_size_rank)]
         for future in as_completed(futures):
             row = future.result()
+            if args.merge:
+                row["rerun"] = len(doc["reruns"])
             doc["rows"] = sorted(doc["rows"] + [row], key=lambda r: r["model"])
             print(f"{row['model']:22s} {row['status']:7s} {row.get('stage') or '':8s} {row.get('wall_seconds', 0):6.1f}s "
                   f"{row.get('reason') or ''}", flush=True)
@@ -404,11 +422,14 @@ _LARGE = ("128gf", "32gf", "16gf", "vit_h", "vit_l", "_large", "_l", "152", "101
 
 
 def _size_rank(name: str) -> tuple[int, str]:
-    """0 for small models, up to len(_LARGE) for the largest: the order the models are run in."""
-    for rank, part in enumerate(_LARGE):
-        if part in name:
-            return (len(_LARGE) - rank, name)
-    return (0, name)
+    """The order the models run in: by torchvision's parameter count (its weights' metadata, nothing is
+    downloaded), smallest first, so a run stopped early has covered the most builders."""
+    from torchvision.models import get_model_weights
+
+    try:
+        return (int(list(get_model_weights(name))[0].meta["num_params"]), name)
+    except Exception:  # noqa: BLE001 - a builder without weight metadata runs last
+        return (1 << 62, name)
 
 
 if __name__ == "__main__":
