@@ -26,6 +26,7 @@ Usage::
     python bench/gtsrb_table.py --curve 10,20 --jobs 2           # the learning curve
     python bench/gtsrb_table.py --epochs 20 --jobs 2              # the table at 20 epochs
     python bench/gtsrb_table.py --render                          # docs/gtsrb.md from the results file
+    python bench/gtsrb_table.py --carry                           # keep unfinished runs for the next session
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ RECIPE = "bench/recipes/gtsrb.yaml"               # no horizontal flips (a mirro
 INTRAIN_RECIPE = "bench/recipes/gtsrb-intrain.yaml"  # the CIFAR-10 in-train recipe, without flips
 POST_METHODS = ("posttrain", "rl")
 PRUNED_SEEDS_AT_03 = (0, 1, 2)
+CARRIED = SHARED / "unfinished"  # the last checkpoint of each unfinished run, committed at a session's end
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ def train_one(run: Run, args) -> None:
             print(f"[{run.name}] trained by another process; skipped", flush=True)
             return
         share_dense_phase(run)
+        restore_unfinished(run)
         cmd = train_command(run, args)
         record_provenance(run.name, cmd, RUNS_DIR)
         print(f"[{run.name}] {' '.join(cmd[1:])}", flush=True)
@@ -131,6 +134,42 @@ def train_one(run: Run, args) -> None:
             status = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(args.threads), cwd=REPO)
         print(f"[{run.name}] exit {status}", flush=True)
         keep_dense_phase(run)
+
+
+def carry_unfinished() -> list[str]:
+    """Keep the last checkpoint (and its log and provenance) of every unfinished run in
+    bench/shared/gtsrb/unfinished/, to commit: a session's work tree is not kept, and a GTSRB epoch
+    takes minutes, so the next session resumes instead of starting over."""
+    carried = []
+    for partial in sorted(RUNS_DIR.glob("*.partial")):
+        name = partial.name[: -len(".partial")]
+        latest = _latest_checkpoint(partial / "checkpoints")
+        if latest is None or (RUNS_DIR / name / "model.pt").exists():
+            continue
+        dest = CARRIED / name
+        if dest.exists():
+            for f in dest.iterdir():
+                f.unlink()
+            dest.rmdir()
+        _copy_checkpoint(latest, dest)
+        for extra in (RUNS_DIR / f"{name}.log", RUNS_DIR / f"{name}.provenance.json"):
+            if extra.exists():
+                (dest / extra.name).write_bytes(extra.read_bytes())
+        carried.append(f"{name}: {latest.name}")
+    return carried
+
+
+def restore_unfinished(run: Run) -> None:
+    """Start an unfinished run from its carried checkpoint when this work tree has none of its own."""
+    source, partial = CARRIED / run.name, RUNS_DIR / f"{run.name}.partial"
+    latest = _latest_checkpoint(source)
+    if latest is None or partial.exists() or (RUNS_DIR / run.name).exists():
+        return
+    _copy_checkpoint(latest, partial / "checkpoints")
+    for extra in (f"{run.name}.log", f"{run.name}.provenance.json"):
+        if (source / extra).exists() and not (RUNS_DIR / extra).exists():
+            (RUNS_DIR / extra).write_bytes((source / extra).read_bytes())
+    print(f"[{run.name}] resumes from the carried {latest.name}", flush=True)
 
 
 def _phase_dir(run: Run) -> Path:
@@ -263,7 +302,12 @@ def main() -> None:
     p.add_argument("--aa-n", type=int, default=1000, help="validation images AutoAttack runs on (fixed subset)")
     p.add_argument("--note", action="append", default=[], help="a provenance note kept with the rows")
     p.add_argument("--render", action="store_true", help="only re-render docs/gtsrb.md")
+    p.add_argument("--carry", action="store_true",
+                   help="only copy unfinished runs' last checkpoints to bench/shared/gtsrb/unfinished/ (to commit)")
     args = p.parse_args()
+    if args.carry:
+        print("\n".join(carry_unfinished()) or "no unfinished run")
+        return
     if not args.render:
         section, runs = ("curve", curve_runs([int(e) for e in args.curve.split(",") if e])) if args.curve else \
             ("table", table_runs(args.epochs) if args.epochs else [])
