@@ -269,6 +269,7 @@ def summary(rows: list[dict]) -> dict:
         "convolutional_pass_rate": (sum(r["status"] == "pass" for r in conv) / len(conv)) if conv else None,
         "parity_within_1e-4_abs": sum(1 for r in rows if r["status"] == "pass" and r.get("parity_max_abs_diff", 1) <= 1e-4),
         "not_run": sum(r["status"] == "not run" for r in rows),
+        "convolutional_through_export": sum(r["status"] == "pass" or r.get("stage") == "parity" for r in conv),
     }
 
 
@@ -310,7 +311,9 @@ def render(doc: dict) -> str:
         f"**Convolutional classifiers: {s['convolutional_passed']} of {s['convolutional']} pass every stage "
         f"({100 * (s['convolutional_pass_rate'] or 0):.1f} %).** All models (with the attention ones: ViT, Swin, MaxViT): "
         f"{s['passed']} of {s['models']}." + (f" **{s['not_run']} models were not run** (the run was stopped at the "
-        "session's deadline; they are the largest, run last) and count as not passing." if s.get("not_run") else ""),
+        "session's deadline; they are the largest, run last) and count as not passing." if s.get("not_run") else "")
+        + (f" Convolutional classifiers that passed masks, training, exact removal, the fvcore budget and the ONNX export "
+           f"(failing at most the parity bar): {s['convolutional_through_export']}." if "convolutional_through_export" in s else ""),
         "",
         "Groups left alone are coupled channel groups rcomp does not prune because masking and removing them would "
         "not be exact (grouped convolutions, LayerNorm, attention, channel shuffle / permutes): they keep every channel "
