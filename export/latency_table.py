@@ -263,20 +263,9 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def host_info() -> dict:
     """The machine a table is measured on: a table is only valid there (or on its twin)."""
-    return {"host": socket.gethostname(), "cpu": _cpu_name(), "machine": platform.machine(),
+    return {"host": socket.gethostname(), "cpu": runtime.cpu_model(), "machine": platform.machine(),
             "cores": os.cpu_count(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
             "python": platform.python_version()}
 

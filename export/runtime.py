@@ -84,7 +84,7 @@ def effective_threads(target) -> int:
     return max(1, min(int(target.threads), os.cpu_count() or 1))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's marketing name (Linux /proc/cpuinfo), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -102,7 +102,7 @@ def host_info(target) -> dict:
     Stored with every check report so a later ``--baseline`` comparison can tell whether two
     latencies are comparable (the hostname is kept for people, not compared).
     """
-    return {"hostname": platform.node(), "machine": platform.machine(), "cpu_model": _cpu_model(),
+    return {"hostname": platform.node(), "machine": platform.machine(), "cpu_model": cpu_model(),
             "cpus": os.cpu_count(), "onnxruntime": ort.__version__, "provider": target.execution_provider,
             "threads": effective_threads(target), "graph_optimization": target.graph_optimization}
 
