@@ -82,6 +82,19 @@ def test_the_docs_loop_prunes_to_the_budget_exports_with_parity_and_passes_the_c
     assert report.passed, report.to_text()
 
 
+def test_the_readme_loop_runs_as_written(digits, tmp_path, monkeypatch, capsys):
+    """README's short version of the loop (its shapes and profile swapped for the test's 12x12 digits)."""
+    dense_macs = rcomp.count_model(_model(digits), INPUT).macs
+    profile = _profile(tmp_path, mops=0.5 * dense_macs / 1e6)
+    code = _python_block(ROOT / "README.md").replace("(1, 3, 32, 32)", repr(INPUT)).replace('"jetson"', repr(str(profile)))
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": _model(digits), "loader": _batches(digits), "epochs": 1, "torch": torch, "F": F, "rcomp": rcomp}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "True"  # the check passed
+    assert rcomp.count_model(scope["slim"], INPUT).macs <= 0.5 * dense_macs
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "adv.npz").is_file()
+
+
 def test_the_cli_trainer_and_a_loop_of_ones_own_give_the_same_masks(digits):
     """The same seed, batches, attack draws and LR schedule through ``rcomp.train`` and through a
     plain loop on :class:`InTrainPruner`: the same masks and weights, bit for bit."""
