@@ -35,6 +35,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +120,7 @@ def _env(threads: int) -> dict:
 def train_one(run: Run, args) -> None:
     """Train ``run`` unless it is finished or another process holds its lock."""
     out = RUNS_DIR / run.name
+    restore_unfinished(run)
     if (out / "model.pt").exists():
         return
     with run_lock(run.name, RUNS_DIR) as mine:
@@ -126,7 +128,6 @@ def train_one(run: Run, args) -> None:
             print(f"[{run.name}] trained by another process; skipped", flush=True)
             return
         share_dense_phase(run)
-        restore_unfinished(run)
         cmd = train_command(run, args)
         record_provenance(run.name, cmd, RUNS_DIR)
         print(f"[{run.name}] {' '.join(cmd[1:])}", flush=True)
@@ -137,39 +138,46 @@ def train_one(run: Run, args) -> None:
 
 
 def carry_unfinished() -> list[str]:
-    """Keep the last checkpoint (and its log and provenance) of every unfinished run in
-    bench/shared/gtsrb/unfinished/, to commit: a session's work tree is not kept, and a GTSRB epoch
-    takes minutes, so the next session resumes instead of starting over."""
+    """Keep what the next session needs of every run not yet collected, in bench/shared/gtsrb/unfinished/
+    (to commit): a session's work tree is not kept, and a GTSRB epoch takes minutes. A run still
+    training keeps its last checkpoint; a finished one its whole folder (model.pt, train.json, ...)."""
     carried = []
-    for partial in sorted(RUNS_DIR.glob("*.partial")):
-        name = partial.name[: -len(".partial")]
-        latest = _latest_checkpoint(partial / "checkpoints")
-        if latest is None or (RUNS_DIR / name / "model.pt").exists():
-            continue
+    for name in sorted({p.name.removesuffix(".partial") for p in RUNS_DIR.iterdir() if p.is_dir()}):
+        final, partial = RUNS_DIR / name, RUNS_DIR / f"{name}.partial"
         dest = CARRIED / name
         if dest.exists():
-            for f in dest.iterdir():
-                f.unlink()
-            dest.rmdir()
-        _copy_checkpoint(latest, dest)
+            shutil.rmtree(dest)
+        if (final / "model.pt").exists():
+            shutil.copytree(final, dest / "final", ignore=shutil.ignore_patterns("checkpoints"))
+            what = "finished"
+        elif (latest := _latest_checkpoint(partial / "checkpoints")) is not None:
+            _copy_checkpoint(latest, dest)
+            what = latest.name
+        else:
+            continue
         for extra in (RUNS_DIR / f"{name}.log", RUNS_DIR / f"{name}.provenance.json"):
             if extra.exists():
-                (dest / extra.name).write_bytes(extra.read_bytes())
-        carried.append(f"{name}: {latest.name}")
+                shutil.copy2(extra, dest / extra.name)
+        carried.append(f"{name}: {what}")
     return carried
 
 
 def restore_unfinished(run: Run) -> None:
-    """Start an unfinished run from its carried checkpoint when this work tree has none of its own."""
-    source, partial = CARRIED / run.name, RUNS_DIR / f"{run.name}.partial"
-    latest = _latest_checkpoint(source)
-    if latest is None or partial.exists() or (RUNS_DIR / run.name).exists():
+    """Continue a carried run when this work tree has none of its own: a finished one is put back
+    whole (to be evaluated and collected), an unfinished one resumes from its last checkpoint."""
+    source, partial, final = CARRIED / run.name, RUNS_DIR / f"{run.name}.partial", RUNS_DIR / run.name
+    if not source.exists() or partial.exists() or final.exists():
         return
-    _copy_checkpoint(latest, partial / "checkpoints")
+    if (source / "final").exists():
+        shutil.copytree(source / "final", final)
+    elif (latest := _latest_checkpoint(source)) is not None:
+        _copy_checkpoint(latest, partial / "checkpoints")
+    else:
+        return
     for extra in (f"{run.name}.log", f"{run.name}.provenance.json"):
         if (source / extra).exists() and not (RUNS_DIR / extra).exists():
-            (RUNS_DIR / extra).write_bytes((source / extra).read_bytes())
-    print(f"[{run.name}] resumes from the carried {latest.name}", flush=True)
+            shutil.copy2(source / extra, RUNS_DIR / extra)
+    print(f"[{run.name}] restored from {source}", flush=True)
 
 
 def _phase_dir(run: Run) -> Path:
